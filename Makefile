@@ -1,0 +1,45 @@
+# Everything a user types. The venv lives in .venv; torch is pinned to 2.13.0 (CPU wheel).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+EXP     ?= default
+ARGS    ?=
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: install fetch sweep ui tables test lint bench clean
+
+$(BIN)/harness: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,peers]'
+	touch $@
+
+install: $(BIN)/harness
+	$(BIN)/harness fetch --for-experiment $(EXP)
+
+fetch: $(BIN)/harness
+	$(BIN)/harness fetch $(ARGS)
+
+sweep: install
+	$(BIN)/harness sweep $(EXP) $(ARGS)
+
+ui: $(BIN)/harness
+	$(BIN)/harness ui
+
+tables: $(BIN)/harness
+	$(BIN)/harness tables $(EXP) $(ARGS)
+
+test: $(BIN)/harness
+	$(BIN)/harness fetch smollm2-135m evals
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(BIN)/harness
+	$(BIN)/ruff check harness tests benchmarks
+	$(BIN)/ruff format --check harness tests benchmarks
+
+bench: $(BIN)/harness
+	$(BIN)/python benchmarks/quantize.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
