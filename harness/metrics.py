@@ -1,0 +1,89 @@
+"""Storage accounting and reconstruction error, with the information-theoretic references beside them.
+
+Bits per parameter are counted from the bytes actually stored (packed codes, constants, second-level
+constants, offsets), never from a formula, so partial blocks, padding and per-tensor scalars all count.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import numpy as np
+import torch
+
+from harness.quantize import QuantizedTensor
+
+PROJECTION_PARAMS = {"7B": 7e9, "70B": 70e9}
+
+
+def stored_bytes(qt: QuantizedTensor) -> int:
+    return sum(t.numel() * t.element_size() for t in qt.stored_tensors().values())
+
+
+def bits_per_param(qt: QuantizedTensor) -> float:
+    return 8 * stored_bytes(qt) / qt.numel if qt.numel else 0.0
+
+
+def memory_report(total_bytes: int, total_params: int) -> dict[str, float]:
+    """Bytes stored, bits/param, and the memory a 7B and a 70B model would need at that rate (GB = 1e9 B)."""
+    rate = 8 * total_bytes / total_params if total_params else 0.0
+    report = {"bytes": float(total_bytes), "bits_per_param": rate}
+    for label, params in PROJECTION_PARAMS.items():
+        report[f"projected_{label}_GB"] = params * rate / 8 / 1e9
+    return report
+
+
+def error_metrics(reference: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
+    """Weight-space error of ``approx`` against ``reference``, computed in float64.
+
+    mse; nmse = mse / mean(W²); rel_fro = ‖W − Ŵ‖_F / ‖W‖_F; sqnr_db = 10·log10(mean(W²) / mse);
+    max_abs; cosine similarity of the flattened tensors.
+    """
+    w = reference.detach().double().reshape(-1)
+    e = approx.detach().double().reshape(-1) - w
+    mse = float(e.square().mean())
+    power = float(w.square().mean())
+    approx_norm = float((w + e).norm())
+    return {
+        "mse": mse,
+        "nmse": mse / power if power else math.nan,
+        "rel_fro": math.sqrt(mse / power) if power else math.nan,
+        "sqnr_db": 10 * math.log10(power / mse) if mse and power else math.inf,
+        "max_abs": float(e.abs().max()) if e.numel() else 0.0,
+        "cosine": float(torch.dot(w, w + e)) / (float(w.norm()) * approx_norm) if approx_norm else math.nan,
+    }
+
+
+@cache
+def lloyd_max_mse(levels: int, iterations: int = 2000, tol: float = 1e-13) -> float:
+    """MSE of the optimal (Lloyd-Max) scalar quantizer of N(0, 1) with ``levels`` levels, via scipy."""
+    from scipy.stats import norm
+
+    # Start from equal-probability cells; Lloyd's iteration converges monotonically for the Gaussian.
+    centroids = norm.ppf((np.arange(levels) + 0.5) / levels)
+    mse = math.inf
+    for _ in range(iterations):
+        edges = np.concatenate([[-np.inf], (centroids[:-1] + centroids[1:]) / 2, [np.inf]])
+        lo, hi = edges[:-1], edges[1:]
+        mass = norm.cdf(hi) - norm.cdf(lo)
+        centroids = (norm.pdf(lo) - norm.pdf(hi)) / mass  # E[X | lo < X < hi]
+        # E[(X - c)²] over each cell = E[X²] - 2c·E[X] + c²·P, summed.
+        second = mass + _x_pdf(lo) - _x_pdf(hi)
+        first = norm.pdf(lo) - norm.pdf(hi)
+        new_mse = float(np.sum(second - 2 * centroids * first + centroids**2 * mass))
+        if abs(mse - new_mse) < tol:
+            return new_mse
+        mse = new_mse
+    return mse
+
+
+def _x_pdf(x: np.ndarray) -> np.ndarray:
+    from scipy.stats import norm
+
+    return np.where(np.isfinite(x), x * norm.pdf(x), 0.0)
+
+
+def gaussian_rate_distortion(bits_per_param: float, variance: float = 1.0) -> float:
+    """Shannon's lower bound on the MSE of any code at R bits per sample for N(0, σ²): D = σ²·2^(−2R)."""
+    return variance * 2.0 ** (-2.0 * bits_per_param)

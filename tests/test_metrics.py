@@ -1,0 +1,63 @@
+"""Storage accounting from stored bytes, error metrics, and the reference curves."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import weight
+
+from harness.double_quant import DoubleQuantConfig
+from harness.metrics import (
+    bits_per_param,
+    error_metrics,
+    gaussian_rate_distortion,
+    lloyd_max_mse,
+    memory_report,
+    stored_bytes,
+)
+from harness.quantize import QuantConfig, dequantize, quantize
+
+
+def test_qlora_storage_arithmetic() -> None:
+    w = weight("gaussian", (4096, 1024))
+    assert bits_per_param(quantize(w, QuantConfig("nf4", 64))) == 4.5
+    dq = quantize(w, QuantConfig("nf4", 64, DoubleQuantConfig()))
+    assert bits_per_param(dq) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / w.numel(), abs=1e-12)
+    assert round(4 + 8 / 64 + 32 / (64 * 256), 6) == 4.126953
+
+
+def test_partial_blocks_and_padding_are_counted() -> None:
+    qt = quantize(torch.randn(101), QuantConfig("nf4", 64))
+    assert stored_bytes(qt) == 51 + 2 * 4  # 101 nibbles -> 51 bytes, two fp32 constants
+
+
+def test_memory_projection() -> None:
+    report = memory_report(total_bytes=4_500_000_000 // 8, total_params=1_000_000_000)
+    assert report["bits_per_param"] == 4.5
+    assert report["projected_7B_GB"] == pytest.approx(7 * 4.5 / 8)
+    assert report["projected_70B_GB"] == pytest.approx(70 * 4.5 / 8)
+
+
+def test_error_metrics_definitions() -> None:
+    w = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    approx = torch.tensor([1.0, -2.0, 2.0, 0.5])
+    m = error_metrics(w, approx)
+    assert m["mse"] == 0.25 and m["max_abs"] == 1.0
+    assert m["nmse"] == pytest.approx(0.25 / (14.25 / 4))
+    assert m["rel_fro"] == pytest.approx(1 / math.sqrt(14.25))
+    assert m["sqnr_db"] == pytest.approx(10 * math.log10((14.25 / 4) / 0.25))
+    assert m["cosine"] == pytest.approx(11.25 / (math.sqrt(14.25) * math.sqrt(9.25)))
+    assert error_metrics(w, w)["sqnr_db"] == math.inf
+
+
+def test_reference_numbers_reproduce() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(4096, 4096)
+    nmse = error_metrics(w, dequantize(quantize(w, QuantConfig("nf4", 64))))["nmse"]
+    assert nmse == pytest.approx(0.008462, abs=2e-5)  # REFERENCE.md, N(0,1)
+    assert lloyd_max_mse(16) == pytest.approx(0.0095010, abs=1e-7)
+    assert gaussian_rate_distortion(4) == 0.00390625
+    assert gaussian_rate_distortion(4.127) == pytest.approx(0.003276, abs=1e-6)
+    assert lloyd_max_mse(2) == pytest.approx(1 - 2 / math.pi, rel=1e-6)  # 1-bit optimum, closed form
