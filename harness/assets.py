@@ -24,6 +24,8 @@ from typing import Literal
 
 from tqdm import tqdm
 
+from harness.liveness import pid_alive
+
 Kind = Literal["gguf", "hf_dir", "files"]
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -259,18 +261,8 @@ def _remove_abandoned_temporaries(root: Path) -> None:
     """Delete temp folders left by fetches that were killed (kill -9): their process no longer exists."""
     for tmp in root.glob(".*.*.*.tmp"):
         pid = tmp.name.split(".")[2]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _download(asset: Asset, dest: Path, *, progress: bool) -> list[Path]:

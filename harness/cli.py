@@ -1,0 +1,167 @@
+"""``harness``: a thin command line over the modules. Every error a user can cause is printed on one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="harness",
+        description="Measure how faithfully 4-bit weight quantization (QLoRA family) preserves a model.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("list", help="list the experiments in the registry")
+    p.set_defaults(run=_list)
+
+    p = commands.add_parser("show", help="show an experiment's expanded grid and its size")
+    p.add_argument("experiment", help="registry name (experiments/NAME.yaml) or a path to a YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(run=_show)
+
+    p = commands.add_parser("sweep", help="run an experiment's grid, logging each config to MLflow")
+    p.add_argument("experiment", help="registry name (experiments/NAME.yaml) or a path to a YAML file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the experiment, e.g. --set eval.tokens=1024 --set grid.format=[nf4]",
+    )
+    p.add_argument("--limit", type=int, help="run only the first N configs (a quick look)")
+    p.add_argument("--force", action="store_true", help="redo configs that already have a FINISHED run")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.set_defaults(run=_sweep)
+
+    p = commands.add_parser("fetch", help="download the pinned offline assets into the cache")
+    p.add_argument("assets", nargs="*", help="asset names (default: all)")
+    p.add_argument("--for-experiment", metavar="EXP", help="fetch what an experiment needs")
+    p.add_argument("--force", action="store_true", help="download again even if cached")
+    p.set_defaults(run=_fetch)
+
+    p = commands.add_parser(
+        "layers", help="list a model's quantizable layers with shapes and source precision"
+    )
+    p.add_argument("model", help="asset name, Hugging Face id, local directory or .gguf file")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    p.set_defaults(run=_layers)
+
+    p = commands.add_parser("ui", help="serve the MLflow UI on 127.0.0.1:5000")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(run=_ui)
+
+    p = commands.add_parser("tables", help="write paper-ready tables and plots of an experiment")
+    p.add_argument("experiment")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--rows", help="generic pivot: the row field (e.g. format)")
+    p.add_argument("--cols", help="generic pivot: the column field (e.g. block_size)")
+    p.add_argument("--metric", help="generic pivot: the metric (e.g. ppl)")
+    p.set_defaults(run=_tables)
+
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input (bad experiment, unknown format, missing asset): one line, no traceback."""
+    from harness.assets import AssetError
+    from harness.data import DataError
+    from harness.experiments import ExperimentError
+    from harness.models import ModelError
+    from harness.quantize import QuantizationError
+
+    return (AssetError, DataError, ExperimentError, ModelError, QuantizationError)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from harness.experiments import list_experiments
+
+    status = 0
+    for name, entry in list_experiments():
+        if isinstance(entry, Exception):
+            print(f"{name:<18} INVALID  {entry}")
+            status = 2
+        else:
+            print(f"{name:<18} {len(entry.configs):>4} configs  {entry.description}")
+    return status
+
+
+def _show(args: argparse.Namespace) -> int:
+    from harness.experiments import load_experiment
+
+    exp = load_experiment(args.experiment, args.overrides)
+    print(f"{exp.name}: {exp.description}\nfile: {exp.path}\nmodels: {', '.join(exp.models)}")
+    first = exp.configs[0]
+    print(f"data: {first.data}\neval: {first.eval}")
+    axes = " × ".join(f"{axis} ({len(values)})" for axis, values in exp.axes.items())
+    print(f"grid: {axes} → {len(exp.configs)} configs (+1 baseline per model)\n")
+    print(f"{'#':>4}  {'hash':<16}  {'label':<28} model")
+    for i, config in enumerate(exp.configs, 1):
+        print(f"{i:>4}  {config.hash}  {config.label:<28} {config.model}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from harness.experiments import load_experiment
+    from harness.sweep import SweepOptions, run_sweep
+
+    exp = load_experiment(args.experiment, args.overrides)
+    summary = run_sweep(exp, SweepOptions(force=args.force, limit=args.limit, tracking_uri=args.tracking_uri))
+    print(summary.describe())
+    return 0 if not summary.failed else 1
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from harness import assets
+
+    names = list(args.assets)
+    if args.for_experiment:
+        from harness.experiments import load_experiment
+
+        exp = load_experiment(args.for_experiment)
+        names += [m for m in exp.models if m in assets.ASSETS]
+        names += ["evals"]  # corpora and tasks
+    for path in assets.fetch(names or sorted(assets.ASSETS), force=args.force):
+        print(path)
+    return 0
+
+
+def _layers(args: argparse.Namespace) -> int:
+    from harness.models import format_layers, load_model
+
+    print(format_layers(load_model(args.model), args.include or None, args.exclude or None))
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from harness.tracking import serve_ui
+
+    return serve_ui(args.tracking_uri, port=args.port)
+
+
+def _tables(args: argparse.Namespace) -> int:
+    from harness.report import write_report
+
+    for path in write_report(
+        args.experiment, args.tracking_uri, rows=args.rows, cols=args.cols, metric=args.metric
+    ):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
