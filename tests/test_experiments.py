@@ -1,4 +1,4 @@
-"""The experiment registry: shipped experiments load, grids expand, hashes are stable, bad files fail clearly."""
+"""The experiment registry: shipped experiments load, grids expand, hashes are stable, bad files fail."""
 
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def test_cli_reports_fifty_malformed_files_without_traceback(tmp_path: Path) -> 
 
 
 def test_unknown_experiment_lists_known() -> None:
-    with pytest.raises(ExperimentError, match="unknown experiment 'nope'; known experiments: .*default"):
+    with pytest.raises(ExperimentError, match=r"unknown experiment 'nope'; known experiments: .*default"):
         load_experiment("nope")
 
 
