@@ -1,0 +1,294 @@
+"""KL divergence against a cached base: exactness against a float64 computation written here, the self-check
+(KLD ~ 0, top-1 agreement exactly 1), cache hits that skip the model, and atomic cache writes."""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from harness.evaluate.divergence import BaseReference, divergence, evaluate_against
+from harness.evaluate.perplexity import PerplexityProtocol, perplexity
+
+VOCAB, BOS = 256, 1
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=BOS,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() == 2 else 1.0)
+    return model
+
+
+def perturbed(model: nn.Module, scale: float = 0.05, seed: int = 1) -> nn.Module:
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if p.dim() == 2 and "layers" in name:
+                p.add_(torch.randn(p.shape, generator=g) * p.std() * scale)
+    return other
+
+
+def stream(n: int, seed: int = 3) -> torch.Tensor:
+    tokens = torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+    tokens[0, 0] = BOS
+    return tokens
+
+
+def build(
+    model: nn.Module, tokens: torch.Tensor, protocol: PerplexityProtocol, cache_dir=None, key="tiny", **kw
+) -> BaseReference:
+    return BaseReference.build(
+        model,
+        tokens,
+        protocol,
+        cache_dir,
+        key,
+        text_bytes=4 * tokens.shape[1],
+        text_words=tokens.shape[1] // 2,
+        bos_token_id=BOS,
+        progress=False,
+        **kw,
+    )
+
+
+def exact_kld(base: nn.Module, other: nn.Module, tokens: torch.Tensor, L: int) -> np.ndarray:
+    """KL(base ‖ other) in float64 at llama.cpp's scored positions, from two plain forward passes."""
+    out = []
+    first = L // 2
+    for i in range(tokens.shape[1] // L):
+        ids = tokens[:, i * L : (i + 1) * L].clone()
+        ids[0, 0] = BOS
+        with torch.no_grad():
+            p = torch.log_softmax(base(input_ids=ids).logits[0, first : L - 1].double(), -1)
+            q = torch.log_softmax(other(input_ids=ids).logits[0, first : L - 1].double(), -1)
+        out.append((p.exp() * (p - q)).sum(-1))
+    return torch.cat(out).numpy()
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    return tiny_llama()
+
+
+PROTOCOL = PerplexityProtocol("llamacpp", 64)
+
+
+def test_self_divergence_is_zero_and_top1_is_exact(base: nn.Module) -> None:
+    tokens = stream(400)
+    reference = build(base, tokens, PROTOCOL)
+    ppl, div = evaluate_against(base, reference, progress=False)
+    assert div.n_tokens == 6 * 31 == reference.n_tokens
+    assert abs(div.kld_mean) < 1e-6 and abs(div.kld_max) < 1e-4
+    assert div.top1_agreement == 1.0
+    assert div.storage_dtype == "float16" and div.protocol == "llamacpp"
+    direct = perplexity(
+        base, tokens, PROTOCOL, text_bytes=4 * 400, text_words=200, bos_token_id=BOS, progress=False
+    )
+    assert ppl.nll_sum == pytest.approx(direct.nll_sum, rel=1e-6)
+    assert reference.perplexity().nll_sum == pytest.approx(direct.nll_sum, rel=1e-6)
+    assert ppl.bits_per_byte == pytest.approx(direct.bits_per_byte, rel=1e-6)
+
+
+@pytest.mark.parametrize(("storage", "tolerance"), [("float32", 1e-4), ("float16", 2e-3)])
+def test_kld_is_exact_over_the_vocabulary(base: nn.Module, storage: str, tolerance: float) -> None:
+    tokens = stream(300, seed=4)
+    other = perturbed(base)
+    reference = build(base, tokens, PROTOCOL, storage_dtype=storage)
+    values: list[float] = []
+    ppl, div = evaluate_against(other, reference, progress=False, kld_values=values)
+    exact = exact_kld(base, other, tokens, 64)
+    assert exact.mean() > 1e-3  # the perturbation is visible
+    np.testing.assert_allclose(values, exact, rtol=tolerance, atol=5e-6)
+    assert div.kld_mean == pytest.approx(exact.mean(), rel=tolerance)
+    assert div.kld_max == pytest.approx(exact.max(), rel=tolerance)
+    assert div.kld_p50 == pytest.approx(np.percentile(exact, 50), rel=tolerance)
+    assert div.kld_p50 <= div.kld_p90 <= div.kld_p95 <= div.kld_p99 <= div.kld_max
+    assert 0.0 < div.top1_agreement < 1.0
+    direct = perplexity(
+        other, tokens, PROTOCOL, text_bytes=1200, text_words=150, bos_token_id=BOS, progress=False
+    )
+    assert ppl.nll_sum == pytest.approx(direct.nll_sum, rel=1e-6)
+
+
+def test_any_protocol_gives_the_windows(base: nn.Module) -> None:
+    tokens = stream(200, seed=5)
+    for protocol in (PerplexityProtocol("disjoint", 64), PerplexityProtocol("sliding", 64, 16)):
+        reference = build(base, tokens, protocol)
+        assert reference.n_tokens == 199
+        div = divergence(perturbed(base), reference, progress=False)
+        assert div.kld_mean > 0 and div.protocol == protocol.name
+
+
+class Forbidden(RuntimeError):
+    pass
+
+
+def forbid_forward(model: nn.Module, after: int = 0) -> None:
+    """Make every module forward raise after ``after`` calls of the top-level forward."""
+    calls = {"n": 0}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise Forbidden("forward called")
+
+    model.get_decoder().register_forward_pre_hook(hook)
+
+
+def test_cache_hit_does_not_run_the_model(base: nn.Module, tmp_path: Path) -> None:
+    tokens = stream(300, seed=6)
+    first = build(base, tokens, PROTOCOL, tmp_path)
+    assert first.path is not None and isinstance(first.logprobs, np.memmap)
+    entries = list(tmp_path.iterdir())
+    assert entries == [first.path]
+    blocked = copy.deepcopy(base)
+    forbid_forward(blocked)
+    again = build(blocked, tokens, PROTOCOL, tmp_path)  # same weights, key, tokens: a hit
+    assert again.path == first.path
+    np.testing.assert_array_equal(again.logprobs, first.logprobs)
+    np.testing.assert_array_equal(again.top1, first.top1)
+    assert again.meta["n_tokens_scored"] == again.n_tokens == 4 * 31
+    assert again.meta["bytes"] == again.n_tokens * VOCAB * 2
+    # anything else that changes the numbers is a miss
+    with pytest.raises(Forbidden):
+        build(blocked, tokens, PROTOCOL, tmp_path, key="other")
+    with pytest.raises(Forbidden):
+        build(blocked, tokens, PerplexityProtocol("llamacpp", 32), tmp_path)
+    with pytest.raises(Forbidden):
+        build(blocked, stream(300, seed=7), PROTOCOL, tmp_path)
+    with pytest.raises(Forbidden):
+        build(perturbed(blocked), tokens, PROTOCOL, tmp_path)
+    assert list(tmp_path.iterdir()) == [first.path]  # failed builds leave nothing behind
+
+
+def test_cache_write_is_atomic(base: nn.Module, tmp_path: Path) -> None:
+    tokens = stream(400, seed=8)
+    crashing = copy.deepcopy(base)
+    forbid_forward(crashing, after=2)  # the probe and the first batch run, then the build dies
+    with pytest.raises(Forbidden):
+        build(crashing, tokens, PROTOCOL, tmp_path, batch_size=2)
+    assert list(tmp_path.iterdir()) == []
+    done = build(base, tokens, PROTOCOL, tmp_path, batch_size=2)
+    assert sorted(p.name for p in done.path.iterdir()) == ["logprobs.npy", "meta.json", "stats.npz"]
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    assert abs(divergence(base, done, progress=False).kld_mean) < 1e-6
+
+
+def test_vocab_mismatch_is_an_error(base: nn.Module) -> None:
+    tokens = stream(200)
+    reference = build(base, tokens, PROTOCOL)
+    reference.logprobs = reference.logprobs[:, :128]
+    with pytest.raises(ValueError, match="logits"):
+        divergence(base, reference, progress=False)
+
+
+# ------------------------------------------------------------------------------------------- real model
+
+
+@cache
+def smollm2() -> tuple[nn.Module, object]:
+    from harness.models import load_model
+
+    loaded = load_model("smollm2-135m")
+    return loaded.model.eval(), loaded.tokenizer
+
+
+@pytest.mark.integration
+def test_smollm2_int4_divergence(tmp_path: Path) -> None:
+    from harness.data import token_splits
+    from harness.evaluate.perplexity import text_counts
+    from harness.quantize import QuantConfig, fake_quant
+
+    model, tokenizer = smollm2()
+    tokens = token_splits(
+        "wikipedia", tokenizer, calibration_sequences=0, calibration_length=8, eval_tokens=1024
+    ).evaluation
+    n_bytes, n_words = text_counts(tokenizer, tokens)
+    protocol = PerplexityProtocol("llamacpp", 256)
+    reference = BaseReference.build(
+        model,
+        tokens,
+        protocol,
+        tmp_path,
+        "smollm2-135m|float32",
+        text_bytes=n_bytes,
+        text_words=n_words,
+        bos_token_id=tokenizer.bos_token_id,
+        progress=False,
+    )
+    assert reference.bytes_per_token == pytest.approx(2 * 49152 + 24)
+    base_ppl, base_div = evaluate_against(model, reference, progress=False)
+    assert abs(base_div.kld_mean) < 1e-4 and base_div.top1_agreement == 1.0
+    assert base_ppl.nll_sum == pytest.approx(reference.perplexity().nll_sum, rel=1e-5)
+
+    originals = {}
+    config = QuantConfig("int4", 256)
+    try:
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, nn.Linear) and ".layers." in name:
+                    originals[name] = module.weight.data
+                    module.weight.data = fake_quant(module.weight.data, config)
+        assert len(originals) == 30 * 7
+        values: list[float] = []
+        ppl, div = evaluate_against(model, reference, progress=False, kld_values=values)
+        exact32 = BaseReference.build(
+            _restored(model, originals),
+            tokens,
+            protocol,
+            None,
+            text_bytes=n_bytes,
+            text_words=n_words,
+            bos_token_id=tokenizer.bos_token_id,
+            storage_dtype="float32",
+            progress=False,
+        )
+    finally:
+        _restored(model, originals)
+    assert 1e-3 < div.kld_mean < 2.0 and div.kld_p99 > div.kld_mean
+    assert 0.5 < div.top1_agreement < 1.0
+    assert ppl.ppl > base_ppl.ppl
+    # storing the base in float16 instead of float32 moves the mean KLD by a negligible amount
+    assert div.kld_mean == pytest.approx(_kld_with(model, originals, config, exact32), rel=1e-3)
+
+
+def _restored(model: nn.Module, originals: dict[str, torch.Tensor]) -> nn.Module:
+    for name, module in model.named_modules():
+        if name in originals:
+            module.weight.data = originals[name]
+    return model
+
+
+def _kld_with(model: nn.Module, originals: dict, config, reference: BaseReference) -> float:
+    from harness.quantize import fake_quant
+
+    try:
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if name in originals:
+                    module.weight.data = fake_quant(originals[name], config)
+        return divergence(model, reference, progress=False).kld_mean
+    finally:
+        _restored(model, originals)

@@ -1,0 +1,353 @@
+"""Perplexity protocols: window arithmetic against lm-eval's own generator, and agreement with a plain
+per-window ``model(input_ids, labels=...)`` loop written here independently of harness.evaluate."""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import pytest
+import torch
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from harness.evaluate.perplexity import (
+    PerplexityProtocol,
+    make_windows,
+    perplexity,
+    text_counts,
+)
+
+BOS = 1
+
+
+def tiny_llama(seed: int = 0, vocab: int = 256) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=BOS,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharper than the 0.02-std init, so that the numbers are not all log(vocab)
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() == 2 else 1.0)
+    return model
+
+
+def stream(n: int, seed: int = 1, vocab: int = 256) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, vocab, (1, n), generator=g)
+    tokens[0, 0] = BOS
+    return tokens
+
+
+@cache
+def smollm2() -> tuple[torch.nn.Module, object]:
+    """The real SmolLM2-135M and its tokenizer, through models.py (once per test session)."""
+    from harness.models import load_model
+
+    loaded = load_model("smollm2-135m")
+    return loaded.model.eval(), loaded.tokenizer
+
+
+# ----------------------------------------------------------------------------- independent reference loops
+
+
+def window_nll(model: torch.nn.Module, ids: list[int], n_scored: int) -> tuple[float, int]:
+    """Summed NLL of the last ``n_scored`` tokens of ``ids`` given the ones before, via HF's own loss."""
+    input_ids = torch.tensor([ids])
+    labels = input_ids.clone()
+    labels[0, : len(ids) - n_scored] = -100
+    with torch.no_grad():
+        loss = model(input_ids=input_ids, labels=labels).loss
+    return float(loss) * n_scored, n_scored
+
+
+def reference_disjoint(model: torch.nn.Module, tokens: torch.Tensor, L: int) -> tuple[float, int]:
+    """lm-eval's loglikelihood_rolling: its own window generator, then (context+continuation)[-(L+1):]."""
+    t = tokens[0].tolist()
+    total, count = 0.0, 0
+    for context, continuation in map(
+        make_disjoint_window, get_rolling_token_windows(t[1:], t[0], max_seq_len=L, context_len=1)
+    ):
+        whole = (context + continuation)[-(L + 1) :]
+        nll, n = window_nll(model, whole, len(continuation))
+        total, count = total + nll, count + n
+    return total, count
+
+
+def reference_sliding(model: torch.nn.Module, tokens: torch.Tensor, L: int, stride: int) -> tuple[float, int]:
+    """The Hugging Face guide's loop; the count is of the labels that survive the shift (the guide's
+    ``num_valid_tokens - batch_size`` is exact only when the first label is valid)."""
+    n = tokens.shape[1]
+    total, count, prev_end = 0.0, 0, 0
+    for begin in range(0, n, stride):
+        end = min(begin + L, n)
+        input_ids = tokens[:, begin:end]
+        labels = input_ids.clone()
+        labels[:, : -(end - prev_end)] = -100
+        valid = int((labels[:, 1:] != -100).sum())
+        if valid:
+            with torch.no_grad():
+                total += float(model(input_ids=input_ids, labels=labels).loss) * valid
+            count += valid
+        prev_end = end
+        if end == n:
+            break
+    return total, count
+
+
+def reference_llamacpp(model: torch.nn.Module, tokens: torch.Tensor, L: int, bos: int | None):
+    """llama-perplexity: chunk i is tokens[iL:(i+1)L] with its first token set to BOS; logits first..L-2."""
+    total, count = 0.0, 0
+    first = L // 2
+    for i in range(tokens.shape[1] // L):
+        ids = tokens[0, i * L : (i + 1) * L].tolist()
+        if bos is not None:
+            ids[0] = bos
+        nll, n = window_nll(model, ids, L - 1 - first)
+        total, count = total + nll, count + n
+    return total, count
+
+
+# --------------------------------------------------------------------------------------- window arithmetic
+
+
+@pytest.mark.parametrize("n", [2, 5, 64, 65, 66, 100, 129, 200])
+@pytest.mark.parametrize("L", [2, 7, 32, 64])
+def test_disjoint_windows_are_lm_evals(n: int, L: int) -> None:
+    positions = list(range(n))  # token values equal their positions, so windows read as index ranges
+    expected = []
+    for context, continuation in map(
+        make_disjoint_window,
+        get_rolling_token_windows(positions[1:], positions[0], max_seq_len=L, context_len=1),
+    ):
+        whole = (context + continuation)[-(L + 1) :]
+        expected.append((whole[:-1], continuation))
+    got = [
+        (positions[w.start : w.end], positions[w.end - w.n_scored + 1 : w.end + 1])
+        for w in make_windows(PerplexityProtocol("disjoint", L), n)
+    ]
+    assert got == expected
+
+
+@pytest.mark.parametrize("n", [2, 3, 50, 64, 65, 129, 300])
+@pytest.mark.parametrize(("L", "stride"), [(16, 8), (16, 16), (16, 1), (32, 5), (8, None)])
+def test_sliding_scores_each_token_once(n: int, L: int, stride: int | None) -> None:
+    protocol = PerplexityProtocol("sliding", L, stride)
+    assert protocol.stride == (stride or L // 2)
+    windows = make_windows(protocol, n)
+    targets = [t for w in windows for t in range(w.end - w.n_scored + 1, w.end + 1)]
+    assert all(w.length <= L - 1 and w.n_scored <= w.length for w in windows)
+    if protocol.stride < L:
+        assert targets == list(range(1, n))
+    else:  # stride == L: the guide drops each window's first label in the shift
+        assert targets == [t for t in range(1, n) if t % L != 0]
+
+
+@pytest.mark.parametrize(("n", "L"), [(64, 64), (100, 16), (129, 32), (40, 5)])
+def test_llamacpp_windows(n: int, L: int) -> None:
+    windows = make_windows(PerplexityProtocol("llamacpp", L), n)
+    first = L // 2
+    assert len(windows) == n // L
+    for i, w in enumerate(windows):
+        assert (w.start, w.end, w.n_scored) == (i * L, i * L + L - 1, L - 1 - first)
+        assert w.end - w.n_scored + 1 == i * L + first + 1  # targets: tokens first+1 .. L-1 of the chunk
+
+
+def test_protocol_validation() -> None:
+    with pytest.raises(ValueError):
+        PerplexityProtocol("rolling", 64)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        PerplexityProtocol("disjoint", 64, stride=32)
+    with pytest.raises(ValueError):
+        PerplexityProtocol("sliding", 64, stride=65)
+    with pytest.raises(ValueError):
+        make_windows(PerplexityProtocol("llamacpp", 64), 63)
+
+
+# --------------------------------------------------------------------------- agreement with the plain loops
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.mark.parametrize("n", [300, 257, 100])
+def test_disjoint_matches_lm_eval_loop(model: LlamaForCausalLM, n: int) -> None:
+    tokens = stream(n)
+    result = perplexity(
+        model,
+        tokens,
+        PerplexityProtocol("disjoint", 64),
+        text_bytes=1,
+        text_words=1,
+        bos_token_id=BOS,
+        batch_size=3,
+        progress=False,
+    )
+    nll, count = reference_disjoint(model, tokens, 64)
+    assert result.n_tokens_scored == count == n - 1
+    assert result.nll_sum == pytest.approx(nll, rel=1e-4)
+    assert result.ppl == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert result.bos and result.text_fraction == 1.0
+
+
+@pytest.mark.parametrize(("n", "stride"), [(300, 32), (300, 17), (90, 64)])
+def test_sliding_matches_hf_guide_loop(model: LlamaForCausalLM, n: int, stride: int) -> None:
+    tokens = stream(n, seed=2)
+    result = perplexity(
+        model,
+        tokens,
+        PerplexityProtocol("sliding", 64, stride),
+        text_bytes=1,
+        text_words=1,
+        batch_size=4,
+        progress=False,
+    )
+    nll, count = reference_sliding(model, tokens, 64, stride)
+    assert result.n_tokens_scored == count
+    assert result.nll_sum == pytest.approx(nll, rel=1e-4)
+
+
+@pytest.mark.parametrize("bos", [BOS, None])
+def test_llamacpp_matches_chunk_loop(model: LlamaForCausalLM, bos: int | None) -> None:
+    tokens = stream(300, seed=3)
+    result = perplexity(
+        model,
+        tokens,
+        PerplexityProtocol("llamacpp", 64),
+        text_bytes=3000,
+        text_words=500,
+        bos_token_id=bos,
+        batch_size=2,
+        progress=False,
+    )
+    nll, count = reference_llamacpp(model, tokens, 64, bos)
+    assert result.n_tokens_scored == count == 4 * 31
+    assert result.nll_sum == pytest.approx(nll, rel=1e-4)
+    assert result.text_fraction == pytest.approx(count / 299)
+    assert result.n_bytes == pytest.approx(3000 * count / 299)
+    assert result.bits_per_byte == pytest.approx(nll / (result.n_bytes * math.log(2)), rel=1e-4)
+    assert result.word_perplexity == pytest.approx(math.exp(nll / (500 * count / 299)), rel=1e-4)
+    assert result.byte_perplexity == pytest.approx(2**result.bits_per_byte, rel=1e-6)
+
+
+def test_bos_replacement_changes_llamacpp_only_when_it_should(model: LlamaForCausalLM) -> None:
+    tokens = stream(256, seed=4)
+    protocol = PerplexityProtocol("llamacpp", 64)
+    kw = {"text_bytes": 1, "text_words": 1, "progress": False}
+    with_bos = perplexity(model, tokens, protocol, bos_token_id=BOS, **kw)
+    without = perplexity(model, tokens, protocol, **kw)
+    assert with_bos.bos and not without.bos
+    assert with_bos.nll_sum != without.nll_sum
+    tokens[0, 0] = 7  # the stream does not start with BOS: nothing is replaced
+    assert not perplexity(model, tokens, protocol, bos_token_id=BOS, **kw).bos
+
+
+def test_softcapped_head_split_matches_forward() -> None:
+    """Gemma-style final logit softcapping is applied on the split path exactly as the forward does."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        final_logit_softcapping=3.0,
+        sliding_window=32,
+    )
+    gemma = Gemma3ForCausalLM(config).eval()
+    tokens = stream(200, seed=5)
+    result = perplexity(
+        gemma, tokens, PerplexityProtocol("disjoint", 48), text_bytes=1, text_words=1, progress=False
+    )
+    nll, _ = reference_disjoint(gemma, tokens, 48)
+    assert result.nll_sum == pytest.approx(nll, rel=1e-4)
+
+
+class ScaledLlama(LlamaForCausalLM):
+    """A model whose forward does something its decoder + head do not (a logit scale)."""
+
+    def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def test_fallback_when_split_does_not_reproduce_forward() -> None:
+    torch.manual_seed(0)
+    scaled = ScaledLlama(tiny_llama().config).eval()
+    tokens = stream(200, seed=6)
+    with pytest.warns(UserWarning, match="full logits"):
+        result = perplexity(
+            scaled, tokens, PerplexityProtocol("llamacpp", 64), text_bytes=1, text_words=1, progress=False
+        )
+    scale_ref = 0.0
+    first = 32
+    for i in range(200 // 64):
+        with torch.no_grad():
+            logits = scaled(input_ids=tokens[:, i * 64 : (i + 1) * 64]).logits[0].float()
+        lp = torch.log_softmax(logits, -1)[first:63]
+        scale_ref -= float(lp.gather(1, tokens[0, i * 64 + first + 1 : (i + 1) * 64, None]).sum())
+    assert result.nll_sum == pytest.approx(scale_ref, rel=1e-4)
+
+
+def test_text_counts_per_document() -> None:
+    class Tok:
+        all_special_ids = (0, 1)
+
+        def decode(self, ids: list[int]) -> str:
+            return "".join({5: "héllo", 6: " world", 7: "  ", 8: "x"}[i] for i in ids)
+
+    tokens = torch.tensor([[1, 5, 6, 0, 8, 0, 7, 0, 5]])
+    # documents: "héllo world" (12 bytes, 2 words), "x" (1, 1), "" (dropped), "héllo" (6, 1)
+    assert text_counts(Tok(), tokens) == (19, 4)
+
+
+# ------------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.integration
+def test_smollm2_three_protocols() -> None:
+    from harness.data import token_splits
+
+    model, tokenizer = smollm2()
+    tokens = token_splits(
+        "wikipedia", tokenizer, calibration_sequences=0, calibration_length=8, eval_tokens=1024
+    ).evaluation
+    n_bytes, n_words = text_counts(tokenizer, tokens)
+    assert n_bytes > 2 * 1024 and n_words > 100
+    kw = {
+        "text_bytes": n_bytes,
+        "text_words": n_words,
+        "bos_token_id": tokenizer.bos_token_id,
+        "progress": False,
+    }
+    results = {
+        name: perplexity(model, tokens, PerplexityProtocol(name, 256), **kw)  # type: ignore[arg-type]
+        for name in ("disjoint", "sliding", "llamacpp")
+    }
+    for r in results.values():
+        assert 3 < r.ppl < 200 and 0.3 < r.bits_per_byte < 3
+    assert results["disjoint"].n_tokens_scored == results["sliding"].n_tokens_scored == 1023
+    assert results["llamacpp"].n_tokens_scored == 4 * 127
+    # more context per scored token, lower perplexity
+    assert results["sliding"].ppl < results["disjoint"].ppl
+    nll, _ = reference_llamacpp(
+        model, tokens, 256, tokenizer.bos_token_id if results["llamacpp"].bos else None
+    )
+    assert results["llamacpp"].nll_sum == pytest.approx(nll, rel=1e-4)
