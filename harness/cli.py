@@ -83,8 +83,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from harness.experiments import ExperimentError
     from harness.models import ModelError
     from harness.quantize import QuantizationError
+    from harness.report import ReportError
 
-    return (AssetError, DataError, ExperimentError, ModelError, QuantizationError)
+    return (AssetError, DataError, ExperimentError, ModelError, QuantizationError, ReportError)
 
 
 def _list(args: argparse.Namespace) -> int:

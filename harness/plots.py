@@ -1,0 +1,251 @@
+"""The report's figures, in one style: quality against bits/param, error against the theory, error per layer.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot, so that making
+plots in a long sweep keeps no global figure state and needs no display. Constrained layout with legends
+outside the axes keeps every label inside the canvas, whoever saves the figure (``save`` here, or MLflow's
+``log_figure`` in the sweep).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from harness.metrics import gaussian_rate_distortion, lloyd_max_mse
+
+matplotlib.use("Agg")
+
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "legend.frameon": False,
+    "savefig.dpi": 200,
+    "savefig.bbox": "tight",
+    "pdf.fonttype": 42,  # TrueType in the PDF, so the text stays editable and searchable in a paper
+}
+MARKERS = "osD^vP*Xh<>p"
+COLORS = [f"C{i}" for i in range(10)]
+FRONTIER_COLOR = "0.25"
+
+
+@contextmanager
+def style() -> Iterator[None]:
+    with matplotlib.rc_context(STYLE):
+        yield
+
+
+def format_styles(formats: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """A (color, marker) per format, fixed by the order given, so every figure of a report agrees."""
+    return {f: (COLORS[i % len(COLORS)], MARKERS[i % len(MARKERS)]) for i, f in enumerate(formats)}
+
+
+def save(fig: Figure, stem: Path) -> list[Path]:
+    """PNG for review, PDF for the paper; both beside each other."""
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    with style():
+        for path in paths:
+            fig.savefig(path)
+    return paths
+
+
+def pareto_front(bits: Sequence[float], values: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats on both bits/param and the (lower-is-better) value."""
+    order = sorted(range(len(bits)), key=lambda i: (bits[i], values[i]))
+    front, best = [], math.inf
+    for i in order:
+        if values[i] < best:
+            front.append(i)
+            best = values[i]
+    return front
+
+
+def quality_vs_bits(points: pd.DataFrame, ylabel: str, title: str, baseline: float | None = None) -> Figure:
+    """Quality (lower is better) against bits/param: a marker per format, hollow with double quantization.
+
+    ``points`` has columns format, label, double_quant (bool), bits, value.
+    """
+    with style():
+        fig = Figure(figsize=(7.0, 4.0), layout="constrained")
+        ax = fig.add_subplot()
+        _scatter_formats(ax, points)
+        bits, values = points["bits"].tolist(), points["value"].tolist()
+        front = pareto_front(bits, values)
+        fb, fv = [bits[i] for i in front], [values[i] for i in front]
+        ax.step(fb, fv, where="post", color=FRONTIER_COLOR, linestyle="--", linewidth=1.0, zorder=1)
+        for i in front:
+            ax.annotate(
+                points["label"].iloc[i],
+                (bits[i], values[i]),
+                xytext=(4, 4),
+                textcoords="offset points",
+                fontsize=7,
+                color=FRONTIER_COLOR,
+            )
+        if baseline is not None and math.isfinite(baseline):
+            ax.axhline(baseline, color="0.5", linestyle=":", linewidth=1.0)
+        if max(values) > 10 * min(values) > 0:
+            ax.set_yscale("log")
+            ylabel += " (log scale)"
+        ax.set_xlabel("bits per parameter (quantized layers, incl. constants)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        extra = [Line2D([], [], color=FRONTIER_COLOR, linestyle="--", label="Pareto frontier")]
+        if baseline is not None and math.isfinite(baseline):
+            extra.append(Line2D([], [], color="0.5", linestyle=":", label=f"unquantized ({baseline:.4g})"))
+        _legend(ax, points, extra)
+    return fig
+
+
+def nmse_vs_bits(points: pd.DataFrame, title: str) -> Figure:
+    """Weight nMSE against bits/param next to what a scalar quantizer of N(0, 1) can reach at best.
+
+    Lloyd-Max is the optimal 2^b-level quantizer with no scale overhead; D = 2^(-2R) is Shannon's bound for
+    any code. Both are for unit-variance Gaussian data, which nMSE (MSE / mean W²) is comparable to.
+    """
+    with style():
+        fig = Figure(figsize=(7.0, 4.0), layout="constrained")
+        ax = fig.add_subplot()
+        _scatter_formats(ax, points)
+        lo = max(1, math.floor(points["bits"].min()))
+        hi = min(8, max(lo + 1, math.ceil(points["bits"].max())))
+        levels = np.arange(lo, hi + 1)
+        lloyd = [lloyd_max_mse(2 ** int(b)) for b in levels]
+        ax.plot(levels, lloyd, color="0.3", marker="x", linestyle=":", linewidth=0.8, zorder=1)
+        rates = np.linspace(lo, hi, 100)
+        ax.plot(rates, [gaussian_rate_distortion(r) for r in rates], color="0.6", linestyle="--", zorder=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per parameter (quantized layers, incl. constants)")
+        ax.set_ylabel("weight nMSE = MSE / mean(W²)  (log scale)")
+        ax.set_title(title)
+        extra = [
+            Line2D([], [], color="0.3", marker="x", linestyle=":", label="Lloyd-Max, N(0,1), $2^b$ levels"),
+            Line2D([], [], color="0.6", linestyle="--", label="Gaussian R(D) bound, $2^{-2R}$"),
+        ]
+        _legend(ax, points, extra)
+    return fig
+
+
+def layer_heatmap(tables: Mapping[str, pd.DataFrame], title: str) -> Figure:
+    """Per-layer nMSE, layers × configs (one block size), on a shared log color scale."""
+    layers = list(dict.fromkeys(name for t in tables.values() for name in t["layer"]))
+    grid = np.array(
+        [t.set_index("layer")["nmse"].reindex(layers).to_numpy(dtype=float) for t in tables.values()]
+    ).T
+    positive = grid[np.isfinite(grid) & (grid > 0)]
+    names = _short_names(layers)
+    with style():
+        fig = Figure(figsize=(2.8 + 0.8 * len(tables), 1.6 + 0.13 * len(layers)), layout="constrained")
+        ax = fig.add_subplot()
+        norm = LogNorm(positive.min(), positive.max()) if positive.size else None
+        image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", norm=norm)
+        ax.grid(False)
+        ax.set_xticks(range(len(tables)), list(tables), rotation=45, ha="right")
+        ax.set_yticks(range(len(layers)), names, fontsize=8 if len(layers) <= 40 else 6)
+        ax.set_xlabel("config")
+        ax.set_ylabel("layer")
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, label="weight nMSE (log scale)", shrink=min(1.0, 20 / max(len(layers), 1)))
+    return fig
+
+
+def layer_error_plot(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """Per-layer weight nMSE of one config (a ``layers.csv`` table), log scale, colored by layer type.
+
+    The dashed line is the numel-weighted nMSE over all layers, so outlier layers stand out at a glance.
+    """
+    nmse = table["nmse"].to_numpy(dtype=float)
+    kinds = [name.rsplit(".", 1)[-1] for name in table["layer"]]
+    colors = format_styles(list(dict.fromkeys(kinds)))
+    with style():
+        fig = Figure(figsize=(min(13.0, 5.5 + 0.06 * len(table)), 3.6), layout="constrained")
+        ax = fig.add_subplot()
+        ax.bar(range(len(table)), nmse, width=0.85, color=[colors[k][0] for k in kinds])
+        ax.set_yscale("log")
+        if {"mse", "numel"} <= set(table.columns):
+            numel = table["numel"].to_numpy(dtype=float)
+            power = table["mse"].to_numpy(dtype=float) / nmse
+            overall = float(np.nansum(table["mse"] * numel) / np.nansum(power * numel))
+            ax.axhline(overall, color="0.3", linestyle="--", linewidth=1.0)
+        if len(table) <= 40:
+            ax.set_xticks(range(len(table)), _short_names(list(table["layer"])), rotation=90, fontsize=7)
+            ax.set_xlabel("layer")
+        else:
+            starts = _block_starts(list(table["layer"]))
+            ax.set_xticks([i for i, _ in starts], [b for _, b in starts], fontsize=7)
+            ax.set_xlabel("transformer block (layers in model order)")
+        ax.set_ylabel("weight nMSE (log scale)")
+        ax.set_xlim(-0.6, len(table) - 0.4)
+        ax.set_title(title or "per-layer weight nMSE")
+        handles = [Line2D([], [], color=c, linewidth=6, label=k) for k, (c, _) in colors.items()]
+        if {"mse", "numel"} <= set(table.columns):
+            handles.append(Line2D([], [], color="0.3", linestyle="--", label="all layers (numel-weighted)"))
+        fig.legend(handles=handles, loc="outside right upper")
+    return fig
+
+
+def _scatter_formats(ax: matplotlib.axes.Axes, points: pd.DataFrame) -> None:
+    styles = format_styles(list(dict.fromkeys(points["format"])))
+    for (fmt, dq), group in points.groupby(["format", "double_quant"], sort=False):
+        color, marker = styles[fmt]
+        ax.scatter(
+            group["bits"],
+            group["value"],
+            marker=marker,
+            s=36,
+            facecolors="none" if dq else color,
+            edgecolors=color,
+            linewidths=1.2,
+            zorder=3,
+        )
+
+
+def _legend(ax: matplotlib.axes.Axes, points: pd.DataFrame, extra: list[Line2D]) -> None:
+    styles = format_styles(list(dict.fromkeys(points["format"])))
+    handles = [Line2D([], [], color=c, marker=m, linestyle="none", label=f) for f, (c, m) in styles.items()]
+    if points["double_quant"].any():
+        handles.append(
+            Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="none", label="+ DQ")
+        )
+    ax.figure.legend(handles=handles + extra, loc="outside right upper")
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """Layer names without the prefix they all share (``model.layers.``), which only costs width."""
+    if len(names) < 2:
+        return names
+    parts = [name.split(".") for name in names]
+    shared = 0
+    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    return [".".join(p[shared:]) for p in parts]
+
+
+def _block_starts(names: list[str]) -> list[tuple[int, str]]:
+    """(position, block number) where each transformer block begins, for sparse x ticks."""
+    starts, last = [], None
+    for i, name in enumerate(names):
+        m = re.search(r"\.(\d+)\.", name)
+        block = m[1] if m else None
+        if block is not None and block != last:
+            starts.append((i, block))
+        last = block
+    return starts

@@ -1,0 +1,650 @@
+"""Paper-ready tables (LaTeX, Markdown, CSV) and plots of one experiment, read back from the MLflow store.
+
+Every number comes from the latest FINISHED run of each config hash: reruns supersede older runs and failed
+or killed runs never reach a table. Which layouts are written depends on which axes vary in the runs, so a
+one-format experiment gets no block-size table and an experiment without double quantization no DQ table.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+import harness
+from harness import plots
+from harness.tracking import HASH_TAG, KIND_TAG, Run, Tracker
+
+RESULTS_DIR = Path(harness.__file__).resolve().parents[1] / "results"
+BASELINE_TAG = "harness.baseline"
+DQ_DEFAULT = "dynamic/256"  # the QLoRA/bitsandbytes second level, labelled plainly "dq"
+PARENT_FOLDER = "report"  # where the plots and tables go among the parent sweep run's artifacts
+
+
+class ReportError(ValueError):
+    """Nothing to report (unknown experiment, no finished runs) or a pivot that is ill-posed; one line."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a metric is shown: header, unit, which direction is better, and its precision."""
+
+    label: str
+    unit: str = ""
+    better: Literal["lower", "higher"] | None = None
+    decimals: int | None = None  # fixed decimals; None = ``sig`` significant digits per value
+    sig: int = 3
+    scale: float = 1.0  # e.g. 100 for a share shown in %
+    signed: bool = False
+    stderr: str | None = None  # the metric holding its standard error
+
+    @property
+    def header(self) -> str:
+        return " ".join(p for p in (self.label, self.subheader) if p)
+
+    @property
+    def subheader(self) -> str:
+        """Unit and direction, the second header line in LaTeX so that columns stay narrow."""
+        unit = f"({self.unit})" if self.unit else ""
+        arrow = {"lower": "↓", "higher": "↑", None: ""}[self.better]
+        return " ".join(p for p in (unit, arrow) if p)
+
+    def text(self, value: float) -> str:
+        """``value`` (already scaled) at this metric's precision; an em dash when missing."""
+        if not math.isfinite(value):
+            return "—"
+        digits = self.decimals
+        if digits is None:
+            digits = 0 if value == 0 else max(0, min(8, self.sig - 1 - math.floor(math.log10(abs(value)))))
+        return f"{value:+.{digits}f}" if self.signed else f"{value:.{digits}f}"
+
+
+METRICS = {
+    "bits_per_param": Metric("Bits/param", better="lower", decimals=3),
+    "model_memory_bytes": Metric("Memory", "MB", "lower", decimals=1, scale=1e-6),
+    "projected_7B_GB": Metric("7B memory", "GB", "lower", decimals=2),
+    "projected_70B_GB": Metric("70B memory", "GB", "lower", decimals=1),
+    "nmse": Metric("nMSE", better="lower", sig=3),
+    "rel_fro": Metric("Rel. Frobenius err.", better="lower", sig=3),
+    "sqnr_db": Metric("SQNR", "dB", "higher", decimals=2),
+    "cosine": Metric("Cosine", better="higher", decimals=5),
+    "output_rel_err": Metric("Output err.", "%", "lower", sig=3, scale=100),
+    "ppl": Metric("PPL", better="lower", decimals=2),
+    "delta_ppl": Metric("ΔPPL", better="lower", decimals=2, signed=True),
+    "bits_per_byte": Metric("Bits/byte", better="lower", decimals=4),
+    "word_ppl": Metric("Word PPL", better="lower", decimals=2),
+    "kld_mean": Metric("KLD", "nats", "lower", sig=3),
+    "kld_p99": Metric("KLD p99", "nats", "lower", sig=3),
+    "top1_agreement": Metric("Top-1", "%", "higher", decimals=1, scale=100),
+    "time_quantize_s": Metric("Quantize time", "s", "lower", decimals=1),
+    "time_eval_s": Metric("Eval time", "s", "lower", decimals=1),
+    "time_total_s": Metric("Total time", "s", "lower", decimals=1),
+}
+TASK_NAMES = {"mmlu_local": "MMLU", "siqa_local": "SIQA", "logiqa_local": "LogiQA"}
+DATATYPE_COLUMNS = (
+    "bits_per_param",
+    "nmse",
+    "output_rel_err",
+    "ppl",
+    "delta_ppl",
+    "kld_mean",
+    "top1_agreement",
+)
+BLOCK_ORDER = ("channel", "tensor")
+
+
+def metric_info(key: str) -> Metric:
+    """The display rule of a metric; task accuracies in %, with their stderr; unknown metrics plainly."""
+    if key in METRICS:
+        return METRICS[key]
+    if key.startswith("acc_") and not key.endswith("_stderr"):
+        task = key.removeprefix("acc_")
+        return Metric(
+            f"{TASK_NAMES.get(task, task)} acc.", "%", "higher", decimals=1, scale=100, stderr=f"{key}_stderr"
+        )
+    return Metric(key, sig=4)
+
+
+# ---- the table model and its three renderings ------------------------------------------------------------
+
+
+@dataclass
+class Column:
+    metric: Metric
+    values: list[float]  # in display units (scaled)
+    errors: list[float] | None = None
+    group: str = ""  # a spanning header above the column, e.g. the data type in the block-size table
+
+    @property
+    def name(self) -> str:
+        return f"{self.group} {self.metric.header}".strip()
+
+    def best(self, skip: int) -> set[int]:
+        """Rows holding the best shown value (ties all win), ignoring the first ``skip`` reference rows."""
+        if self.metric.better is None:
+            return set()
+        shown = {
+            i: float(self.metric.text(v)) for i, v in enumerate(self.values) if i >= skip and math.isfinite(v)
+        }
+        if len(set(shown.values())) < 2:  # one value, or all equal: nothing stands out
+            return set()
+        target = (min if self.metric.better == "lower" else max)(shown.values())
+        return {i for i, v in shown.items() if v == target}
+
+
+@dataclass
+class Table:
+    name: str  # file stem
+    caption: str
+    index: list[str]  # headers of the row-label columns
+    rows: list[list[str]]
+    columns: list[Column]
+    reference_rows: int = 0  # leading rows (the unquantized baseline): set apart, never bold
+
+    def cells(self) -> list[list[tuple[str, str | None, bool]]]:
+        """Per row and column: (value text, stderr text or None, bold)."""
+        best = [c.best(self.reference_rows) for c in self.columns]
+        out = []
+        for r in range(len(self.rows)):
+            row = []
+            for c, column in enumerate(self.columns):
+                value = column.values[r]
+                error = column.errors[r] if column.errors else math.nan
+                shown_error = (
+                    column.metric.text(error) if math.isfinite(error) and math.isfinite(value) else None
+                )
+                row.append((column.metric.text(value), shown_error, r in best[c]))
+            out.append(row)
+        return out
+
+
+def to_markdown(table: Table) -> str:
+    header = [*table.index, *(c.name for c in table.columns)]
+    lines = [
+        f"Table: {table.caption}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":--"] * len(table.index) + ["--:"] * len(table.columns)) + "|",
+    ]
+    for labels, cells in zip(table.rows, table.cells(), strict=True):
+        shown = []
+        for value, error, bold in cells:
+            text = f"**{value}**" if bold else value
+            shown.append(f"{text} ± {error}" if error else text)
+        lines.append("| " + " | ".join([*(s.replace("|", r"\|") for s in labels), *shown]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """The same table, numbers at full precision in display units; standard errors in their own columns."""
+    data: dict[str, list[object]] = {h: [row[i] for row in table.rows] for i, h in enumerate(table.index)}
+    for column in table.columns:
+        data[column.name] = column.values
+        if column.errors is not None:
+            data[f"{column.name} SE"] = column.errors
+    return pd.DataFrame(data).to_csv(index=False, float_format="%.10g")
+
+
+_LATEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "↓": r"$\downarrow$",
+    "↑": r"$\uparrow$",
+    "Δ": r"$\Delta$",
+    "±": r"$\pm$",
+    "×": r"$\times$",
+    "−": r"$-$",
+    "—": "---",
+    "·": r"$\cdot$",
+}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX.get(ch, ch) for ch in text)
+
+
+def to_latex(table: Table, label: str) -> str:
+    """A booktabs ``table`` float: caption on top, ``\\label``, spanning group headers with cmidrules."""
+
+    def number(text: str) -> str:
+        return "$-$" + text[1:] if text.startswith("-") else latex_escape(text)
+
+    n_index = len(table.index)
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        *([r"\setlength{\tabcolsep}{4pt}"] if n_index + len(table.columns) > 8 else []),
+        rf"\caption{{{latex_escape(table.caption)}}}",
+        rf"\label{{{label}}}",
+        rf"\begin{{tabular}}{{{'l' * n_index}{'r' * len(table.columns)}}}",
+        r"\toprule",
+    ]
+    groups = _runs([c.group for c in table.columns])
+    if any(g for g, _, _ in groups):
+        spans = [rf"\multicolumn{{{b - a}}}{{c}}{{{latex_escape(g)}}}" if g else "" for g, a, b in groups]
+        lines.append(" & ".join([""] * n_index + spans) + r" \\")
+        rules = [rf"\cmidrule(lr){{{n_index + a + 1}-{n_index + b}}}" for g, a, b in groups if g]
+        lines.append(" ".join(rules))
+    header = [latex_escape(h) for h in table.index]
+    for column in table.columns:
+        top, bottom = latex_escape(column.metric.label), latex_escape(column.metric.subheader)
+        header.append(
+            rf"\begin{{tabular}}[b]{{@{{}}r@{{}}}}{top}\\{bottom}\end{{tabular}}" if bottom else top
+        )
+    lines += [" & ".join(header) + r" \\", r"\midrule"]
+    for r, (labels, cells) in enumerate(zip(table.rows, table.cells(), strict=True)):
+        shown = []
+        for value, error, bold in cells:
+            text = rf"\textbf{{{number(value)}}}" if bold else number(value)
+            shown.append(rf"{text} $\pm$ {number(error)}" if error else text)
+        lines.append(" & ".join([*(latex_escape(s) for s in labels), *shown]) + r" \\")
+        if r + 1 == table.reference_rows < len(table.rows):
+            lines.append(r"\midrule")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def _runs(groups: list[str]) -> list[tuple[str, int, int]]:
+    """Consecutive equal group names as (name, start, end) spans."""
+    spans: list[tuple[str, int, int]] = []
+    for i, g in enumerate(groups):
+        if spans and spans[-1][0] == g:
+            spans[-1] = (g, spans[-1][1], i + 1)
+        else:
+            spans.append((g, i, i + 1))
+    return spans
+
+
+# ---- reading the runs ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runs:
+    """One model's slice of an experiment: its quantized configs in a stable order and its baseline."""
+
+    experiment: str
+    model: str
+    quantized: pd.DataFrame
+    baseline: pd.DataFrame  # zero or one row
+
+    def metric(self, key: str, frame: pd.DataFrame | None = None, scale: float | None = None) -> list[float]:
+        """A metric's values in display units (``scale`` defaults to the metric's own); NaN where missing."""
+        frame = self.quantized if frame is None else frame
+        column = f"metrics.{key}"
+        if column not in frame:
+            return [math.nan] * len(frame)
+        factor = metric_info(key).scale if scale is None else scale
+        return [float(v) * factor for v in frame[column]]
+
+    def has(self, key: str) -> bool:
+        return any(math.isfinite(v) for v in self.metric(key))
+
+    def varying(self, param: str) -> list[str]:
+        """The distinct values a param takes among the quantized configs, in their order."""
+        return list(dict.fromkeys(self.quantized[f"params.{param}"]))
+
+    def setting(self) -> str:
+        """Model, corpus, protocol, context and tokens, as the caption names them."""
+        frame = pd.concat([self.baseline, self.quantized])
+
+        def value(key: str) -> str:
+            found = [str(v) for v in dict.fromkeys(frame.get(f"params.{key}", pd.Series(dtype=str)).dropna())]
+            return "/".join(f"{int(v):,}" if v.isdigit() else v for v in found) or "?"
+
+        parts = [self.model, f"{value('corpus')} corpus", f"{value('protocol')} protocol"]
+        parts.append(f"context {value('context_length')}")
+        if value("protocol") == "sliding":
+            parts.append(f"stride {value('stride')}")
+        parts.append(f"{value('eval_tokens')} tokens")
+        return ", ".join(parts)
+
+
+def select_runs(frame: pd.DataFrame, experiment: str, store: str = "the store") -> list[Runs]:
+    """The latest FINISHED run per config hash, per model, from ``Tracker.runs``; ReportError if none."""
+    if frame.empty:
+        raise ReportError(f"no runs of experiment {experiment!r} in {store} (run `harness sweep` first)")
+    configs = frame[_column(frame, f"tags.{KIND_TAG}") == "config"].sort_values("start_time")
+    finished = configs[configs["status"] == "FINISHED"]
+    if finished.empty:
+        counts = ", ".join(f"{n} {s}" for s, n in configs["status"].value_counts().items())
+        raise ReportError(
+            f"experiment {experiment!r} has no FINISHED config runs ({counts or 'none at all'})"
+        )
+    hashes = _column(finished, f"tags.{HASH_TAG}").fillna(_column(finished, "params.config_hash"))
+    latest = finished.loc[~hashes.duplicated(keep="last")].fillna({"params.double_quant": "off"})
+    is_baseline = (latest["params.format"] == "none") | (_column(latest, f"tags.{BASELINE_TAG}") == "true")
+    format_order = {f: i for i, f in enumerate(dict.fromkeys(latest["params.format"]))}
+
+    def order(row: pd.Series) -> tuple[object, ...]:
+        return (
+            format_order[row["params.format"]],
+            sort_key(row["params.block_size"]),
+            sort_key(row["params.double_quant"]),
+            str(row.get("params.label")),
+        )
+
+    quantized = latest[~is_baseline]
+    if quantized.empty:
+        raise ReportError(f"experiment {experiment!r} has no FINISHED quantized runs, only the baseline")
+    out = []
+    for model, group in quantized.groupby("params.model", sort=False):
+        rows = sorted(group.index, key=lambda i: order(group.loc[i]))
+        baseline = latest[is_baseline & (latest["params.model"] == model)].tail(1)
+        out.append(Runs(experiment, str(model), group.loc[rows], baseline))
+    return out
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A column that may be absent (no run set that tag), as missing values."""
+    return frame[name] if name in frame else pd.Series(None, index=frame.index, dtype=object)
+
+
+def sort_key(value: object) -> tuple[int, float, str]:
+    """ "off" first, then numbers ascending, then per channel and per tensor, then the rest alphabetically."""
+    text = str(value)
+    if text == "off":
+        return (0, 0.0, "")
+    if re.fullmatch(r"-?\d+(\.\d+)?", text):
+        return (1, float(text), "")
+    if text in BLOCK_ORDER:
+        return (2, float(BLOCK_ORDER.index(text)), "")
+    return (3, 0.0, text)
+
+
+# ---- the built-in layouts -------------------------------------------------------------------------------
+
+
+_BETTER_NOTE = "↓/↑: lower/higher is better; best quantized value per column in bold"
+
+
+def datatypes_table(runs: Runs) -> Table:
+    """QLoRA Table 2's shape: a row per config, the unquantized baseline on top as a reference."""
+    keys = [k for k in DATATYPE_COLUMNS if runs.has(k)]
+    tasks = [c.removeprefix("metrics.") for c in runs.quantized if _is_task(c)]
+    keys += sorted(t for t in tasks if runs.has(t))
+    frame = pd.concat([runs.baseline, runs.quantized])
+    columns = []
+    for key in keys:
+        metric = metric_info(key)
+        errors = runs.metric(metric.stderr, frame, metric.scale) if metric.stderr else None
+        columns.append(Column(metric, runs.metric(key, frame), errors))
+    labels = [["unquantized"]] * len(runs.baseline) + [[str(v)] for v in runs.quantized["params.label"]]
+    notes = [_BETTER_NOTE]
+    if any(c.errors for c in columns):
+        notes.append("± one standard error")
+    if runs.has("kld_mean") or runs.has("top1_agreement"):
+        notes.append("KLD and top-1 agreement against the unquantized model")
+    caption = f"Data types on {runs.setting()}. " + "; ".join(notes) + "."
+    return Table("datatypes", caption, ["Config"], labels, columns, reference_rows=len(runs.baseline))
+
+
+def blocksize_table(runs: Runs, key: str) -> Table:
+    """Data type × block size: the chosen metric with the bits/param it costs beside it.
+
+    The axis with more values runs down the page, so that a ten-block sweep and a six-variant grid both fit.
+    """
+    frame = runs.quantized.assign(variant=[_variant(label) for label in runs.quantized["params.label"]])
+    blocks = sorted(dict.fromkeys(frame["params.block_size"]), key=sort_key)
+    variants = list(dict.fromkeys(frame["variant"]))
+    blocks_down = len(blocks) >= len(variants)
+    down, across = (blocks, variants) if blocks_down else (variants, blocks)
+    indexed = frame.set_index(
+        ["params.block_size", "variant"] if blocks_down else ["variant", "params.block_size"]
+    )
+    metric, bits = metric_info(key), Metric("Bits", better="lower", decimals=3)
+    columns = []
+    for group in across:
+        cells = indexed.reindex([(row, group) for row in down])
+        name = group if blocks_down else _block_name(group)
+        columns.append(Column(metric, runs.metric(key, cells), group=name))
+        columns.append(Column(bits, runs.metric("bits_per_param", cells), group=name))
+    caption = (
+        f"{metric.label} by block size and data type on {runs.setting()}; bits: bits/param of the quantized "
+        f"layers, block constants included. {_BETTER_NOTE}."
+    )
+    rows = [[_block_name(row) if blocks_down else row] for row in down]
+    return Table(f"blocksize-{key}", caption, ["Block" if blocks_down else "Data type"], rows, columns)
+
+
+def _block_name(block: str) -> str:
+    return f"block {block}" if block.isdigit() else f"per {block}"
+
+
+def doublequant_table(runs: Runs) -> Table | None:
+    """Each DQ variant against the same format and block without DQ: bits saved, error added."""
+    frame = runs.quantized
+    same = ["params.format", "params.block_size", "params.constant_dtype", "params.compute_dtype"]
+    same = [c for c in same if c in frame]
+    off = frame[frame["params.double_quant"] == "off"].drop_duplicates(same).set_index(same)
+    on = frame[frame["params.double_quant"] != "off"]
+    pairs = [
+        (i, off.index.get_loc(tuple(on.loc[i, same])))
+        for i in on.index
+        if tuple(on.loc[i, same]) in off.index
+    ]
+    if not pairs:
+        return None
+    with_dq = on.loc[[i for i, _ in pairs]]
+    without = off.iloc[[j for _, j in pairs]]
+
+    def delta(key: str, relative: bool = False) -> list[float]:
+        a, b = runs.metric(key, with_dq), runs.metric(key, without)
+        return [(x / y - 1) * 100 if relative else x - y for x, y in zip(a, b, strict=True)]
+
+    saved = [-d for d in delta("bits_per_param")]
+    columns = [
+        Column(metric_info("bits_per_param"), runs.metric("bits_per_param", with_dq)),
+        Column(Metric("Saved", "bits", "higher", decimals=3), saved),
+        Column(Metric("Saved at 70B", "GB", "higher", decimals=2), [s * 70e9 / 8 / 1e9 for s in saved]),
+    ]
+    added = [
+        ("nmse", Metric("ΔnMSE", "%", "lower", decimals=2, signed=True), True),
+        ("output_rel_err", Metric("ΔOut. err.", "%", "lower", decimals=2, signed=True), True),
+        ("ppl", Metric("ΔPPL", better="lower", decimals=2, signed=True), False),
+        ("kld_mean", Metric("ΔKLD", "nats", "lower", sig=2, signed=True), False),
+    ]
+    columns += [Column(m, delta(k, rel)) for k, m, rel in added if runs.has(k)]
+    rows = [[str(label)] for label in with_dq["params.label"]]
+    caption = (
+        f"Double quantization (DQ) of the block constants on {runs.setting()}: bits/param saved against the "
+        "error added (Δ), each relative to the same data type and block size without DQ; ΔnMSE and Δoutput "
+        f"error in % of their value without DQ. {_BETTER_NOTE}."
+    )
+    return Table("doublequant", caption, ["Config"], rows, columns)
+
+
+def pivot_table(runs: Runs, rows: str, cols: str, key: str) -> Table:
+    """Any params (comma-separated) down and across; each cell must be exactly one config."""
+    frame = runs.quantized
+    row_fields, col_fields = _fields(frame, rows), _fields(frame, cols)
+    fields = [f"params.{f}" for f in row_fields + col_fields]
+    if frame.duplicated(fields).any():
+        names = [c.removeprefix("params.") for c in frame if c.startswith("params.") and c not in fields]
+        also = [n for n in names if n not in _NOT_AXES and frame[f"params.{n}"].nunique() > 1] or ["label"]
+        raise ReportError(
+            f"--rows {rows} --cols {cols} leave several runs per cell; add one of {', '.join(also)} to them"
+        )
+    metric = metric_info(key)
+
+    def labels(fs: list[str]) -> list[tuple[str, ...]]:
+        keys = dict.fromkeys(tuple(str(v) for v in r) for r in frame[[f"params.{f}" for f in fs]].to_numpy())
+        return sorted(keys, key=lambda t: [sort_key(v) for v in t])
+
+    row_keys, col_keys = labels(row_fields), labels(col_fields)
+    indexed = frame.set_index(fields)
+    columns = []
+    for ck in col_keys:
+        cells = indexed.reindex([(*rk, *ck) for rk in row_keys])
+        errors = runs.metric(metric.stderr, cells, metric.scale) if metric.stderr else None
+        columns.append(Column(metric, runs.metric(key, cells), errors, group=" / ".join(ck)))
+    caption = (
+        f"{metric.label} by {' / '.join(row_fields)} (rows) and {' / '.join(col_fields)} (columns) on "
+        f"{runs.setting()}. {_BETTER_NOTE}."
+    )
+    name = f"pivot-{key}-{'+'.join(row_fields)}-by-{'+'.join(col_fields)}"
+    return Table(name, caption, row_fields, [list(rk) for rk in row_keys], columns)
+
+
+_NOT_AXES = ("label", "config_hash", "git_commit")  # differ between runs without being an axis
+
+
+def _fields(frame: pd.DataFrame, spec: str) -> list[str]:
+    fields = [f.strip().removeprefix("params.") for f in spec.split(",") if f.strip()]
+    known = sorted(c.removeprefix("params.") for c in frame if c.startswith("params."))
+    for f in fields:
+        if f not in known:
+            raise ReportError(f"unknown field {f!r} for --rows/--cols; known: {', '.join(known)}")
+    if not fields:
+        raise ReportError(
+            "--rows and --cols need at least one field each, e.g. --rows format --cols block_size"
+        )
+    return fields
+
+
+def _is_task(column: str) -> bool:
+    return column.startswith("metrics.acc_") and not column.endswith("_stderr")
+
+
+def _variant(label: str) -> str:
+    """A config label without its block size: ``nf4-b64-dq`` → ``nf4-dq``."""
+    return re.sub(r"-b[^-]+", "", label, count=1)
+
+
+# ---- writing -----------------------------------------------------------------------------------------------
+
+
+def write_report(
+    experiment: str,
+    tracking_uri: str | None,
+    rows: str | None = None,
+    cols: str | None = None,
+    metric: str | None = None,
+    out_dir: Path | None = None,
+) -> list[Path]:
+    """Write the layouts the runs support, the pivot if asked, and the plots; return the paths written.
+
+    ``out_dir`` defaults to ``results/<experiment>/``. ``metric`` picks the block-size table's and the
+    pivot's metric (default PPL, else nMSE); ``rows``/``cols`` are params, comma-separated for several.
+    The PNGs and Markdown tables are also logged to the latest parent sweep run, beside its numbers.
+    """
+    if (rows is None) != (cols is None):
+        raise ReportError("--rows and --cols go together, e.g. --rows format --cols block_size")
+    tracker = Tracker(tracking_uri)
+    frame = tracker.runs(experiment)
+    selected = select_runs(frame, experiment, tracker.uri)
+    out = out_dir or RESULTS_DIR / experiment
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for runs in selected:
+        suffix = "" if len(selected) == 1 else f"-{_slug(runs.model)}"
+        for table in tables(runs, rows, cols, metric):
+            paths += write_table(
+                table, out / f"{table.name}{suffix}", f"tab:{_slug(experiment)}-{table.name}{suffix}"
+            )
+        paths += write_plots(runs, out, suffix, lambda run_id: _layers_csv(tracker, run_id))
+    sweeps = frame[_column(frame, f"tags.{KIND_TAG}") == "sweep"].sort_values("start_time")
+    if not sweeps.empty:
+        parent = Run(tracker.client, str(sweeps["run_id"].iloc[-1]))
+        for path in paths:
+            if path.suffix in (".png", ".md"):
+                parent.log_artifact(path, PARENT_FOLDER)
+    return paths
+
+
+def tables(runs: Runs, rows: str | None, cols: str | None, metric: str | None) -> list[Table]:
+    """The built-in layouts whose axes vary in these runs, then the requested pivot."""
+    if metric is not None and f"metrics.{metric}" not in runs.quantized:
+        known = sorted(c.removeprefix("metrics.") for c in runs.quantized if c.startswith("metrics."))
+        raise ReportError(f"unknown metric {metric!r}; this experiment has: {', '.join(known)}")
+    key = metric or ("ppl" if runs.has("ppl") else "nmse")
+    out = [datatypes_table(runs)]
+    if len(runs.varying("block_size")) >= 2:
+        out.append(blocksize_table(runs, key))
+    if "off" in runs.varying("double_quant") and len(runs.varying("double_quant")) >= 2:
+        dq = doublequant_table(runs)
+        out += [dq] if dq is not None else []
+    if rows is not None and cols is not None:
+        out.append(pivot_table(runs, rows, cols, key))
+    return out
+
+
+def write_table(table: Table, stem: Path, label: str) -> list[Path]:
+    paths = [stem.with_suffix(".tex"), stem.with_suffix(".md"), stem.with_suffix(".csv")]
+    for path, text in zip(paths, (to_latex(table, label), to_markdown(table), to_csv(table)), strict=True):
+        path.write_text(text, encoding="utf-8")
+    return paths
+
+
+def write_plots(
+    runs: Runs, out: Path, suffix: str, layers: Callable[[str], pd.DataFrame | None]
+) -> list[Path]:
+    """Quality and nMSE against bits/param, and the per-layer heatmap at one block size (64 if run)."""
+    if not runs.has("bits_per_param"):
+        return []
+    frame = runs.quantized
+    points = pd.DataFrame(
+        {
+            "format": frame["params.format"].to_numpy(),
+            "label": frame["params.label"].to_numpy(),
+            "double_quant": (frame["params.double_quant"] != "off").to_numpy(),
+            "bits": runs.metric("bits_per_param"),
+        }
+    )
+    where = f"{runs.experiment}, {runs.model}"
+    paths = []
+    for key, ylabel, name in (
+        ("ppl", "perplexity (token-level)", "ppl_vs_bits"),
+        ("kld_mean", "mean KL divergence to unquantized (nats)", "kld_vs_bits"),
+    ):
+        if runs.has(key):
+            found = points.assign(value=runs.metric(key)).dropna(subset=["bits", "value"])
+            base = runs.metric(key, runs.baseline)
+            reference = base[0] if key == "ppl" and base else None
+            fig = plots.quality_vs_bits(
+                found, ylabel, f"{metric_info(key).label} vs bits/param ({where})", reference
+            )
+            paths += plots.save(fig, out / f"{name}{suffix}")
+    if runs.has("nmse"):
+        found = points.assign(value=runs.metric("nmse")).dropna(subset=["bits", "value"])
+        paths += plots.save(
+            plots.nmse_vs_bits(found, f"weight error vs bits/param ({where})"), out / f"nmse_vs_bits{suffix}"
+        )
+    blocks = frame["params.block_size"].astype(str)
+    block = "64" if (blocks == "64").any() else blocks.mode().iloc[0]
+    found_layers = {}
+    for _, row in frame[blocks == block].iterrows():
+        table = layers(str(row["run_id"]))
+        if table is not None:
+            found_layers[str(row["params.label"])] = table
+    if found_layers:
+        at = "each format's own block" if block == "None" else f"block {block}"
+        fig = plots.layer_heatmap(found_layers, f"per-layer weight nMSE, {at} ({where})")
+        paths += plots.save(fig, out / f"layer_heatmap{suffix}")
+    return paths
+
+
+def _layers_csv(tracker: Tracker, run_id: str) -> pd.DataFrame | None:
+    """The run's per-layer table, or None for a run that logged none (the heatmap then leaves it out)."""
+    try:
+        path = tracker.download_artifact(run_id, "layers.csv")
+    except FileNotFoundError:
+        return None
+    return pd.read_csv(path)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
