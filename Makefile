@@ -31,7 +31,7 @@ tables: $(BIN)/harness
 	$(BIN)/harness tables $(EXP) $(ARGS)
 
 test: $(BIN)/harness
-	$(BIN)/harness fetch smollm2-135m evals
+	$(BIN)/harness fetch --for-experiment smoke
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(BIN)/harness

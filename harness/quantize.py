@@ -263,7 +263,8 @@ def _check_input(weight: torch.Tensor, name: str) -> None:
         raise QuantizationError(
             f"{name}: cannot quantize an integer tensor ({weight.dtype}); pass float weights"
         )
-    if weight.numel() and not bool(torch.isfinite(weight).all()):
+    # amax propagates NaN and Inf, so one reduction decides; the count is only taken on failure.
+    if weight.numel() and not bool(torch.isfinite(weight.abs().amax())):
         bad = int((~torch.isfinite(weight)).sum())
         raise QuantizationError(
             f"{name}: {bad} NaN/Inf value(s) in a {tuple(weight.shape)} tensor; refusing to quantize"

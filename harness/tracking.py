@@ -15,12 +15,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from harness.assets import cache_dir
 from harness.liveness import pid_alive
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -29,6 +31,9 @@ RUN_NAME_TAG = "mlflow.runName"
 KIND_TAG = "harness.kind"  # "sweep" (parent) or "config" (child)
 HASH_TAG = "harness.config_hash"
 ERROR_TAG = "harness.error"
+
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def default_tracking_uri() -> str:
@@ -146,8 +151,26 @@ class Tracker:
         return mlflow.search_runs([found.experiment_id], max_results=100_000)
 
     def download_artifact(self, run_id: str, path: str) -> Path:
-        """A local copy of one artifact of a run (a no-copy path for the local sqlite/file layout)."""
-        return Path(self.client.download_artifacts(run_id, path))
+        """A local copy of one artifact, kept under the cache (runs are immutable once finished).
+
+        The download lands in a temporary directory first and is renamed into place, so an interrupted
+        download never leaves a partial file that a later call would trust.
+        """
+        from mlflow.exceptions import MlflowException
+
+        destination = cache_dir() / "artifacts" / run_id
+        local = destination / path
+        if local.exists():
+            return local
+        destination.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=destination, prefix=".partial-") as staging:
+            try:
+                fetched = Path(self.client.download_artifacts(run_id, path, staging))
+            except (MlflowException, OSError) as exc:
+                raise FileNotFoundError(f"run {run_id} has no artifact {path!r}: {exc}") from None
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fetched.replace(local)
+        return local
 
     def ui_command(self, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
         return [

@@ -1,0 +1,217 @@
+"""The sweep end to end on the real offline smollm2-135m and a real MLflow store: logging, resume, failures,
+Ctrl-C/SIGTERM (KILLED), kill -9 (stale RUNNING reaped and redone), and an MLflow tracking server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from harness.experiments import load_experiment
+from harness.sweep import ModelSession, SweepOptions, run_sweep
+from harness.tracking import Tracker
+
+pytestmark = pytest.mark.integration
+
+# Small budgets: the whole pipeline, in seconds per config.
+QUICK = [
+    "eval.tokens=256",
+    "eval.context_length=128",
+    "eval.limit=4",
+    "data.calibration_sequences=1",
+    "data.calibration_length=64",
+]
+
+
+def runs(uri: str, experiment: str = "smoke") -> pd.DataFrame:
+    return Tracker(uri).runs(experiment)
+
+
+def children(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["tags.harness.kind"] == "config"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One real smoke sweep into a fresh sqlite store, shared by the checks below."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    summary = run_sweep(load_experiment("smoke", QUICK), SweepOptions(tracking_uri=uri, progress=False))
+    assert not summary.failed, summary.describe()
+    return uri
+
+
+def test_smoke_sweep_logs_every_config(store: str) -> None:
+    frame = runs(store)
+    parent = frame[frame["tags.harness.kind"] == "sweep"]
+    assert len(parent) == 1 and parent["status"].item() == "FINISHED"
+    child = children(frame).set_index("tags.mlflow.runName")
+    assert set(child.index) == {"baseline", "nf4-b64", "nf4-b64-dq", "int4-b64"}
+    assert (child["status"] == "FINISHED").all()
+    assert (child["tags.mlflow.parentRunId"] == parent["run_id"].item()).all()
+    base, nf4, dq, int4 = (child.loc[k] for k in ("baseline", "nf4-b64", "nf4-b64-dq", "int4-b64"))
+    assert base["metrics.kld_mean"] < 1e-4 and base["metrics.top1_agreement"] == 1.0
+    assert base["metrics.delta_ppl"] == 0.0
+    assert nf4["metrics.bits_per_param"] == 4.5
+    assert 4.126 < dq["metrics.bits_per_param"] < 4.128
+    for row in (nf4, dq, int4):
+        assert row["metrics.kld_mean"] > 0 and 0 < row["metrics.top1_agreement"] < 1
+        assert row["metrics.delta_ppl"] == pytest.approx(row["metrics.ppl"] - base["metrics.ppl"])
+        assert 0 < row["metrics.nmse"] < 0.05 and 0 <= row["metrics.acc_siqa_local"] <= 1
+    assert int4["metrics.nmse"] > nf4["metrics.nmse"]  # NF4 beats int4 on near-Gaussian weights
+    assert nf4["params.protocol"] == "disjoint" and nf4["params.format"] == "nf4"
+    assert nf4["params.git_commit"] and nf4["params.version.torch"].startswith("2.13")
+    assert nf4["tags.format"] == "nf4" and nf4["tags.double_quant"] == "off"
+    table = pd.read_csv(Tracker(store).download_artifact(nf4["run_id"], "layers.csv"))
+    assert len(table) == 210 and set(table["source_precision"]) == {"Q4_1"}
+
+
+def test_resume_skips_finished_and_force_redoes(store: str) -> None:
+    before = len(runs(store))
+    again = run_sweep(load_experiment("smoke", QUICK), SweepOptions(tracking_uri=store, progress=False))
+    assert not again.finished and len(again.skipped) == 4
+    assert len(runs(store)) == before  # no new runs, not even a parent
+    forced = run_sweep(
+        load_experiment("smoke", QUICK), SweepOptions(tracking_uri=store, progress=False, force=True, limit=1)
+    )
+    assert forced.finished == ["baseline", "nf4-b64"]
+
+
+def test_same_config_gives_identical_metrics(store: str) -> None:
+    child = children(runs(store))
+    finished = child[(child["status"] == "FINISHED") & (child["tags.mlflow.runName"] == "nf4-b64")]
+    assert len(finished) == 2  # the first sweep and the forced redo
+    for metric in ("metrics.ppl", "metrics.kld_mean", "metrics.nmse", "metrics.top1_agreement"):
+        assert finished[metric].nunique() == 1, metric
+
+
+def test_a_failing_config_is_recorded_and_the_sweep_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    measure = ModelSession.measure
+
+    def broken_for_int4(self: ModelSession, config, run):  # type: ignore[no-untyped-def]
+        if config.format == "int4":
+            raise RuntimeError("simulated failure in int4")
+        return measure(self, config, run)
+
+    monkeypatch.setattr(ModelSession, "measure", broken_for_int4)
+    summary = run_sweep(
+        load_experiment("smoke", [*QUICK, "eval.tasks=[]"]), SweepOptions(tracking_uri=uri, progress=False)
+    )
+    assert [label for label, _ in summary.failed] == ["int4-b64"]
+    child = children(runs(uri)).set_index("tags.mlflow.runName")
+    assert child.loc["int4-b64", "status"] == "FAILED"
+    assert child.loc["int4-b64", "tags.harness.error"] == "RuntimeError: simulated failure in int4"
+    assert (child.drop("int4-b64")["status"] == "FINISHED").all()
+
+
+def start_sweep(uri: str, *extra: str) -> subprocess.Popen[str]:
+    args = [sys.executable, "-m", "harness.cli", "sweep", "smoke", "--tracking-uri", uri, *extra]
+    for override in [*QUICK, "eval.tasks=[]"]:
+        args += ["--set", override]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_running_child(uri: str, process: subprocess.Popen[str], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        frame = runs(uri)
+        if len(frame) and ((frame["tags.harness.kind"] == "config") & (frame["status"] == "RUNNING")).any():
+            return
+        time.sleep(0.3)
+    raise AssertionError("no child run started in time")
+
+
+def test_sigterm_marks_the_run_killed(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = start_sweep(uri)
+    wait_for_running_child(uri, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130
+    frame = runs(uri)
+    assert "RUNNING" not in set(frame["status"])
+    assert (frame["status"] == "KILLED").sum() == 2  # the config in progress and its parent sweep
+
+
+def test_kill_9_leaves_a_stale_run_that_the_next_sweep_reaps_and_redoes(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = start_sweep(uri, "--limit", "1")
+    wait_for_running_child(uri, process)
+    process.kill()
+    process.wait()
+    stale = runs(uri)
+    assert (stale["status"] == "RUNNING").sum() == 2  # nobody could clean up
+    summary = run_sweep(
+        load_experiment("smoke", [*QUICK, "eval.tasks=[]"]),
+        SweepOptions(tracking_uri=uri, progress=False, limit=1),
+    )
+    assert len(summary.reaped) == 2 and not summary.failed
+    frame = runs(uri)
+    assert "RUNNING" not in set(frame["status"])
+    reaped = frame[frame["run_id"].isin(summary.reaped)]
+    assert (reaped["status"] == "FAILED").all()
+    assert reaped["tags.harness.error"].str.startswith("stale: process").all()
+    finished = children(frame)[children(frame)["status"] == "FINISHED"]
+    assert sorted(finished["tags.mlflow.runName"]) == ["baseline", "nf4-b64"]  # redone, no duplicates
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sweep_logs_to_an_mlflow_server(tmp_path: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        summary = run_sweep(
+            load_experiment("smoke", [*QUICK, "eval.tasks=[]"]),
+            SweepOptions(tracking_uri=uri, progress=False, limit=1),
+        )
+        assert summary.finished == ["baseline", "nf4-b64"]
+        frame = runs(uri)
+        assert set(frame["status"]) == {"FINISHED"} and len(frame) == 3
+        assert mlflow.get_tracking_uri() == uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
