@@ -16,6 +16,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -39,14 +40,18 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     n, bs, reps = args.size, args.block_size, args.repeats
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n}x{n} fp32, block {bs}, "
-          f"median of {reps} runs (ms); ratio = bnb time / our time (>1: we are faster)\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n}x{n} fp32, block {bs}, "
+        f"median of {reps} runs (ms); ratio = bnb time / our time (>1: we are faster)\n"
+    )
     torch.manual_seed(0)
     weights = {"gaussian": torch.randn(n, n), "student_t": torch.distributions.StudentT(3.0).sample((n, n))}
     header = f"{'dist':<10}{'case':<34}{'ms':>9}{'Mw/s':>9}{'vs bnb':>9}  bit-identical"
@@ -62,26 +67,32 @@ def main() -> None:
                 same_codes = torch.equal(ours.codes, packed.reshape(-1))
                 same_values = torch.equal(dequantize(ours), bnb.dequantize_4bit(packed, state))
                 rows = [
-                    (f"bnb quantize_4bit {tag}", lambda: bnb.quantize_4bit(w, blocksize=bs, quant_type=fmt,
-                                                                           compress_statistics=dq), None),
-                    (f"ours quantize {tag}", lambda: quantize(w, cfg), same_codes),
-                    (f"bnb dequantize_4bit {tag}", lambda: bnb.dequantize_4bit(packed, state), None),
-                    (f"ours dequantize {tag}", lambda: dequantize(ours), same_values),
+                    (
+                        f"bnb quantize_4bit {tag}",
+                        partial(bnb.quantize_4bit, w, blocksize=bs, quant_type=fmt, compress_statistics=dq),
+                        None,
+                    ),
+                    (f"ours quantize {tag}", partial(quantize, w, cfg), same_codes),
+                    (f"bnb dequantize_4bit {tag}", partial(bnb.dequantize_4bit, packed, state), None),
+                    (f"ours dequantize {tag}", partial(dequantize, ours), same_values),
                 ]
                 timed = {name: median_ms(fn, reps) for name, fn, _ in rows}
                 for name, _, same in rows:
                     ms = timed[name]
-                    peer = timed[name.replace("ours quantize", "bnb quantize_4bit").replace(
-                        "ours dequantize", "bnb dequantize_4bit")]
+                    peer = timed[
+                        name.replace("ours quantize", "bnb quantize_4bit").replace(
+                            "ours dequantize", "bnb dequantize_4bit"
+                        )
+                    ]
                     flag = "" if same is None else ("yes" if same else "NO (DQ codes: exact vs bnb's table)")
                     print(f"{dist:<10}{name:<34}{ms:>9.1f}{n * n / ms / 1e3:>9.0f}{peer / ms:>9.2f}  {flag}")
-        extra = [
-            ("torchao to_nf4 (+its DQ)", lambda: to_nf4(w, block_size=bs, scaler_block_size=256)),
-            ("ours fake_quant nf4", lambda: fake_quant(w, QuantConfig("nf4", bs))),
-        ]
         nf4 = to_nf4(w, block_size=bs, scaler_block_size=256)
-        extra.append(("torchao get_original_weight", nf4.get_original_weight))
-        bnb_q = median_ms(lambda: bnb.quantize_4bit(w, blocksize=bs, quant_type="nf4"), reps)
+        extra = [
+            ("torchao to_nf4 (+its DQ)", partial(to_nf4, w, block_size=bs, scaler_block_size=256)),
+            ("torchao get_original_weight", nf4.get_original_weight),
+            ("ours fake_quant nf4", partial(fake_quant, w, QuantConfig("nf4", bs))),
+        ]
+        bnb_q = median_ms(partial(bnb.quantize_4bit, w, blocksize=bs, quant_type="nf4"), reps)
         for name, fn in extra:
             ms = median_ms(fn, reps)
             print(f"{dist:<10}{name:<34}{ms:>9.1f}{n * n / ms / 1e3:>9.0f}{bnb_q / ms:>9.2f}")
