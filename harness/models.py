@@ -432,14 +432,15 @@ def _cast_output(
 
 
 def _source_warnings(results: list[LayerResult], config: QuantConfig) -> list[str]:
+    # The text names the bits, not the format, so a sweep warns once per model rather than once per config.
     flagged = [r for r in results if r.warning]
     if not flagged:
         return []
     precisions = sorted({r.source_precision for r in flagged})
     return [
         f"{len(flagged)} of {len(results)} layers (e.g. {flagged[0].name}) come from a source at or below "
-        f"{config.fmt.bits} bits ({', '.join(precisions)}); {config.format} re-quantizes that grid, so their "
-        "error is only meaningful next to the source precision"
+        f"{config.fmt.bits} bits ({', '.join(precisions)}); a {config.fmt.bits}-bit format re-quantizes that "
+        "grid, so their error is only meaningful next to the source precision"
     ]
 
 

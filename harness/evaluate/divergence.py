@@ -281,7 +281,7 @@ def _compute(
             shape = (n, logits.shape[1])
             if out is None:
                 logprobs = np.empty(shape, dtype=storage_dtype)
-            else:
+            else:  # the header and the file's size; rows are then written with plain file I/O
                 logprobs = np.lib.format.open_memmap(
                     out / _LOGPROBS, mode="w+", dtype=storage_dtype, shape=shape
                 )
@@ -291,7 +291,7 @@ def _compute(
         stats["top1"][rows] = logits.argmax(dim=-1).numpy()
         # ~ -65504 (finite) for float16 instead of -inf, so that 0 * l stays 0 below
         stored = lp.clamp(min=float(np.finfo(storage_dtype).min)).to(getattr(torch, storage_dtype))
-        logprobs[rows] = stored.numpy()
+        _write_rows(logprobs, rows, stored.numpy())
         exact = stored.double()  # the statistics of what was stored, not of lp
         weights = exact.exp()
         mass = weights.sum(dim=-1)
@@ -301,8 +301,6 @@ def _compute(
     assert logprobs is not None and at == n
     seconds = time.perf_counter() - start
     if out is not None:
-        assert isinstance(logprobs, np.memmap)
-        logprobs.flush()
         np.savez(out / _STATS, **stats)
     meta = {
         "format": FORMAT,
@@ -316,6 +314,28 @@ def _compute(
         "build_seconds": round(seconds, 3),
     }
     return logprobs, stats, meta
+
+
+# A cached reference is read and written with plain file I/O rather than through its memory map: every page
+# touched through a map stays in the process's RSS, so one pass over Gemma's 1 GiB of log-probs would hold
+# 1 GiB resident; this way a pass holds one chunk (re-reads still come from the kernel's page cache).
+def _read_rows(logprobs: np.ndarray, rows: slice) -> np.ndarray:
+    if not isinstance(logprobs, np.memmap):
+        return np.asarray(logprobs[rows])
+    width = logprobs.shape[1]
+    with open(logprobs.filename, "rb") as file:
+        file.seek(logprobs.offset + rows.start * width * logprobs.itemsize)
+        block = np.fromfile(file, logprobs.dtype, (rows.stop - rows.start) * width)
+    return block.reshape(-1, width)
+
+
+def _write_rows(logprobs: np.ndarray, rows: slice, block: np.ndarray) -> None:
+    if not isinstance(logprobs, np.memmap):
+        logprobs[rows] = block
+        return
+    with open(logprobs.filename, "r+b") as file:
+        file.seek(logprobs.offset + rows.start * logprobs.shape[1] * logprobs.itemsize)
+        file.write(np.ascontiguousarray(block, logprobs.dtype).data)
 
 
 @torch.inference_mode()
@@ -356,7 +376,7 @@ def evaluate_against(
         logits -= top[:, None]  # z <= 0: better conditioned sums below
         lse = torch.logsumexp(logits, dim=-1)
         nll[rows] = (lse - logits.gather(1, targets[:, None])[:, 0]).double().numpy()
-        weights = torch.from_numpy(np.array(reference.logprobs[rows])).float().exp_()
+        weights = torch.from_numpy(_read_rows(reference.logprobs, rows)).float().exp_()
         # sum() reduces pairwise; a bmm/matmul dot product here was off by 5e-4 at a 49k vocabulary
         dot = weights.mul_(logits).sum(dim=-1).double().numpy()
         kld[rows] = reference.neg_entropy[rows] - dot * reference.inv_mass[rows] + lse.double().numpy()
