@@ -75,13 +75,13 @@ class SweepSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     reaped: list[str] = field(default_factory=list)
     wall_s: float = 0.0
-    forward_s: float = 0.0
+    eval_s: float = 0.0  # forward passes of the evaluation, with their ppl/KLD reductions and lm-eval
 
     def describe(self) -> str:
         lines = [
             f"{self.experiment}: {len(self.finished)} finished, {len(self.skipped)} skipped (FINISHED "
-            f"before), {len(self.failed)} failed in {self.wall_s:.0f} s; {self.forward_share:.0%} of it in "
-            f"model forward passes; store: {self.tracking_uri}"
+            f"before), {len(self.failed)} failed in {self.wall_s:.0f} s; {self.eval_share:.0%} of it "
+            f"evaluating (forward passes + ppl/KLD reductions); store: {self.tracking_uri}"
         ]
         if self.reaped:
             lines.append(f"marked {len(self.reaped)} stale RUNNING run(s) FAILED (their process had died)")
@@ -89,8 +89,8 @@ class SweepSummary:
         return "\n".join(lines)
 
     @property
-    def forward_share(self) -> float:
-        return self.forward_s / self.wall_s if self.wall_s else 0.0
+    def eval_share(self) -> float:
+        return self.eval_s / self.wall_s if self.wall_s else 0.0
 
 
 class Executor(Protocol):
@@ -142,7 +142,7 @@ def run_sweep(
         (executor or LocalExecutor()).run(groups, runner)
         bar.close()
         summary.wall_s = time.perf_counter() - start
-        parent.log_metrics({"sweep_wall_s": summary.wall_s, "forward_share": summary.forward_share})
+        parent.log_metrics({"sweep_wall_s": summary.wall_s, "eval_share": summary.eval_share})
     return summary
 
 
@@ -171,8 +171,7 @@ class GroupRunner:
             try:
                 with self.tracker.run(self.experiment_id, config.label, tags, parent=self.parent) as run:
                     run.log_params({**config_params(config), **session.params, **self.provenance})
-                    forward_s = session.measure(config, run)
-                    self.summary.forward_s += forward_s
+                    self.summary.eval_s += session.measure(config, run)
                 self.summary.finished.append(config.label)
             except Exception as exc:  # recorded as a FAILED run by tracker.run; the sweep goes on
                 self.summary.failed.append((config.label, f"{type(exc).__name__}: {exc}"))
@@ -240,7 +239,7 @@ class ModelSession:
         return cls(loaded, pristine, calibration, splits.evaluation, protocol, reference, params)
 
     def measure(self, config: RunConfig, run: Run) -> float:
-        """Quantize, measure, evaluate and log one config; returns the seconds spent in forward passes."""
+        """Quantize, measure, evaluate and log one config; returns the seconds spent evaluating."""
         torch.manual_seed(config.seed)
         start = time.perf_counter()
         quant = config.quant_config()
