@@ -105,8 +105,9 @@ def block_reduce(flat: torch.Tensor, block_size: int, op: str) -> torch.Tensor:
     full = n - n % block_size
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
-        if op == "absmax":
-            return t.abs().amax(dim=-1)
+        if op == "absmax":  # max(max x, -min x): no full-size |x| temporary; .abs() fixes the sign of 0
+            low, high = torch.aminmax(t, dim=-1)
+            return torch.maximum(high, -low).abs_()
         return t.amin(dim=-1) if op == "min" else t.amax(dim=-1)
 
     parts = [reduce(flat[:full].view(-1, block_size))] if full else []

@@ -40,6 +40,17 @@ def _quantize_pack4(
         s1 = max(scale[min(2 * chunk + 1, scale.shape[0] - 1)], np.float32(1e-38))
         inv0 = np.float32(1.0) / s0
         inv1 = np.float32(1.0) / s1
+        if block_size % 2 == 0 and end <= n_full:  # fast path: whole blocks, one scale per byte, no branches
+            for b in range((end - start) // block_size):
+                inv = inv1 if b else inv0
+                first = start + b * block_size
+                for e in range(first, first + block_size, 2):
+                    first_code = _code(x[e] * inv, low, high, shift, base, lut_count, lut_mid, code_of_sorted)
+                    second_code = _code(
+                        x[e + 1] * inv, low, high, shift, base, lut_count, lut_mid, code_of_sorted
+                    )
+                    out[e // 2] = (first_code << 4) | second_code
+            continue
         for e in range(start, end, 2):
             byte = 0
             for j in range(2):
@@ -64,6 +75,15 @@ def _unpack4_scale(packed, n, block_size, levels, scale):
         end = min(start + 2 * block_size, n)
         s0 = scale[2 * chunk]
         s1 = scale[min(2 * chunk + 1, scale.shape[0] - 1)]
+        if block_size % 2 == 0 and end - start == 2 * block_size:  # fast path, as in _quantize_pack4
+            for b in range(2):
+                s = s1 if b else s0
+                first = start + b * block_size
+                for e in range(first, first + block_size, 2):
+                    byte = packed[e // 2]
+                    out[e] = levels[byte >> 4] * s
+                    out[e + 1] = levels[byte & 15] * s
+            continue
         for e in range(start, end, 2):
             byte = packed[e // 2]
             out[e] = levels[byte >> 4] * (s1 if e - start >= block_size else s0)

@@ -146,21 +146,27 @@ def quantize(weight: torch.Tensor, config: QuantConfig | str, *, name: str = "te
 
     if flat.numel() == 0:
         return _empty(config, shape, weight.dtype, block_size, flat.device)
+    # One pass of block statistics; max/min propagate NaN and Inf, so they also decide finiteness.
+    if fmt.scale_rule == "affine":
+        low, high = block_reduce(flat, block_size, "min"), block_reduce(flat, block_size, "max")
+        _check_finite(weight, torch.stack([low, high]), name)
+    else:
+        amax = block_reduce(flat, block_size, "absmax")
+        _check_finite(weight, amax, name)
     # Each scale rule yields the per-block constants to store, and the input and per-block divisor that put
     # the block onto the codebook's range.
     if fmt.scale_rule == "absmax":
-        scales = block_reduce(flat, block_size, "absmax").to(const_dtype)
+        scales = amax.to(const_dtype)
         source, divisor = flat, scales.float()
     elif fmt.scale_rule == "affine":
-        minimums = block_reduce(flat, block_size, "min").to(const_dtype)
-        scales = (block_reduce(flat, block_size, "max") - minimums.float()).to(const_dtype)
+        minimums = low.to(const_dtype)
+        scales = (high - minimums.float()).to(const_dtype)
         source, divisor = flat - _per_element(minimums.float(), block_size, flat.numel()), scales.float()
     elif fmt.scale_rule == "e8m0":
-        exponent = _e8m0_exponent(block_reduce(flat, block_size, "absmax"))
+        exponent = _e8m0_exponent(amax)
         scales = (exponent + 127).to(torch.uint8)
         source, divisor = flat, torch.exp2(exponent)
     else:  # e4m3_fp32 (NVFP4)
-        amax = block_reduce(flat, block_size, "absmax")
         tensor_scale = amax.max() / (_E2M1_MAX * _E4M3_MAX)
         tensor_scale = torch.where(tensor_scale > 0, tensor_scale, torch.ones_like(tensor_scale))
         block_scale = (amax / _E2M1_MAX / tensor_scale).clamp(max=_E4M3_MAX).to(torch.float8_e4m3fn)
@@ -263,8 +269,11 @@ def _check_input(weight: torch.Tensor, name: str) -> None:
         raise QuantizationError(
             f"{name}: cannot quantize an integer tensor ({weight.dtype}); pass float weights"
         )
-    # amax propagates NaN and Inf, so one reduction decides; the count is only taken on failure.
-    if weight.numel() and not bool(torch.isfinite(weight.abs().amax())):
+
+
+def _check_finite(weight: torch.Tensor, block_stat: torch.Tensor, name: str) -> None:
+    """``block_stat`` is a per-block reduction that is non-finite iff its block holds a NaN or Inf."""
+    if not bool(torch.isfinite(block_stat).all()):
         bad = int((~torch.isfinite(weight)).sum())
         raise QuantizationError(
             f"{name}: {bad} NaN/Inf value(s) in a {tuple(weight.shape)} tensor; refusing to quantize"
