@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("show", help="show an experiment's expanded grid and its size")
     p.add_argument("experiment", help="registry name (experiments/NAME.yaml) or a path to a YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+    )
     p.set_defaults(run=_show)
 
     p = commands.add_parser("sweep", help="run an experiment's grid, logging each config to MLflow")
@@ -47,18 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         "layers", help="list a model's quantizable layers with shapes and source precision"
     )
     p.add_argument("model", help="asset name, Hugging Face id, local directory or .gguf file")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB", help="keep layers matching")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="drop layers matching")
     p.set_defaults(run=_layers)
 
     p = commands.add_parser("ui", help="serve the MLflow UI on 127.0.0.1:5000")
-    p.add_argument("--tracking-uri")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     p.set_defaults(run=_ui)
 
     p = commands.add_parser("tables", help="write paper-ready tables and plots of an experiment")
-    p.add_argument("experiment")
-    p.add_argument("--tracking-uri")
+    p.add_argument("experiment", help="experiment to tabulate (into results/EXPERIMENT/)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--rows", help="generic pivot: the row field (e.g. format)")
     p.add_argument("--cols", help="generic pivot: the column field (e.g. block_size)")
     p.add_argument("--metric", help="generic pivot: the metric (e.g. ppl)")

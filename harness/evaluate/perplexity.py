@@ -31,7 +31,7 @@ are cast to float32 before any softmax, so no extra rounding is added here. benc
 bf16 costs or saves on CPU.
 
 Memory: logits are never materialised for a whole batch. The decoder's hidden states are taken at the scored
-positions only and projected through the output head a chunk of positions at a time (about 64 MB of fp32
+positions only and projected through the output head a chunk of positions at a time (about 128 MB of fp32
 logits per chunk), which for Gemma's 262k vocabulary also skips the head for the unscored half of a llamacpp
 window. The split is checked against the model's own forward on a probe; a model that fails the check falls
 back to ``model(...).logits`` with ``logits_to_keep``.
@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 ProtocolName = Literal["disjoint", "sliding", "llamacpp"]
 PROTOCOLS: tuple[str, ...] = ("disjoint", "sliding", "llamacpp")
-LOGIT_CHUNK_BYTES = 64 << 20  # fp32 logits computed at once, per chunk of scored positions
+LOGIT_CHUNK_BYTES = 128 << 20  # fp32 logits at once; each chunk re-reads the head (Gemma: 670 MB)
 
 
 @dataclass(frozen=True)
