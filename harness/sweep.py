@@ -16,6 +16,7 @@ import math
 import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,11 +36,12 @@ from harness.metrics import PROJECTION_PARAMS
 from harness.models import (
     LoadedModel,
     aggregate,
+    apply,
     capture_inputs,
     discover_layers,
     layer_table,
     load_model,
-    quantized,
+    restore,
     snapshot,
 )
 from harness.plots import layer_error_plot
@@ -190,6 +192,7 @@ class ModelSession:
     reference: BaseReference | None  # None when the experiment turns KLD off
     params: dict[str, Any]
     baseline_ppl: float = math.nan
+    warned: set[str] = field(default_factory=set)  # source-precision warnings already shown
 
     @classmethod
     def prepare(cls, loaded: LoadedModel, config: RunConfig) -> ModelSession:
@@ -309,10 +312,18 @@ class ModelSession:
         if quant is None:
             yield None
             return
-        with quantized(
-            self.pristine, quant, COMPUTE_DTYPES[config.compute_dtype], self.calibration
-        ) as result:
+        # apply() warns on every call; a sweep says each thing once (libraries that touch the warning filters
+        # reset Python's own once-per-location registry).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            result = apply(self.pristine, quant, COMPUTE_DTYPES[config.compute_dtype], self.calibration)
+        try:
+            for message in set(result.warnings) - self.warned:
+                self.warned.add(message)
+                warnings.warn(message, stacklevel=1)
             yield result
+        finally:
+            restore(self.pristine)
 
     def _weight_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         """Storage and error of the quantized layers; memory counts every other parameter as loaded (fp32)."""
