@@ -167,6 +167,9 @@ class GroupRunner:
         first = group.configs[0]
         self.bar.set_postfix_str(f"loading {group.model}")
         session = ModelSession.prepare(load_model(group.model), first)
+        if not first.is_baseline:  # the baseline ran in an earlier sweep: Δ is taken against its logged ppl
+            baseline = first.baseline()
+            session.baseline_ppl = self.tracker.finished_metric(self.experiment_id, baseline.hash, "ppl")
         for config in group.configs:
             self.bar.set_postfix_str(config.label)
             tags = {KIND_TAG: "config", HASH_TAG: config.hash, "model": config.model, **_axis_tags(config)}

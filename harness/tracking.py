@@ -11,6 +11,7 @@ its ``harness.pid``/``harness.host`` tags and marked FAILED by the next sweep (`
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import subprocess
@@ -96,6 +97,14 @@ class Tracker:
     def finished_hashes(self, experiment_id: str) -> set[str]:
         runs = self._search(experiment_id, f"attributes.status = 'FINISHED' and tags.`{KIND_TAG}` = 'config'")
         return {r.data.tags.get(HASH_TAG) for r in runs}
+
+    def finished_metric(self, experiment_id: str, config_hash: str, key: str) -> float:
+        """``key`` of the latest FINISHED run of a config (NaN if none): e.g. a skipped baseline's ppl."""
+        runs = self._search(
+            experiment_id, f"attributes.status = 'FINISHED' and tags.`{HASH_TAG}` = '{config_hash}'"
+        )
+        latest = max(runs, key=lambda r: r.info.start_time, default=None)
+        return float(latest.data.metrics.get(key, math.nan)) if latest else math.nan
 
     def _search(self, experiment_id: str, filter_string: str) -> list[Any]:
         return list(self.client.search_runs([experiment_id], filter_string=filter_string, max_results=50_000))

@@ -113,6 +113,17 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(
     assert child.loc["int4-b64", "tags.harness.error"] == "RuntimeError: simulated failure in int4"
     assert (child.drop("int4-b64")["status"] == "FINISHED").all()
 
+    monkeypatch.setattr(ModelSession, "measure", measure)
+    retry = run_sweep(
+        load_experiment("smoke", [*QUICK, "eval.tasks=[]"]), SweepOptions(tracking_uri=uri, progress=False)
+    )
+    assert retry.finished == ["int4-b64"] and "baseline" in retry.skipped
+    child = children(runs(uri))
+    redone = child[(child["tags.mlflow.runName"] == "int4-b64") & (child["status"] == "FINISHED")]
+    base = child[child["tags.mlflow.runName"] == "baseline"]
+    # Δ against the baseline logged by the earlier sweep, though this sweep did not run it
+    assert redone["metrics.delta_ppl"].item() == redone["metrics.ppl"].item() - base["metrics.ppl"].item()
+
 
 def start_sweep(uri: str, *extra: str) -> subprocess.Popen[str]:
     args = [sys.executable, "-m", "harness.cli", "sweep", "smoke", "--tracking-uri", uri, *extra]
