@@ -1,4 +1,5 @@
-"""Shared fixtures: weight-like tensors (Gaussian, heavy-tailed, odd shapes) in the dtypes QLoRA meets."""
+"""Shared fixtures: weight-like tensors (Gaussian, heavy-tailed, odd shapes) in the dtypes QLoRA meets, and a
+tiny random Llama for the evaluation logic."""
 
 from __future__ import annotations
 
@@ -34,3 +35,29 @@ def weight(
 @pytest.fixture(params=["gaussian", "student_t", "real"])
 def weight_kind(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+TINY_BOS = 1
+
+
+def tiny_llama(seed: int = 0, vocab: int = 256) -> torch.nn.Module:
+    """A 2-layer random Llama, weights sharpened so that its predictions are not all log(vocab)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=TINY_BOS,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() == 2 else 1.0)
+    return model

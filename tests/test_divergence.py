@@ -10,34 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
 from harness.evaluate.divergence import BaseReference, divergence, evaluate_against
 from harness.evaluate.perplexity import PerplexityProtocol, perplexity
 
 VOCAB, BOS = 256, 1
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=BOS,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(8.0 if p.dim() == 2 else 1.0)
-    return model
 
 
 def perturbed(model: nn.Module, scale: float = 0.05, seed: int = 1) -> nn.Module:

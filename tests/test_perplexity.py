@@ -8,8 +8,9 @@ from functools import cache
 
 import pytest
 import torch
+from conftest import tiny_llama
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from harness.evaluate.perplexity import (
     PerplexityProtocol,
@@ -19,26 +20,6 @@ from harness.evaluate.perplexity import (
 )
 
 BOS = 1
-
-
-def tiny_llama(seed: int = 0, vocab: int = 256) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=BOS,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # sharper than the 0.02-std init, so that the numbers are not all log(vocab)
-        for p in model.parameters():
-            p.mul_(8.0 if p.dim() == 2 else 1.0)
-    return model
 
 
 def stream(n: int, seed: int = 1, vocab: int = 256) -> torch.Tensor:
