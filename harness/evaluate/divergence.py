@@ -40,7 +40,6 @@ from torch import nn
 from harness.evaluate.perplexity import (
     PerplexityProtocol,
     PerplexityResult,
-    Window,
     check_tokens,
     make_windows,
     scored_logits,
@@ -109,10 +108,6 @@ class BaseReference:
         self.inv_mass = stats["inv_mass"]  # 1 / sum exp(stored log-probs)
         self.meta = meta
         self.path = path
-
-    @property
-    def windows(self) -> list[Window]:
-        return make_windows(self.protocol, self.tokens.shape[1])
 
     @property
     def n_tokens(self) -> int:
@@ -271,8 +266,8 @@ def _compute(
     for logits, targets in scored_logits(
         model,
         tokens,
-        windows,
-        bos_token_id=bos_token_id if bos and protocol.name == "llamacpp" else None,
+        protocol,
+        bos_token_id=bos_token_id,
         batch_size=batch_size,
         progress=progress,
         desc=f"base reference {protocol.name}",
@@ -352,7 +347,6 @@ def evaluate_against(
     ``batch_size`` defaults to the reference's, so that the base against itself runs the very same GEMMs and
     agrees exactly on top-1. ``kld_values``, when given, receives the per-token KLDs (for histograms).
     """
-    windows = reference.windows
     n = reference.n_tokens
     kld = np.empty(n, np.float64)
     nll = np.empty(n, np.float64)
@@ -361,10 +355,8 @@ def evaluate_against(
     for logits, targets in scored_logits(
         model,
         reference.tokens,
-        windows,
-        bos_token_id=reference.bos_token_id
-        if reference.bos and reference.protocol.name == "llamacpp"
-        else None,
+        reference.protocol,
+        bos_token_id=reference.bos_token_id,
         batch_size=batch_size or reference.batch_size,
         progress=progress,
         desc=f"kld {reference.protocol.name}",

@@ -43,7 +43,7 @@ import inspect
 import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -217,15 +217,13 @@ def perplexity(
     whether the stream starts with BOS (recorded, and used by llamacpp to re-seed every chunk).
     """
     tokens = check_tokens(tokens)
-    windows = make_windows(protocol, tokens.shape[1])
-    bos = starts_with_bos(tokens, bos_token_id)
-    nll = torch.empty(sum(w.n_scored for w in windows), dtype=torch.float64)
+    nll = torch.empty(sum(w.n_scored for w in make_windows(protocol, tokens.shape[1])), dtype=torch.float64)
     at = 0
     for logits, targets in scored_logits(
         model,
         tokens,
-        windows,
-        bos_token_id=bos_token_id if bos and protocol.name == "llamacpp" else None,
+        protocol,
+        bos_token_id=bos_token_id,
         batch_size=batch_size,
         progress=progress,
         desc=f"ppl {protocol.name}",
@@ -240,7 +238,7 @@ def perplexity(
         tokens.shape[1],
         text_bytes=text_bytes,
         text_words=text_words,
-        bos=bos,
+        bos=starts_with_bos(tokens, bos_token_id),
     )
 
 
@@ -253,7 +251,7 @@ def check_tokens(tokens: torch.Tensor) -> torch.Tensor:
 def scored_logits(
     model: nn.Module,
     tokens: torch.Tensor,
-    windows: Sequence[Window],
+    protocol: PerplexityProtocol,
     *,
     bos_token_id: int | None,
     batch_size: int,
@@ -263,11 +261,14 @@ def scored_logits(
     """Yield (fp32 logits (C, V), targets (C,)) for every scored position, in window order, a chunk at a time.
 
     Windows are batched ``batch_size`` at a time, right-padded: attention is causal, so padding after a row's
-    last token cannot change its logits. With ``bos_token_id``, each window's first input token becomes BOS.
-    The caller holds torch.inference_mode (a context manager inside a generator would leak to the caller).
+    last token cannot change its logits. Under llamacpp, when the stream starts with BOS, each window's first
+    input token becomes BOS, as ``llama-perplexity`` re-seeds every chunk. The caller holds
+    torch.inference_mode (a context manager inside a generator would leak to the caller).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    windows = make_windows(protocol, tokens.shape[1])
+    reseed = protocol.name == "llamacpp" and starts_with_bos(tokens, bos_token_id)
     stream = tokens[0]
     head = LogitHead(model, stream[: min(16, len(stream))])
     bar = tqdm(total=sum(w.length for w in windows), unit="tok", desc=desc, disable=not progress, leave=False)
@@ -280,7 +281,7 @@ def scored_logits(
             mask = torch.zeros(len(batch), width, dtype=torch.bool)
             for row, w in enumerate(batch):
                 ids[row, : w.length] = stream[w.start : w.end]
-                if bos_token_id is not None:
+                if reseed:
                     ids[row, 0] = bos_token_id
                 mask[row, w.length - w.n_scored : w.length] = True
             targets = torch.cat([stream[w.end - w.n_scored + 1 : w.end + 1] for w in batch])
