@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from harness.evaluate import tasks as tasks_module
 from harness.evaluate.tasks import FILES, TASK_DIR, TASKS, _parse, load_docs, run_tasks
@@ -81,24 +82,6 @@ def byte_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def tiny_llama(vocab: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=256,
-        eos_token_id=257,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def test_run_tasks_offline_with_a_tiny_model(monkeypatch: pytest.MonkeyPatch) -> None:
     docs = {
         "mmlu_local": [
@@ -112,14 +95,14 @@ def test_run_tasks_offline_with_a_tiny_model(monkeypatch: pytest.MonkeyPatch) ->
     }
     monkeypatch.setattr(tasks_module, "load_docs", lambda task: docs[task])
     tokenizer = byte_tokenizer()
-    results = run_tasks(tiny_llama(260), tokenizer, list(TASKS), limit=5, batch_size=4)
+    results = run_tasks(tiny_llama(vocab=260), tokenizer, list(TASKS), limit=5, batch_size=4)
     assert set(results) == set(TASKS)
     for task, metrics in results.items():
         assert metrics["n"] == 5
         assert 0.0 <= metrics["acc"] <= 1.0 and metrics["acc_stderr"] >= 0.0
         assert ("acc_norm" in metrics) == (task != "mmlu_local")
     with pytest.raises(ValueError, match="unknown tasks"):
-        run_tasks(tiny_llama(260), tokenizer, ["hellaswag"])
+        run_tasks(tiny_llama(vocab=260), tokenizer, ["hellaswag"])
 
 
 @cache
