@@ -169,6 +169,15 @@ def test_bad_tensors_name_the_tensor() -> None:
         quantize(bad, QuantConfig("nf4"), name="w")
 
 
+@pytest.mark.parametrize("name", ["nf4", "int4_asym", "mxfp4", "nvfp4"])  # one per scale rule
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_is_caught_by_every_scale_rule(name: str, value: float) -> None:
+    w = torch.randn(3, 70)
+    w[2, 69] = value  # in the partial last block of a flat 210 = 6 x 32 + 18
+    with pytest.raises(QuantizationError, match=r"w: 1 NaN/Inf value\(s\)"):
+        quantize(w, QuantConfig(name), name="w")
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     data=st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, max_size=300),

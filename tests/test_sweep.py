@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -43,8 +44,12 @@ def children(frame: pd.DataFrame) -> pd.DataFrame:
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One real smoke sweep into a fresh sqlite store, shared by the checks below."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    summary = run_sweep(load_experiment("smoke", QUICK), SweepOptions(tracking_uri=uri, progress=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = run_sweep(load_experiment("smoke", QUICK), SweepOptions(tracking_uri=uri, progress=False))
     assert not summary.failed, summary.describe()
+    # three 4-bit configs on Q4_1 layers: the source-precision warning is said once, not once per config
+    assert sum("re-quantizes that grid" in str(w.message) for w in caught) == 1
     return uri
 
 
