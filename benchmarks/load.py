@@ -52,8 +52,8 @@ def worker(gguf: str, measure_apply: bool, table: bool) -> dict[str, Any]:
     start = time.perf_counter()
     import torch
 
+    from harness.metrics import aggregate
     from harness.models import (
-        aggregate,
         apply,
         capture_inputs,
         discover_layers,
@@ -102,6 +102,7 @@ def worker(gguf: str, measure_apply: bool, table: bool) -> dict[str, Any]:
     if table:
         frame = layer_table(result)
         out["aggregate"] = aggregate(frame)
+        out["warned"] = int(frame["warning"].sum())
         out["table"] = frame.drop(columns=["mse", "max_abs", "stored_bytes"]).to_dict(orient="list")
     return out
 
@@ -166,9 +167,9 @@ def main() -> None:
         agg = warm["aggregate"]
         print(f"\n== {name}: nf4 b64 per layer (output error on {warm['tokens']} tokens of prose)")
         print(
-            f"  aggregate: nMSE {agg['nmse_weighted']:.5f} (numel-weighted), max {agg['nmse_max']:.5f}; "
-            f"output rel err {agg['output_rel_err_weighted']:.4f}; {agg['bits_per_param']:.3f} bits/param; "
-            f"{agg['warnings']:.0f} layers from sources at or below 4 bits"
+            f"  aggregate: nMSE {agg['nmse']:.5f} (numel-weighted), max {agg['nmse_max']:.5f}; "
+            f"output rel err {agg['output_rel_err']:.4f}; {agg['bits_per_param']:.3f} bits/param; "
+            f"{warm['warned']} layers from sources at or below 4 bits"
         )
         by_source = frame.groupby("source_precision").apply(
             lambda g: pd.Series(

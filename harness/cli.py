@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,18 +15,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("list", help="list the experiments in the registry")
+    p = commands.add_parser("list", help="list the experiments: ./experiments/*.yaml and the shipped ones")
     p.set_defaults(run=_list)
 
     p = commands.add_parser("show", help="show an experiment's expanded grid and its size")
-    p.add_argument("experiment", help="registry name (experiments/NAME.yaml) or a path to a YAML file")
+    p.add_argument("experiment", help="experiment name (see `harness list`) or a path to a YAML file")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
     )
     p.set_defaults(run=_show)
 
     p = commands.add_parser("sweep", help="run an experiment's grid, logging each config to MLflow")
-    p.add_argument("experiment", help="registry name (experiments/NAME.yaml) or a path to a YAML file")
+    p.add_argument("experiment", help="experiment name (see `harness list`) or a path to a YAML file")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -59,11 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_ui)
 
     p = commands.add_parser("tables", help="write paper-ready tables and plots of an experiment")
-    p.add_argument("experiment", help="experiment to tabulate (into results/EXPERIMENT/)")
+    p.add_argument("experiment", help="experiment to tabulate (into ./results/EXPERIMENT/)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--rows", help="generic pivot: the row field (e.g. format)")
     p.add_argument("--cols", help="generic pivot: the column field (e.g. block_size)")
     p.add_argument("--metric", help="generic pivot: the metric (e.g. ppl)")
+    p.add_argument("--out", type=Path, help="folder to write into (default: ./results/EXPERIMENT)")
     p.set_defaults(run=_tables)
 
     args = parser.parse_args(argv)
@@ -99,7 +101,7 @@ def _list(args: argparse.Namespace) -> int:
             print(f"{name:<18} INVALID  {entry}")
             status = 2
         else:
-            print(f"{name:<18} {len(entry.configs):>4} configs  {entry.description}")
+            print(f"{name:<18} {len(entry.configs):>4} configs  {entry.description}  [{entry.path}]")
     return status
 
 
@@ -159,10 +161,18 @@ def _ui(args: argparse.Namespace) -> int:
 def _tables(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
-    for path in write_report(
-        args.experiment, args.tracking_uri, rows=args.rows, cols=args.cols, metric=args.metric
-    ):
+    report = write_report(
+        args.experiment,
+        args.tracking_uri,
+        rows=args.rows,
+        cols=args.cols,
+        metric=args.metric,
+        out_dir=args.out,
+    )
+    for path in report.paths:
         print(path)
+    for warning in report.warnings:
+        print(f"harness: warning: {warning}", file=sys.stderr)
     return 0
 
 

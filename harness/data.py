@@ -28,6 +28,7 @@ CORPORA: dict[str, str] = {
     "wikipedia": "schelling_point/wikipedia_5.jsonl",
     "openwebtext": "schelling_point/owt_5.jsonl",
 }
+CORPUS_PREFIXES = ("file:", "hf:")  # a local file, or a Hugging Face dataset
 _PASSAGE_KEY = "0"
 _KNOWN = "wikipedia, openwebtext, file:PATH (.txt or .jsonl), hf:NAME[/CONFIG]:SPLIT"
 CALIBRATION_MODULUS = 4  # one document in four (by hash) belongs to the calibration pool

@@ -1,25 +1,15 @@
-"""The experiment registry: ``experiments/*.yaml`` → validated, expanded run configs with stable hashes.
+"""The experiment registry: YAML files → validated, expanded run configs with canonical hashes.
 
 An experiment names the model(s), the layers, the corpus, the evaluation, and a grid over quantization
-axes. Every expanded config is a ``RunConfig``; its hash is a sha256 of its canonical content (sorted keys,
-the experiment's name left out), so key order in the YAML never changes it and the same config in two
-experiments is recognisably the same measurement. Errors name the file, the key, the bad value and what is
-allowed, on one line.
+axes. The file is validated by the pydantic models below (unknown keys are errors; every enumeration comes
+from its owner: formats from the format registry, protocols from ``evaluate``, tasks from lm-eval, dtypes from
+``quantize``). Every expanded config is a ``RunConfig`` with its defaults resolved, so two spellings of one
+measurement (``block_size`` omitted or 64 for nf4; ``double_quant: false`` or ``off``) are one config with
+one hash. The hash covers the config and ``NUMERICS_VERSION``, never the experiment's name. Errors name the
+file, the key, the bad value and what is allowed, on one line.
 
-    name: default
-    description: int4/fp4/nf4 × block size × double quantization on gemma-3-270m
-    model: gemma-3-270m                 # or a list; an asset name, HF id, local dir or .gguf path
-    layers: {include: [], exclude: []}  # fnmatch globs over module names; default: all Linear in blocks
-    data: {corpus: wikipedia, calibration_sequences: 4, calibration_length: 256}
-    eval: {protocol: llamacpp, context_length: 512, tokens: 4096, kld: true, tasks: [], limit: null}
-    grid:                               # the cartesian product of these axes
-      format: [int4, fp4, nf4]
-      block_size: [32, 64, 128, 256]
-      double_quant: [off, on]           # or {block_size: 256, code: dynamic | linear_int8 | fp8_e4m3}
-      compute_dtype: [float32]
-    fixed: {constant_dtype: float32}    # axes held at one value
-    exclude: [{format: int4_asym, double_quant: on}]   # combinations to skip
-    seed: 0
+Experiments are read from ``./experiments/*.yaml`` in the working directory, then from the registry shipped
+in the package (``harness/registry``); a working-directory file shadows a shipped one of the same name.
 """
 
 from __future__ import annotations
@@ -27,51 +17,193 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_args, get_origin
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
+from harness import NUMERICS_VERSION
+from harness.data import CORPORA, CORPUS_PREFIXES
 from harness.double_quant import DOUBLE_QUANT_CODES, DoubleQuantConfig
-from harness.formats import UnknownFormatError, get_format
-from harness.quantize import CONSTANT_DTYPES, QuantConfig
+from harness.evaluate.perplexity import PROTOCOLS
+from harness.formats import get_format
+from harness.quantize import COMPUTE_DTYPES, CONSTANT_DTYPES, BlockSize, QuantConfig
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
-PROTOCOLS = ("disjoint", "sliding", "llamacpp")
-TASKS = ("mmlu_local", "siqa_local", "logiqa_local")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-AXES = ("format", "block_size", "double_quant", "constant_dtype", "compute_dtype")
-TOP_LEVEL = ("name", "description", "model", "layers", "data", "eval", "grid", "fixed", "exclude", "seed")
+SHIPPED_DIR = Path(__file__).with_name("registry")
+LOCAL_DIR = Path("experiments")  # relative to the working directory
+DEFAULT_BLOCK_SIZE = 64  # QLoRA's, for formats that do not fix their own
 
 
 class ExperimentError(ValueError):
     """A malformed experiment: one line naming the file, the key, the value and what is allowed."""
 
 
-@dataclass(frozen=True)
-class DataSettings:
-    corpus: str = "wikipedia"
-    calibration_sequences: int = 4
-    calibration_length: int = 256
+# ---- enumerations, each checked against its owner ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    protocol: str = "llamacpp"
-    context_length: int = 512
-    stride: int | None = None  # sliding protocol only; None = context_length // 2
-    tokens: int = 4096
-    bos: bool = True
-    kld: bool = True
-    tasks: tuple[str, ...] = ()
-    limit: int | None = None  # lm-eval examples per task
-    batch_size: int = 4
+def _known_format(name: str) -> str:
+    get_format(name)  # UnknownFormatError (a ValueError) lists the known formats
+    return name
+
+
+def _known_protocol(name: str) -> str:
+    if name not in PROTOCOLS:
+        raise ValueError(f"{name!r} is not a protocol; allowed: {', '.join(PROTOCOLS)}")
+    return name
+
+
+def _known_corpus(name: str) -> str:
+    if name not in CORPORA and not name.startswith(CORPUS_PREFIXES):
+        allowed = ", ".join([*CORPORA, *(f"{p}..." for p in CORPUS_PREFIXES)])
+        raise ValueError(f"{name!r} is not a corpus; allowed: {allowed}")
+    return name
+
+
+def _known_tasks(tasks: tuple[str, ...]) -> tuple[str, ...]:
+    if tasks:
+        from harness.evaluate.tasks import available_tasks  # lm-eval's task index: loaded only when needed
+
+        known = available_tasks()
+        if not set(tasks) <= set(known):
+            raise ValueError(f"expected a list of tasks from {', '.join(known)}, got {list(tasks)!r}")
+    return tuple(sorted(set(tasks)))
+
+
+def _one_of(allowed: tuple[str, ...] | dict[str, Any]) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not allowed; allowed: {', '.join(allowed)}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _block_size(value: Any) -> Any:
+    ok = value is None or value in ("channel", "tensor")
+    ok = ok or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+    if not ok:
+        raise ValueError(f"{value!r} is not a block size; allowed: a positive integer, channel, tensor, null")
+    return value
+
+
+def _double_quant(value: Any) -> Any:
+    # YAML 1.1 reads a bare `off`/`on` as booleans; both spellings mean the same here.
+    if value is None or value is False or value == "off":
+        return None
+    if value is True or value == "on":
+        return {}
+    if isinstance(value, dict):
+        return value
+    codes = "|".join(DOUBLE_QUANT_CODES)
+    raise ValueError(f"{value!r} is not allowed; allowed: off, on, or {{block_size: N, code: {codes}}}")
+
+
+def _double_quant_code(code: str) -> str:
+    if code not in DOUBLE_QUANT_CODES:
+        raise ValueError(f"unknown double_quant.code {code!r}; known codes: {', '.join(DOUBLE_QUANT_CODES)}")
+    return code
+
+
+FormatName = Annotated[StrictStr, AfterValidator(_known_format)]
+BlockSizeValue = Annotated[BlockSize | None, BeforeValidator(_block_size)]
+ConstantDtype = Annotated[StrictStr, _one_of(CONSTANT_DTYPES)]
+ComputeDtype = Annotated[StrictStr, _one_of(COMPUTE_DTYPES)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+
+# ---- the file's schema -------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DoubleQuantSpec(_Strict):
+    block_size: PositiveInt = 256
+    code: Annotated[StrictStr, AfterValidator(_double_quant_code)] = "dynamic"
+
+
+DoubleQuantValue = Annotated[DoubleQuantSpec | None, BeforeValidator(_double_quant)]
+
+
+class DataSettings(_Strict):
+    corpus: Annotated[StrictStr, AfterValidator(_known_corpus)] = "wikipedia"
+    calibration_sequences: Annotated[StrictInt, Field(ge=0)] = 4
+    calibration_length: PositiveInt = 256
+
+
+class EvalSettings(_Strict):
+    protocol: Annotated[StrictStr, AfterValidator(_known_protocol)] = "llamacpp"
+    context_length: PositiveInt = 512
+    stride: PositiveInt | None = None  # sliding only; resolved to context_length // 2 when omitted
+    tokens: PositiveInt = 4096
+    bos: StrictBool = True
+    kld: StrictBool = True
+    tasks: Annotated[tuple[StrictStr, ...], AfterValidator(_known_tasks)] = ()
+    limit: PositiveInt | None = Field(None, description="a positive integer or null")  # examples per task
+    batch_size: PositiveInt = 4
+
+
+class LayerSelection(_Strict):
+    include: list[StrictStr] = Field(default_factory=list, description="a list of glob strings")
+    exclude: list[StrictStr] = Field(default_factory=list, description="a list of glob strings")
+
+
+_NON_EMPTY = {"min_length": 1, "description": "a non-empty list"}
+
+
+class GridAxes(_Strict):
+    format: list[FormatName] | None = Field(None, **_NON_EMPTY)
+    block_size: list[BlockSizeValue] | None = Field(None, **_NON_EMPTY)
+    double_quant: list[DoubleQuantValue] | None = Field(None, **_NON_EMPTY)
+    constant_dtype: list[ConstantDtype] | None = Field(None, **_NON_EMPTY)
+    compute_dtype: list[ComputeDtype] | None = Field(None, **_NON_EMPTY)
+
+
+class FixedAxes(_Strict):
+    format: FormatName | None = None
+    block_size: BlockSizeValue = None
+    double_quant: DoubleQuantValue = None
+    constant_dtype: ConstantDtype | None = None
+    compute_dtype: ComputeDtype | None = None
+
+
+AXES = tuple(GridAxes.model_fields)
+
+
+class ExperimentFile(_Strict):
+    name: StrictStr | None = Field(None, min_length=1, description="a non-empty string")
+    description: StrictStr = ""
+    model: StrictStr | list[StrictStr] = Field(description="a model name or a list of them")
+    layers: LayerSelection = LayerSelection()
+    data: DataSettings = DataSettings()
+    eval: EvalSettings = EvalSettings()
+    grid: GridAxes = GridAxes()
+    fixed: FixedAxes = FixedAxes()
+    exclude: list[FixedAxes] = Field(
+        default_factory=list, description="a list of mappings like {format: int4_asym}"
+    )
+    seed: StrictInt = 0
+
+
+# ---- expanded configs --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One measurement. ``format=None`` is the unquantized baseline of its model and evaluation."""
+    """One measurement, defaults resolved. ``format=None`` is the unquantized baseline of its model."""
 
     experiment: str
     model: str
@@ -80,7 +212,7 @@ class RunConfig:
     data: DataSettings = field(default_factory=DataSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     format: str | None = None
-    block_size: int | str | None = None
+    block_size: BlockSize | None = None
     double_quant: DoubleQuantConfig | None = None
     constant_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -96,33 +228,55 @@ class RunConfig:
         return QuantConfig(self.format, self.block_size, self.double_quant, self.constant_dtype)
 
     def content(self) -> dict[str, Any]:
-        """Everything that determines the result, in canonical form; the hash is taken over this."""
-        content = asdict(self)
-        del content["experiment"]
-        return content
+        """Everything that determines the result, in canonical form (the experiment's name left out)."""
+        dq = self.double_quant
+        return {
+            "model": self.model,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "data": self.data.model_dump(),
+            "eval": self.eval.model_dump(mode="json"),
+            "format": self.format,
+            "block_size": self.block_size,
+            "double_quant": None if dq is None else {"block_size": dq.block_size, "code": dq.code},
+            "constant_dtype": self.constant_dtype,
+            "compute_dtype": self.compute_dtype,
+            "seed": self.seed,
+        }
+
+    @property
+    def config_id(self) -> str:
+        """The config alone: the same across numerics versions, so a rerun by newer code supersedes."""
+        return _digest(self.content())
 
     @property
     def hash(self) -> str:
-        canonical = json.dumps(self.content(), sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        """The config and the numerics version: a FINISHED run is reused only under both."""
+        return _digest({"numerics_version": NUMERICS_VERSION, **self.content()})
+
+    def _label_parts(self) -> list[tuple[str, str]]:
+        if self.format is None:
+            return [("format", "baseline")]
+        parts = [("format", self.format), ("block_size", f"b{self.block_size}")]
+        if (dq := self.double_quant) is not None:
+            parts.append(
+                ("double_quant", "dq" if dq == DoubleQuantConfig() else f"dq-{dq.code}-{dq.block_size}")
+            )
+        if self.constant_dtype != "float32":
+            parts.append(("constant_dtype", f"c{self.constant_dtype}"))
+        if self.compute_dtype != "float32":
+            parts.append(("compute_dtype", self.compute_dtype))
+        return parts
 
     @property
     def label(self) -> str:
         """A short human name: ``nf4-b64-dq``, ``int4-b128``, ``baseline``."""
-        if self.format is None:
-            return "baseline"
-        quant = self.quant_config()
-        assert quant is not None
-        parts = [self.format, f"b{quant.block_size or quant.fmt.block_size or 64}"]
-        if self.double_quant is not None:
-            dq = self.double_quant
-            default = dq == DoubleQuantConfig()
-            parts.append("dq" if default else f"dq-{dq.code}-{dq.block_size}")
-        if self.constant_dtype != "float32":
-            parts.append(f"c{self.constant_dtype}")
-        if self.compute_dtype != "float32":
-            parts.append(self.compute_dtype)
-        return "-".join(parts)
+        return "-".join(text for _, text in self._label_parts())
+
+    @property
+    def variant(self) -> str:
+        """The label without its block size (``nf4-b64-dq`` → ``nf4-dq``): a block-size table column."""
+        return "-".join(text for axis, text in self._label_parts() if axis != "block_size")
 
     def baseline(self) -> RunConfig:
         """The unquantized config this one is compared against (same model, data and evaluation)."""
@@ -134,6 +288,11 @@ class RunConfig:
             constant_dtype="float32",
             compute_dtype="float32",
         )
+
+
+def _digest(content: dict[str, Any]) -> str:
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -149,112 +308,173 @@ class Experiment:
         return list(dict.fromkeys(c.model for c in self.configs))
 
 
+# ---- finding and loading -----------------------------------------------------------------------------------
+
+
+def experiment_paths() -> dict[str, Path]:
+    """Every experiment by name: the working directory's ``experiments/`` shadows the shipped registry."""
+    found = {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.yaml"))}
+    found |= {p.stem: p.resolve() for p in sorted(LOCAL_DIR.glob("*.yaml"))}
+    return dict(sorted(found.items()))
+
+
 def experiment_path(name_or_path: str) -> Path:
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml"):
-        if not candidate.exists():
+        if not candidate.is_file():
             raise ExperimentError(f"{candidate}: no such experiment file")
         return candidate
-    path = EXPERIMENTS_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        known = ", ".join(p.stem for p in sorted(EXPERIMENTS_DIR.glob("*.yaml")))
-        raise ExperimentError(f"unknown experiment {name_or_path!r}; known experiments: {known}")
-    return path
+    known = experiment_paths()
+    if name_or_path not in known:
+        raise ExperimentError(
+            f"unknown experiment {name_or_path!r}; known experiments: {', '.join(known)} "
+            f"(or pass a path to a .yaml file)"
+        )
+    return known[name_or_path]
 
 
 def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Experiment:
     path = experiment_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ExperimentError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ExperimentError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ExperimentError(
+            f"{path}: not valid YAML{_where(exc)}: {getattr(exc, 'problem', exc)}"
+        ) from None
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
     for override in overrides or []:
         _apply_override(raw, override, path)
-    return _parse(raw, path)
+    try:
+        spec = ExperimentFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ExperimentError(f"{path}: {_one_line(exc)}") from None
+    return _expand(spec, path)
 
 
 def list_experiments() -> list[tuple[str, Experiment | ExperimentError]]:
     """Every registry entry, loaded, or the one-line error that stops it loading."""
     out: list[tuple[str, Experiment | ExperimentError]] = []
-    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+    for name, path in experiment_paths().items():
         try:
-            out.append((path.stem, load_experiment(str(path))))
+            out.append((name, load_experiment(str(path))))
         except ExperimentError as exc:
-            out.append((path.stem, exc))
+            out.append((name, exc))
     return out
 
 
-# ---- parsing and validation --------------------------------------------------------------------------------
+def _where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
 
 
 def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
     """``--set eval.tokens=1024`` or ``--set grid.format=[nf4,fp4]``: the value is parsed as YAML."""
     if "=" not in override:
         raise ExperimentError(f"--set {override!r}: expected KEY=VALUE, e.g. eval.tokens=1024")
-    key, value = override.split("=", 1)
+    key, value = (part.strip() for part in override.split("=", 1))
     node = raw
-    *parents, leaf = key.strip().split(".")
+    *parents, leaf = key.split(".")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ExperimentError(f"{path}: --set {key}: {part!r} is not a mapping")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ExperimentError(f"--set {key}: {value!r} is not a valid YAML value: {problem}") from None
 
 
-def _parse(raw: dict[str, Any], path: Path) -> Experiment:
+# ---- validation errors as one line ------------------------------------------------------------------------
+
+
+def _one_line(exc: ValidationError) -> str:
+    """The first error as ``key: problem``, in the words of this file's schema."""
+    error = exc.errors()[0]
+    kind, value = error["type"], error.get("input")
+    key, owner, described = _locate(error["loc"], unknown_key=kind == "extra_forbidden")
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key; allowed: {', '.join(owner.model_fields) if owner else '(none)'}"
+    if kind == "value_error":
+        return f"{key}: {str(error['msg']).removeprefix('Value error, ')}"
+    if kind == "missing":
+        return f"{key}: expected {described or 'a value'}; it is missing"
+    if described:
+        return f"{key}: expected {described}, got {value!r}"
+    if kind == "greater_than_equal":
+        return f"{key}: expected an integer >= {error['ctx']['ge']}, got {value!r}"
+    expected = {
+        "int_type": "an integer",
+        "bool_type": "true or false",
+        "string_type": "a string",
+        "model_type": "a mapping",
+        "dict_type": "a mapping",
+        "list_type": "a list",
+        "tuple_type": "a list",
+    }.get(kind)
+    return f"{key}: expected {expected}, got {value!r}" if expected else f"{key}: {error['msg']}"
+
+
+def _locate(loc: tuple[Any, ...], unknown_key: bool) -> tuple[str, type[BaseModel] | None, str | None]:
+    """The dotted key of an error, the schema model holding it, and the field's description.
+
+    List positions and pydantic's union-member tags are left out of the key: ``grid.format``, not
+    ``grid.format.0``."""
+    model: type[BaseModel] | None = ExperimentFile
+    owner, description, keys = model, None, []
+    parts = [p for p in loc if isinstance(p, str)]
+    for i, part in enumerate(parts):
+        if model is not None and part in model.model_fields:
+            owner, info = model, model.model_fields[part]
+            keys.append(part)
+            description, model = info.description, _model_in(info.annotation)
+        elif unknown_key and i == len(parts) - 1:
+            owner, description = model, None
+            keys.append(part)
+    return ".".join(keys) or "(top level)", owner, description
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``X``, ``X | None``, ``list[X]`` or ``Annotated[X, ...]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation) if get_origin(annotation) is not None else ():
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
+# ---- expansion ---------------------------------------------------------------------------------------------
+
+
+def _expand(spec: ExperimentFile, path: Path) -> Experiment:
     def fail(key: str, problem: str) -> ExperimentError:
         return ExperimentError(f"{path}: {key}: {problem}")
 
-    unknown = sorted(set(raw) - set(TOP_LEVEL))
-    if unknown:
-        raise fail(unknown[0], f"unknown key; allowed keys: {', '.join(TOP_LEVEL)}")
-    name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not name:
-        raise fail("name", f"expected a non-empty string, got {name!r}")
-    models = raw.get("model")
-    models = [models] if isinstance(models, str) else models
-    if not models or not all(isinstance(m, str) and m for m in models):
-        raise fail("model", f"expected a model name or a list of them, got {raw.get('model')!r}")
-    layers = _mapping(raw, "layers", fail)
-    include, exclude = (_string_list(layers, k, f"layers.{k}", fail) for k in ("include", "exclude"))
-    _no_unknown(layers, ("include", "exclude"), "layers", fail)
-    data = _settings(DataSettings, _mapping(raw, "data", fail), "data", fail)
-    evaluation = _settings(EvalSettings, _mapping(raw, "eval", fail), "eval", fail)
-    _check_eval(data, evaluation, fail)
-    seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise fail("seed", f"expected an integer, got {seed!r}")
-
-    grid = _mapping(raw, "grid", fail)
-    fixed = _mapping(raw, "fixed", fail)
-    _no_unknown(grid, AXES, "grid", fail)
-    _no_unknown(fixed, AXES, "fixed", fail)
+    name = spec.name or path.stem
+    evaluation = _resolved_eval(spec.eval, fail)
     axes: dict[str, list[Any]] = {}
     for axis in AXES:
-        if axis in grid:
-            values = grid[axis]
-            if not isinstance(values, list) or not values:
-                raise fail(f"grid.{axis}", f"expected a non-empty list, got {values!r}")
-            axes[axis] = [_axis_value(axis, v, f"grid.{axis}", fail) for v in values]
-        elif axis in fixed:
-            axes[axis] = [_axis_value(axis, fixed[axis], f"fixed.{axis}", fail)]
+        values = getattr(spec.grid, axis)
+        if values is None and axis in spec.fixed.model_fields_set:
+            values = [getattr(spec.fixed, axis)]
+        if values is not None:
+            axes[axis] = list(dict.fromkeys(_axis_value(axis, v) for v in values))  # duplicates collapse
     if "format" not in axes:
         raise fail("grid.format", "every experiment needs at least one format")
-    excludes = raw.get("exclude", []) or []
-    if not isinstance(excludes, list) or not all(isinstance(e, dict) for e in excludes):
-        raise fail("exclude", f"expected a list of mappings like {{format: int4_asym}}, got {excludes!r}")
-    exclusions = []
-    for i, rule in enumerate(excludes):
-        _no_unknown(rule, AXES, f"exclude[{i}]", fail)
-        exclusions.append({k: _axis_value(k, v, f"exclude[{i}].{k}", fail) for k, v in rule.items()})
+    exclusions = [
+        {k: _axis_value(k, getattr(rule, k)) for k in rule.model_fields_set} for rule in spec.exclude
+    ]
+    models = [spec.model] if isinstance(spec.model, str) else spec.model
+    if not models or not all(models):
+        raise fail("model", f"expected a model name or a list of them, got {spec.model!r}")
 
-    configs: list[RunConfig] = []
+    configs: dict[str, RunConfig] = {}
     names = list(axes)
-    for model in models:
+    for model in dict.fromkeys(models):
         for combo in itertools.product(*(axes[a] for a in names)):
             choice = dict(zip(names, combo, strict=True))
             if any(all(choice.get(k) == v for k, v in rule.items()) for rule in exclusions):
@@ -262,81 +482,32 @@ def _parse(raw: dict[str, Any], path: Path) -> Experiment:
             config = RunConfig(
                 experiment=name,
                 model=model,
-                include=tuple(sorted(include)),
-                exclude=tuple(sorted(exclude)),
-                data=data,
+                include=tuple(sorted(set(spec.layers.include))),
+                exclude=tuple(sorted(set(spec.layers.exclude))),
+                data=spec.data,
                 eval=evaluation,
-                seed=seed,
+                seed=spec.seed,
                 **choice,
             )
             try:
-                config.quant_config()
+                quant = config.quant_config()
             except ValueError as exc:
-                combo_text = ", ".join(f"{k}={v}" for k, v in choice.items())
+                combo_text = ", ".join(f"{k}={_shown(v)}" for k, v in choice.items())
                 raise fail(
                     "grid", f"invalid combination ({combo_text}): {exc}; add it to `exclude`"
                 ) from None
-            configs.append(config)
+            assert quant is not None
+            # Defaults resolved: the format's own block size, else QLoRA's 64.
+            config = replace(
+                config, block_size=quant.block_size or quant.fmt.block_size or DEFAULT_BLOCK_SIZE
+            )
+            configs.setdefault(config.hash, config)
     if not configs:
         raise fail("exclude", "excludes every combination of the grid")
-    description = str(raw.get("description", ""))
-    return Experiment(name, description, path, tuple(configs), axes)
+    return Experiment(name, spec.description, path, tuple(configs.values()), axes)
 
 
-def _mapping(raw: dict[str, Any], key: str, fail: Any) -> dict[str, Any]:
-    value = raw.get(key) or {}
-    if not isinstance(value, dict):
-        raise fail(key, f"expected a mapping, got {value!r}")
-    return value
-
-
-def _no_unknown(mapping: dict[str, Any], allowed: tuple[str, ...], where: str, fail: Any) -> None:
-    unknown = sorted(set(mapping) - set(allowed))
-    if unknown:
-        raise fail(f"{where}.{unknown[0]}", f"unknown key; allowed: {', '.join(allowed)}")
-
-
-def _string_list(mapping: dict[str, Any], key: str, where: str, fail: Any) -> list[str]:
-    value = mapping.get(key) or []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise fail(where, f"expected a list of glob strings, got {value!r}")
-    return value
-
-
-def _settings(cls: Any, mapping: dict[str, Any], where: str, fail: Any) -> Any:
-    defaults = cls()
-    allowed = tuple(defaults.__dataclass_fields__)
-    _no_unknown(mapping, allowed, where, fail)
-    values = {}
-    for key, value in mapping.items():
-        default = getattr(defaults, key)
-        if key == "tasks":
-            if not isinstance(value, list) or not all(t in TASKS for t in value):
-                raise fail(
-                    f"{where}.tasks", f"expected a list of tasks from {', '.join(TASKS)}, got {value!r}"
-                )
-            value = tuple(sorted(value))
-        elif key in ("stride", "limit"):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise fail(f"{where}.{key}", f"expected a positive integer or null, got {value!r}")
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise fail(f"{where}.{key}", f"expected true or false, got {value!r}")
-        elif isinstance(default, int):
-            minimum = 0 if key == "calibration_sequences" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise fail(f"{where}.{key}", f"expected an integer >= {minimum}, got {value!r}")
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise fail(f"{where}.{key}", f"expected a string, got {value!r}")
-        values[key] = value
-    return cls(**values)
-
-
-def _check_eval(data: DataSettings, evaluation: EvalSettings, fail: Any) -> None:
-    if evaluation.protocol not in PROTOCOLS:
-        raise fail(
-            "eval.protocol", f"{evaluation.protocol!r} is not a protocol; allowed: {', '.join(PROTOCOLS)}"
-        )
+def _resolved_eval(evaluation: EvalSettings, fail: Any) -> EvalSettings:
     if evaluation.stride is not None and evaluation.protocol != "sliding":
         raise fail("eval.stride", "only the sliding protocol takes a stride")
     if evaluation.stride is not None and evaluation.stride > evaluation.context_length:
@@ -345,47 +516,18 @@ def _check_eval(data: DataSettings, evaluation: EvalSettings, fail: Any) -> None
         raise fail(
             "eval.tokens", f"{evaluation.tokens} is fewer than one window ({evaluation.context_length})"
         )
+    if evaluation.protocol == "sliding" and evaluation.stride is None:
+        return evaluation.model_copy(update={"stride": evaluation.context_length // 2})
+    return evaluation
 
 
-def _axis_value(axis: str, value: Any, where: str, fail: Any) -> Any:
-    if axis == "format":
-        try:
-            get_format(value if isinstance(value, str) else repr(value))
-        except UnknownFormatError as exc:
-            raise fail(where, str(exc)) from None
-        return value
-    if axis == "block_size":
-        ok = (
-            value is None
-            or value in ("channel", "tensor")
-            or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
-        )
-        if not ok:
-            raise fail(
-                where, f"{value!r} is not a block size; allowed: a positive integer, channel, tensor, null"
-            )
-        return value
-    if axis == "double_quant":
-        return _double_quant(value, where, fail)
-    allowed = tuple(CONSTANT_DTYPES) if axis == "constant_dtype" else COMPUTE_DTYPES
-    if value not in allowed:
-        raise fail(where, f"{value!r} is not allowed; allowed: {', '.join(allowed)}")
+def _axis_value(axis: str, value: Any) -> Any:
+    if axis == "double_quant" and value is not None:
+        return DoubleQuantConfig(value.block_size, value.code)
     return value
 
 
-def _double_quant(value: Any, where: str, fail: Any) -> DoubleQuantConfig | None:
-    # YAML 1.1 reads a bare `off`/`on` as booleans; both spellings mean the same here.
-    if value in (False, None, "off"):
-        return None
-    if value in (True, "on"):
-        return DoubleQuantConfig()
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - {"block_size", "code"})
-        if unknown:
-            raise fail(f"{where}.{unknown[0]}", "unknown key; allowed: block_size, code")
-        try:
-            return DoubleQuantConfig(**value)
-        except ValueError as exc:
-            raise fail(where, str(exc)) from None
-    codes = "|".join(DOUBLE_QUANT_CODES)
-    raise fail(where, f"{value!r} is not allowed; allowed: off, on, or {{block_size: N, code: {codes}}}")
+def _shown(value: Any) -> str:
+    if isinstance(value, DoubleQuantConfig):
+        return f"{value.code}/{value.block_size}"
+    return "off" if value is None else str(value)

@@ -42,10 +42,6 @@ class Format:
     def takes_any_block_size(self) -> bool:
         return self.block_size is None
 
-    @property
-    def constants_per_block(self) -> int:
-        return 2 if self.scale_rule == "affine" else 1
-
     def levels_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.tensor(self.levels, dtype=torch.float32, device=device)
 

@@ -1,4 +1,5 @@
-"""Storage accounting and reconstruction error, with the information-theoretic references beside them.
+"""The metric registry; storage accounting and reconstruction error, with the information-theoretic
+references beside them.
 
 Bits per parameter are counted from the bytes actually stored (packed codes, constants, second-level
 constants, offsets), never from a formula, so partial blocks, padding and per-tensor scalars all count.
@@ -7,9 +8,12 @@ constants, offsets), never from a formula, so partial blocks, padding and per-te
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from functools import cache
+from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 
 from harness.quantize import QuantizedTensor
@@ -23,15 +27,6 @@ def stored_bytes(qt: QuantizedTensor) -> int:
 
 def bits_per_param(qt: QuantizedTensor) -> float:
     return 8 * stored_bytes(qt) / qt.numel if qt.numel else 0.0
-
-
-def memory_report(total_bytes: int, total_params: int) -> dict[str, float]:
-    """Bytes stored, bits/param, and the memory a 7B and a 70B model would need at that rate (GB = 1e9 B)."""
-    rate = 8 * total_bytes / total_params if total_params else 0.0
-    report = {"bytes": float(total_bytes), "bits_per_param": rate}
-    for label, params in PROJECTION_PARAMS.items():
-        report[f"projected_{label}_GB"] = params * rate / 8 / 1e9
-    return report
 
 
 def error_metrics(reference: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
@@ -91,3 +86,341 @@ def _x_pdf(x: np.ndarray) -> np.ndarray:
 def gaussian_rate_distortion(bits_per_param: float, variance: float = 1.0) -> float:
     """Shannon's lower bound on the MSE of any code at R bits per sample for N(0, σ²): D = σ²·2^(−2R)."""
     return variance * 2.0 ** (-2.0 * bits_per_param)
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
+    """‖X Wᵀ − X Ŵᵀ‖_F / ‖X Wᵀ‖_F: the error the layer's output sees on real inputs.
+
+    fp32 matmuls (float64 would dominate a sweep's time); the difference W − Ŵ is formed first, so the
+    error term's rounding is relative to the error itself and a near-zero error stays near zero."""
+    w, x = weight.detach().float(), x.detach().float()
+    reference = float((x @ w.T).norm())
+    error = float((x @ (w - approx.detach().float()).T).norm())
+    return error / reference if reference else math.nan
+
+
+# ---- the metric registry ----------------------------------------------------------------------------------
+#
+# One declaration per metric, as lm-eval's ``register_metric``: name, unit, direction, how per-layer values
+# combine into the model's number, display precision and a one-line definition. Logging refuses undeclared
+# names; layer aggregation, tables, plots and the README's metric table all read these declarations.
+
+Better = Literal["lower", "higher"]
+Aggregation = Literal["numel_weighted", "max", "sum", "model"]
+Scope = Literal["config", "sweep"]
+AGGREGATIONS: dict[str, str] = {
+    "numel_weighted": "mean, weighted by parameters",
+    "max": "worst layer",
+    "sum": "sum",
+    "model": "—",
+}
+TASK = "<task>"  # a placeholder in a family's name: one declaration covers every lm-eval task
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    label: str  # a table's column header
+    unit: str
+    better: Better | None
+    aggregation: Aggregation  # how per-layer values combine; "model" = measured on the model as a whole
+    definition: str
+    decimals: int | None = None  # fixed decimals; None = ``sig`` significant digits
+    sig: int = 3
+    scale: float = 1.0  # shown × scale: 100 for a share shown in %, 1e-6 for bytes shown in MB
+    signed: bool = False
+    stderr: str | None = None  # the metric holding this one's standard error
+    scope: Scope = "config"  # a config's run, or the sweep's parent run
+
+    @property
+    def layer_column(self) -> str | None:
+        """The per-layer column this metric aggregates (``nmse_max`` aggregates ``nmse``)."""
+        if self.aggregation == "model":
+            return None
+        return self.name.removesuffix("_max") if self.aggregation == "max" else self.name
+
+    @property
+    def header(self) -> str:
+        return " ".join(p for p in (self.label, self.subheader) if p)
+
+    @property
+    def subheader(self) -> str:
+        """Unit and direction: the second header line in LaTeX, so that columns stay narrow."""
+        unit = f"({self.unit})" if self.unit else ""
+        arrow = {"lower": "↓", "higher": "↑", None: ""}[self.better]
+        return " ".join(p for p in (unit, arrow) if p)
+
+    def text(self, value: float) -> str:
+        """``value`` (already scaled) at this metric's precision; an em dash when missing or non-finite."""
+        if not math.isfinite(value):
+            return "—"
+        digits = self.decimals
+        if digits is None:
+            digits = 0 if value == 0 else max(0, min(8, self.sig - 1 - math.floor(math.log10(abs(value)))))
+        return f"{value:+.{digits}f}" if self.signed else f"{value:.{digits}f}"
+
+
+METRICS: dict[str, MetricSpec] = {}
+
+
+def register_metric(
+    name: str,
+    label: str,
+    unit: str,
+    better: Better | None,
+    aggregation: Aggregation,
+    definition: str,
+    **display: Any,
+) -> MetricSpec:
+    if name in METRICS:
+        raise ValueError(f"metric {name!r} is declared twice")
+    METRICS[name] = MetricSpec(name, label, unit, better, aggregation, definition, **display)
+    return METRICS[name]
+
+
+def metric(name: str) -> MetricSpec:
+    """The declaration of ``name``; for ``acc_piqa`` and the like, its family's, with the task filled in."""
+    if name in METRICS:
+        return METRICS[name]
+    matches = []
+    for spec in METRICS.values():
+        head, found, tail = spec.name.partition(TASK)
+        if found and len(name) > len(head) + len(tail) and name.startswith(head) and name.endswith(tail):
+            matches.append((len(head) + len(tail), spec, name[len(head) : len(name) - len(tail)]))
+    if not matches:
+        raise KeyError(f"undeclared metric {name!r}; declare it with harness.metrics.register_metric")
+    _, spec, task = max(
+        matches, key=lambda m: m[0]
+    )  # the most specific family: acc_norm_<task> over acc_<task>
+    return replace(
+        spec,
+        name=name,
+        label=spec.label.replace(TASK, task),
+        stderr=spec.stderr.replace(TASK, task) if spec.stderr else None,
+    )
+
+
+def aggregate(layers: pd.DataFrame) -> dict[str, float]:
+    """Each declared per-layer metric over the rows of a ``layer_table``, by its declared aggregation."""
+    numel = layers["numel"].to_numpy(dtype=np.float64)
+    out = {}
+    for spec in METRICS.values():
+        column = spec.layer_column
+        if column is None or column not in layers:
+            continue
+        values = layers[column].to_numpy(dtype=np.float64)
+        if spec.aggregation == "numel_weighted":
+            out[spec.name] = float((values * numel).sum() / numel.sum())
+        elif spec.aggregation == "max":
+            out[spec.name] = float(values.max())
+        else:
+            out[spec.name] = float(values.sum())
+    return out
+
+
+def markdown_table() -> str:
+    """The registry as the README shows it (a test keeps the two equal)."""
+    lines = ["| Metric | Shown in | Better | Over layers | Definition |", "|:--|:--|:--|:--|:--|"]
+    for spec in METRICS.values():
+        better = {"lower": "lower", "higher": "higher", None: "—"}[spec.better]
+        where = " (sweep run)" if spec.scope == "sweep" else ""
+        definition = spec.definition.replace("|", r"\|")
+        lines.append(
+            f"| `{spec.name}`{where} | {spec.unit or '—'} | {better} | {AGGREGATIONS[spec.aggregation]} "
+            f"| {definition} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# Storage
+register_metric(
+    "bits_per_param",
+    "Bits/param",
+    "",
+    "lower",
+    "numel_weighted",
+    "bits stored per parameter of the quantized layers: codes, constants, second-level constants and offsets",
+    decimals=3,
+)
+register_metric(
+    "stored_bytes",
+    "Stored",
+    "MB",
+    "lower",
+    "sum",
+    "bytes stored for the quantized layers",
+    decimals=2,
+    scale=1e-6,
+)
+register_metric(
+    "model_memory_bytes",
+    "Memory",
+    "MB",
+    "lower",
+    "model",
+    "the quantized layers as stored plus every other parameter at its loaded dtype",
+    decimals=1,
+    scale=1e-6,
+)
+for _size in ("7B", "70B"):
+    register_metric(
+        f"projected_{_size}_GB",
+        f"{_size} memory",
+        "GB",
+        "lower",
+        "model",
+        f"a {_size}-parameter model stored at this bits/param (GB = 1e9 bytes)",
+        decimals=2 if _size == "7B" else 1,
+    )
+# Weight-space error, per layer against the source weight
+register_metric(
+    "nmse", "nMSE", "", "lower", "numel_weighted", "‖W − Ŵ‖² / ‖W‖², the weight MSE normalised by mean(W²)"
+)
+register_metric("nmse_max", "Worst nMSE", "", "lower", "max", "the largest per-layer nMSE")
+register_metric("rel_fro", "Rel. Frobenius err.", "", "lower", "numel_weighted", "‖W − Ŵ‖_F / ‖W‖_F")
+register_metric(
+    "sqnr_db",
+    "SQNR",
+    "dB",
+    "higher",
+    "model",
+    "10·log10(1 / nMSE) of the parameter-weighted nMSE",
+    decimals=2,
+)
+register_metric(
+    "cosine", "Cosine", "", "higher", "numel_weighted", "cosine similarity of W and Ŵ", decimals=5
+)
+register_metric("max_abs", "Max |ΔW|", "", "lower", "max", "the largest |W − Ŵ| of any weight")
+register_metric(
+    "output_rel_err",
+    "Output err.",
+    "%",
+    "lower",
+    "numel_weighted",
+    "‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F on calibration inputs X of each layer",
+    scale=100,
+)
+# Language modelling, on the evaluation tokens under the experiment's perplexity protocol
+register_metric(
+    "ppl",
+    "PPL",
+    "",
+    "lower",
+    "model",
+    "exp(mean NLL) of the scored tokens under the named protocol",
+    decimals=2,
+)
+register_metric(
+    "delta_ppl",
+    "ΔPPL",
+    "",
+    "lower",
+    "model",
+    "ppl − ppl of the unquantized model on the same tokens (computed by the report)",
+    decimals=2,
+    signed=True,
+)
+register_metric(
+    "bits_per_byte",
+    "Bits/byte",
+    "",
+    "lower",
+    "model",
+    "total NLL in bits / UTF-8 bytes of the evaluated text",
+    decimals=4,
+)
+register_metric(
+    "word_ppl", "Word PPL", "", "lower", "model", "exp(total NLL / whitespace-separated words)", decimals=2
+)
+register_metric(
+    "kld_mean",
+    "KLD",
+    "nats",
+    "lower",
+    "model",
+    "mean over scored tokens of KL(unquantized ‖ quantized), exact over the vocabulary",
+)
+register_metric("kld_p99", "KLD p99", "nats", "lower", "model", "99th percentile of the per-token KLD")
+register_metric(
+    "top1_agreement",
+    "Top-1",
+    "%",
+    "higher",
+    "model",
+    "share of scored tokens where both models' most likely next token is the same",
+    decimals=1,
+    scale=100,
+)
+# Zero-shot tasks through lm-eval
+register_metric(
+    f"acc_{TASK}",
+    f"{TASK} acc.",
+    "%",
+    "higher",
+    "model",
+    "lm-eval zero-shot accuracy of the task",
+    decimals=1,
+    scale=100,
+    stderr=f"acc_{TASK}_stderr",
+)
+register_metric(
+    f"acc_{TASK}_stderr",
+    f"{TASK} acc. SE",
+    "%",
+    None,
+    "model",
+    "lm-eval's standard error of that accuracy",
+    decimals=1,
+    scale=100,
+)
+register_metric(
+    f"acc_norm_{TASK}",
+    f"{TASK} acc_norm",
+    "%",
+    "higher",
+    "model",
+    "lm-eval zero-shot accuracy with length-normalised scores",
+    decimals=1,
+    scale=100,
+    stderr=f"acc_norm_{TASK}_stderr",
+)
+register_metric(
+    f"acc_norm_{TASK}_stderr",
+    f"{TASK} acc_norm SE",
+    "%",
+    None,
+    "model",
+    "lm-eval's standard error of that accuracy",
+    decimals=1,
+    scale=100,
+)
+# Cost
+register_metric(
+    "time_quantize_s", "Quantize time", "s", "lower", "model", "quantizing every chosen layer", decimals=1
+)
+register_metric(
+    "time_eval_s",
+    "Eval time",
+    "s",
+    "lower",
+    "model",
+    "forward passes with their ppl/KLD reductions and lm-eval",
+    decimals=1,
+)
+register_metric(
+    "time_total_s", "Total time", "s", "lower", "model", "the whole config, quantize to restore", decimals=1
+)
+register_metric(
+    "sweep_wall_s", "Sweep time", "s", "lower", "model", "wall time of the sweep", decimals=0, scope="sweep"
+)
+register_metric(
+    "eval_share",
+    "Eval share",
+    "%",
+    "higher",
+    "model",
+    "share of the sweep's wall time spent evaluating",
+    decimals=0,
+    scale=100,
+    scope="sweep",
+)

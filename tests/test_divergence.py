@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_llama
 from torch import nn
 
-from harness.evaluate.divergence import BaseReference, divergence, evaluate_against
+from harness.evaluate.divergence import BaseReference, evaluate_against
 from harness.evaluate.perplexity import PerplexityProtocol, perplexity
 
 VOCAB, BOS = 256, 1
@@ -50,6 +50,11 @@ def build(
         progress=False,
         **kw,
     )
+
+
+def entries(root: Path) -> list[Path]:
+    """What a cache folder holds besides the lock files that sit beside its entries."""
+    return sorted(p for p in root.iterdir() if p.suffix != ".lock")
 
 
 def exact_kld(base: nn.Module, other: nn.Module, tokens: torch.Tensor, L: int) -> np.ndarray:
@@ -116,7 +121,7 @@ def test_any_protocol_gives_the_windows(base: nn.Module) -> None:
     for protocol in (PerplexityProtocol("disjoint", 64), PerplexityProtocol("sliding", 64, 16)):
         reference = build(base, tokens, protocol)
         assert reference.n_tokens == 199
-        div = divergence(perturbed(base), reference, progress=False)
+        div = evaluate_against(perturbed(base), reference, progress=False)[1]
         assert div.kld_mean > 0 and div.protocol == protocol.name
 
 
@@ -140,8 +145,7 @@ def test_cache_hit_does_not_run_the_model(base: nn.Module, tmp_path: Path) -> No
     tokens = stream(300, seed=6)
     first = build(base, tokens, PROTOCOL, tmp_path)
     assert first.path is not None and isinstance(first.logprobs, np.memmap)
-    entries = list(tmp_path.iterdir())
-    assert entries == [first.path]
+    assert entries(tmp_path) == [first.path]
     blocked = copy.deepcopy(base)
     forbid_forward(blocked)
     again = build(blocked, tokens, PROTOCOL, tmp_path)  # same weights, key, tokens: a hit
@@ -159,7 +163,7 @@ def test_cache_hit_does_not_run_the_model(base: nn.Module, tmp_path: Path) -> No
         build(blocked, stream(300, seed=7), PROTOCOL, tmp_path)
     with pytest.raises(Forbidden):
         build(perturbed(blocked), tokens, PROTOCOL, tmp_path)
-    assert list(tmp_path.iterdir()) == [first.path]  # failed builds leave nothing behind
+    assert entries(tmp_path) == [first.path]  # failed builds leave nothing behind
 
 
 def test_cache_write_is_atomic(base: nn.Module, tmp_path: Path) -> None:
@@ -168,11 +172,11 @@ def test_cache_write_is_atomic(base: nn.Module, tmp_path: Path) -> None:
     forbid_forward(crashing, after=2)  # the probe and the first batch run, then the build dies
     with pytest.raises(Forbidden):
         build(crashing, tokens, PROTOCOL, tmp_path, batch_size=2)
-    assert list(tmp_path.iterdir()) == []
+    assert entries(tmp_path) == []
     done = build(base, tokens, PROTOCOL, tmp_path, batch_size=2)
     assert sorted(p.name for p in done.path.iterdir()) == ["logprobs.npy", "meta.json", "stats.npz"]
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
-    assert abs(divergence(base, done, progress=False).kld_mean) < 1e-6
+    assert abs(evaluate_against(base, done, progress=False)[1].kld_mean) < 1e-6
 
 
 def test_vocab_mismatch_is_an_error(base: nn.Module) -> None:
@@ -180,7 +184,7 @@ def test_vocab_mismatch_is_an_error(base: nn.Module) -> None:
     reference = build(base, tokens, PROTOCOL)
     reference.logprobs = reference.logprobs[:, :128]
     with pytest.raises(ValueError, match="logits"):
-        divergence(base, reference, progress=False)
+        evaluate_against(base, reference, progress=False)
 
 
 # ------------------------------------------------------------------------------------------- real model
@@ -268,6 +272,6 @@ def _kld_with(model: nn.Module, originals: dict, config, reference: BaseReferenc
             for name, module in model.named_modules():
                 if name in originals:
                     module.weight.data = fake_quant(originals[name], config)
-        return divergence(model, reference, progress=False).kld_mean
+        return evaluate_against(model, reference, progress=False)[1].kld_mean
     finally:
         _restored(model, originals)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness import experiments
+from harness.double_quant import DoubleQuantConfig
 from harness.experiments import ExperimentError, list_experiments, load_experiment
 
 SHIPPED = {"default", "qlora-datatypes", "blocksize", "double-quant", "kbit", "formats-beyond", "smoke"}
@@ -181,9 +183,57 @@ def test_unknown_experiment_lists_known() -> None:
         load_experiment("nope")
 
 
-def test_yaml_off_on_spellings(tmp_path: Path) -> None:
+def test_yaml_off_on_spellings_collapse(tmp_path: Path) -> None:
     exp = load_experiment(
-        write(tmp_path, "model: m\ngrid: {format: [nf4], double_quant: [false, 'on', off]}\n")
+        write(tmp_path, "model: m\ngrid: {format: [nf4], double_quant: [false, 'on', off, null]}\n")
     )
-    assert [c.double_quant is not None for c in exp.configs] == [False, True, False]
+    assert [c.double_quant is not None for c in exp.configs] == [False, True]
+    assert exp.axes["double_quant"] == [None, DoubleQuantConfig()]
     assert yaml.safe_load("x: off")["x"] is False  # why both spellings must work
+
+
+def test_two_spellings_of_one_config_share_a_hash(tmp_path: Path) -> None:
+    """Defaults are resolved before hashing; duplicate grid values collapse."""
+    omitted = load_experiment(write(tmp_path, "model: m\ngrid: {format: [nf4]}\n", "omitted"))
+    explicit = load_experiment(
+        write(
+            tmp_path,
+            "model: m\ngrid: {format: [nf4, nf4], block_size: [64], double_quant: [false, off]}\n"
+            "fixed: {compute_dtype: float32}\neval: {protocol: llamacpp}\n",
+            "explicit",
+        )
+    )
+    assert len(omitted.configs) == len(explicit.configs) == 1
+    assert omitted.configs[0].hash == explicit.configs[0].hash
+    assert omitted.configs[0].block_size == 64 and omitted.configs[0].label == "nf4-b64"
+    own = load_experiment(write(tmp_path, "model: m\ngrid: {format: [mxfp4, nvfp4]}\n", "own"))
+    assert [c.block_size for c in own.configs] == [32, 16]  # the format's own block size
+    sliding = "model: m\ngrid: {format: [nf4]}\neval: {protocol: sliding, context_length: 512%s}\n"
+    implicit = load_experiment(write(tmp_path, sliding % "", "s1")).configs[0]
+    assert implicit.hash == load_experiment(write(tmp_path, sliding % ", stride: 256", "s2")).configs[0].hash
+
+
+def test_hash_covers_the_numerics_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_experiment(write(tmp_path, BASE)).configs[0]
+    before, identity = config.hash, config.config_id
+    monkeypatch.setattr(experiments, "NUMERICS_VERSION", "older")
+    assert config.hash != before and config.config_id == identity
+
+
+def test_show_takes_a_name_or_a_path(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE, "mine")
+    for spec in ("smoke", path):
+        out = subprocess.run(
+            [sys.executable, "-m", "harness.cli", "show", spec], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert out.returncode == 0, out.stderr
+        assert "configs" in out.stdout
+
+
+def test_working_directory_experiments_are_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "mine.yaml").write_text(BASE)
+    monkeypatch.chdir(tmp_path)
+    entries = dict(list_experiments())
+    assert {"mine", "smoke"} <= set(entries)
+    assert len(load_experiment("mine").configs) == 4

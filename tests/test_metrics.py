@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,11 +11,14 @@ from conftest import weight
 
 from harness.double_quant import DoubleQuantConfig
 from harness.metrics import (
+    METRICS,
     bits_per_param,
     error_metrics,
     gaussian_rate_distortion,
     lloyd_max_mse,
-    memory_report,
+    markdown_table,
+    metric,
+    register_metric,
     stored_bytes,
 )
 from harness.quantize import QuantConfig, dequantize, quantize
@@ -33,11 +37,36 @@ def test_partial_blocks_and_padding_are_counted() -> None:
     assert stored_bytes(qt) == 51 + 2 * 4  # 101 nibbles -> 51 bytes, two fp32 constants
 
 
-def test_memory_projection() -> None:
-    report = memory_report(total_bytes=4_500_000_000 // 8, total_params=1_000_000_000)
-    assert report["bits_per_param"] == 4.5
-    assert report["projected_7B_GB"] == pytest.approx(7 * 4.5 / 8)
-    assert report["projected_70B_GB"] == pytest.approx(70 * 4.5 / 8)
+def test_registry_declares_each_metric_once() -> None:
+    assert metric("nmse").better == "lower" and metric("nmse").aggregation == "numel_weighted"
+    assert metric("nmse_max").layer_column == "nmse" and metric("ppl").layer_column is None
+    with pytest.raises(ValueError, match="declared twice"):
+        register_metric("ppl", "PPL", "", "lower", "model", "again")
+    with pytest.raises(KeyError, match="undeclared metric 'perplexity'"):
+        metric("perplexity")
+    assert all(spec.definition and spec.name == name for name, spec in METRICS.items())
+
+
+def test_task_families_fill_in_the_task() -> None:
+    acc = metric("acc_piqa")
+    assert (acc.name, acc.label, acc.stderr, acc.better) == (
+        "acc_piqa",
+        "piqa acc.",
+        "acc_piqa_stderr",
+        "higher",
+    )
+    assert metric("acc_piqa_stderr").better is None  # the most specific family wins
+    assert metric("acc_norm_arc_easy").stderr == "acc_norm_arc_easy_stderr"
+
+
+def test_readme_metric_table_is_the_registry() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- metrics: generated from harness.metrics -->\n", "<!-- /metrics -->"
+    assert begin in readme and end in readme, "README.md lost its metric table markers"
+    shown = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert shown == markdown_table(), (
+        "README's metric table differs from the registry: paste markdown_table()"
+    )
 
 
 def test_error_metrics_definitions() -> None:

@@ -18,17 +18,17 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from torch import nn
 
 from harness import assets
+from harness.cache import cache_dir
+from harness.metrics import aggregate, output_error
 from harness.models import (
     LoadedModel,
     ModelError,
-    aggregate,
     apply,
     capture_inputs,
     discover_layers,
     format_layers,
     layer_table,
     load_model,
-    output_error,
     quantized,
     restore,
     snapshot,
@@ -279,8 +279,11 @@ def test_result_table_and_aggregate(tiny: LoadedModel) -> None:
     assert not table["warning"].any() and result.warnings == []
     summary = aggregate(table)
     assert summary["bits_per_param"] == 4.5
-    assert summary["params"] == sum(info.numel for info in layers)
-    assert min(table["nmse"]) <= summary["nmse_weighted"] <= max(table["nmse"])
+    assert summary["stored_bytes"] == table["stored_bytes"].sum()
+    weighted = (table["nmse"] * table["numel"]).sum() / table["numel"].sum()
+    assert summary["nmse"] == pytest.approx(weighted, rel=1e-12)
+    assert summary["nmse_max"] == table["nmse"].max() and summary["max_abs"] == table["max_abs"].max()
+    assert "sqnr_db" not in summary  # a whole-model quantity, not an aggregate of layers
 
 
 def test_warns_when_source_is_at_or_below_target(tiny: LoadedModel) -> None:
@@ -381,7 +384,7 @@ def test_gguf_path_loads_from_the_conversion_cache(smollm2: LoadedModel) -> None
     assert time.perf_counter() - start < 30  # the conversion is cached; converting takes ~35 s on 2 cores
     assert loaded.name == gguf.stem and loaded.source == str(gguf)
     assert loaded.source_precision == smollm2.source_precision
-    converted = list((assets.cache_dir() / "converted").glob(f"{gguf.stem}-*/source_precision.json"))
+    converted = list((cache_dir() / "converted").glob(f"{gguf.stem}-*/source_precision.json"))
     assert converted
     first = next(iter(loaded.model.state_dict()))
     assert torch.equal(loaded.model.state_dict()[first], smollm2.model.state_dict()[first])

@@ -31,7 +31,7 @@ def stream(n: int, seed: int = 1, vocab: int = 256) -> torch.Tensor:
 
 @cache
 def smollm2() -> tuple[torch.nn.Module, object]:
-    """The real SmolLM2-135M and its tokenizer, through models.py (once per test session)."""
+    """The real SmolLM2-135M and its tokenizer, through harness.models (once per test session)."""
     from harness.models import load_model
 
     loaded = load_model("smollm2-135m")

@@ -1,4 +1,5 @@
-"""Tables and plots from a real sqlite MLflow store filled with synthetic runs in the sweep's schema."""
+"""Tables and plots from a real sqlite MLflow store filled with synthetic runs in the sweep's schema (the
+report on a real sweep's store is in test_sweep)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 
 from harness import plots
 from harness.report import ReportError, blocksize_table, select_runs, write_report
-from harness.tracking import HASH_TAG, KIND_TAG, Run, Tracker
+from harness.tracking import BASELINE_ID_TAG, BASELINE_TAG, CONFIG_ID_TAG, HASH_TAG, KIND_TAG, Run, Tracker
 
 SETTING = {
     "model": "tiny-model",
@@ -48,6 +50,7 @@ def config(fmt: str, block: int, dq: bool) -> tuple[dict[str, str], dict[str, fl
         "block_size": str(block),
         "double_quant": "dynamic/256" if dq else "off",
         "label": label,
+        "variant": fmt + ("-dq" if dq else ""),
         "config_hash": f"hash-{label}",
     }
     metrics = {
@@ -55,7 +58,6 @@ def config(fmt: str, block: int, dq: bool) -> tuple[dict[str, str], dict[str, fl
         "nmse": nmse,
         "output_rel_err": math.sqrt(nmse) * 0.8,
         "ppl": ppl,
-        "delta_ppl": ppl - BASELINE_PPL,
         "kld_mean": nmse * 3,
         "top1_agreement": 1 - nmse * 4,
         "acc_siqa_local": 0.5 - nmse,
@@ -75,14 +77,25 @@ def layers_table(scale: float) -> pd.DataFrame:
 def child(
     tracker: Tracker, exp_id: str, parent: Run, params: dict[str, str], metrics: dict[str, float]
 ) -> None:
-    tags = {KIND_TAG: "config", HASH_TAG: params["config_hash"]}
-    if params["format"] == "none":
-        tags["harness.baseline"] = "true"
+    tags = schema_tags(params)
     with tracker.run(exp_id, params["label"], tags, parent=parent) as run:
         run.log_params(params)
         run.log_metrics(metrics)
         if "nmse" in metrics:
-            run.log_table(layers_table(metrics["nmse"]), "layers.csv")
+            csv = layers_table(metrics["nmse"]).to_csv(index=False)
+            mlflow.MlflowClient(tracker.uri).log_text(run.id, csv, "layers.csv")
+
+
+def schema_tags(params: dict[str, str]) -> dict[str, str]:
+    """The tags a sweep sets on a config's run: the config hash and id, the baseline it is compared with."""
+    baseline = params["format"] == "none"
+    return {
+        KIND_TAG: "config",
+        HASH_TAG: params["config_hash"],
+        CONFIG_ID_TAG: params["config_hash"],
+        BASELINE_TAG: str(baseline).lower(),
+        BASELINE_ID_TAG: "hash-baseline",
+    }
 
 
 def fail(
@@ -93,7 +106,7 @@ def fail(
         pytest.raises(RuntimeError),
         tracker.run(exp_id, params["label"], {KIND_TAG: "config"}, parent) as run,
     ):
-        run.set_tags({HASH_TAG: params["config_hash"]})
+        run.set_tags(schema_tags(params))
         run.log_params(params)
         run.log_metrics(metrics)
         raise RuntimeError("out of memory")
@@ -125,7 +138,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     with tracker.run(single, "sweep", {KIND_TAG: "sweep"}) as parent:
         for fmt in ("int4", "nf4"):
             params, metrics = config(fmt, 64, False)
-            with tracker.run(single, fmt, {KIND_TAG: "config", HASH_TAG: fmt}, parent=parent) as run:
+            with tracker.run(single, fmt, schema_tags(params), parent=parent) as run:
                 run.log_params(params)
                 run.log_metrics(metrics)
     failed = tracker.experiment_id("failed")
@@ -137,7 +150,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def report(store: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("results")
-    paths = write_report("synthetic", store, out_dir=out, **PIVOT)
+    paths = write_report("synthetic", store, out_dir=out, **PIVOT).paths
     return {p.name: p for p in paths}
 
 
@@ -182,7 +195,7 @@ def test_datatypes_table(report: dict[str, Path]) -> None:
         "ΔPPL ↓",
         "KLD (nats) ↓",
         "Top-1 (%) ↑",
-        "SIQA acc. (%) ↑",
+        "siqa_local acc. (%) ↑",
     ]
     assert baseline[:5] == ["unquantized", "—", "—", "—", "20.00"]  # a reference: never bold
     assert baseline[-1] == "52.0"  # its stderr was not logged
@@ -309,12 +322,12 @@ def test_plots_logged_to_parent_run(store: str, report: dict[str, Path]) -> None
     tracker = Tracker(store)
     runs = tracker.runs("synthetic")
     parent = runs.loc[runs[f"tags.{KIND_TAG}"] == "sweep", "run_id"].iloc[0]
-    logged = {Path(a.path).name for a in tracker.client.list_artifacts(parent, "report")}
+    logged = {Path(a.path).name for a in mlflow.MlflowClient(store).list_artifacts(parent, "report")}
     assert {"ppl_vs_bits.png", "layer_heatmap.png", "datatypes.md"} <= logged
 
 
 def test_layouts_follow_what_varies(store: str, tmp_path: Path) -> None:
-    paths = {p.name for p in write_report("single", store, out_dir=tmp_path)}
+    paths = {p.name for p in write_report("single", store, out_dir=tmp_path).paths}
     assert {p for p in paths if p.endswith(".md")} == {"datatypes.md"}  # one block size, no DQ, no baseline
     assert "layer_heatmap.png" not in paths  # no run logged layers.csv
     assert "ppl_vs_bits.png" in paths

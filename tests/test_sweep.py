@@ -3,6 +3,7 @@ Ctrl-C/SIGTERM (KILLED), kill -9 (stale RUNNING reaped and redone), and an MLflo
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -16,8 +17,10 @@ import mlflow
 import pandas as pd
 import pytest
 
+from harness import NUMERICS_VERSION, experiments, sweep, tracking
 from harness.experiments import load_experiment
-from harness.sweep import ModelSession, SweepOptions, run_sweep
+from harness.report import select_runs, write_report
+from harness.sweep import SweepOptions, run_sweep
 from harness.tracking import Tracker
 
 pytestmark = pytest.mark.integration
@@ -63,12 +66,13 @@ def test_smoke_sweep_logs_every_config(store: str) -> None:
     assert (child["tags.mlflow.parentRunId"] == parent["run_id"].item()).all()
     base, nf4, dq, int4 = (child.loc[k] for k in ("baseline", "nf4-b64", "nf4-b64-dq", "int4-b64"))
     assert base["metrics.kld_mean"] < 1e-4 and base["metrics.top1_agreement"] == 1.0
-    assert base["metrics.delta_ppl"] == 0.0
+    assert (child["tags.harness.numerics_version"] == NUMERICS_VERSION).all()
+    assert (child.drop("baseline")["tags.harness.baseline_id"] == base["tags.harness.config_id"]).all()
     assert nf4["metrics.bits_per_param"] == 4.5
     assert 4.126 < dq["metrics.bits_per_param"] < 4.128
     for row in (nf4, dq, int4):
         assert row["metrics.kld_mean"] > 0 and 0 < row["metrics.top1_agreement"] < 1
-        assert row["metrics.delta_ppl"] == pytest.approx(row["metrics.ppl"] - base["metrics.ppl"])
+        assert "metrics.delta_ppl" not in row or math.isnan(row["metrics.delta_ppl"])  # the report's job
         assert 0 < row["metrics.nmse"] < 0.05 and 0 <= row["metrics.acc_siqa_local"] <= 1
     assert int4["metrics.nmse"] > nf4["metrics.nmse"]  # NF4 beats int4 on near-Gaussian weights
     assert nf4["params.protocol"] == "disjoint" and nf4["params.format"] == "nf4"
@@ -101,14 +105,14 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    measure = ModelSession.measure
+    measure = sweep.measure
 
-    def broken_for_int4(self: ModelSession, config, run):  # type: ignore[no-untyped-def]
+    def broken_for_int4(session, config):  # type: ignore[no-untyped-def]
         if config.format == "int4":
             raise RuntimeError("simulated failure in int4")
-        return measure(self, config, run)
+        return measure(session, config)
 
-    monkeypatch.setattr(ModelSession, "measure", broken_for_int4)
+    monkeypatch.setattr(sweep, "measure", broken_for_int4)
     summary = run_sweep(
         load_experiment("smoke", [*QUICK, "eval.tasks=[]"]), SweepOptions(tracking_uri=uri, progress=False)
     )
@@ -118,7 +122,7 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(
     assert child.loc["int4-b64", "tags.harness.error"] == "RuntimeError: simulated failure in int4"
     assert (child.drop("int4-b64")["status"] == "FINISHED").all()
 
-    monkeypatch.setattr(ModelSession, "measure", measure)
+    monkeypatch.setattr(sweep, "measure", measure)
     retry = run_sweep(
         load_experiment("smoke", [*QUICK, "eval.tasks=[]"]), SweepOptions(tracking_uri=uri, progress=False)
     )
@@ -126,8 +130,28 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(
     child = children(runs(uri))
     redone = child[(child["tags.mlflow.runName"] == "int4-b64") & (child["status"] == "FINISHED")]
     base = child[child["tags.mlflow.runName"] == "baseline"]
-    # Δ against the baseline logged by the earlier sweep, though this sweep did not run it
-    assert redone["metrics.delta_ppl"].item() == redone["metrics.ppl"].item() - base["metrics.ppl"].item()
+    # Δ against the baseline of the earlier sweep, though this sweep did not run it: the report pairs them
+    [selected] = select_runs(runs(uri), "smoke")
+    int4 = selected.quantized.set_index("params.label").loc["int4-b64"]
+    assert int4["metrics.delta_ppl"] == redone["metrics.ppl"].item() - base["metrics.ppl"].item()
+
+
+def test_a_run_from_an_older_numerics_version_is_redone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    quick = [*QUICK, "eval.tasks=[]", "eval.kld=false", "grid.format=[nf4]", "grid.double_quant=[off]"]
+    first = run_sweep(load_experiment("smoke", quick), SweepOptions(tracking_uri=uri, progress=False))
+    assert first.finished == ["baseline", "nf4-b64"]
+    for module in (experiments, tracking):
+        monkeypatch.setattr(module, "NUMERICS_VERSION", "next")
+    again = run_sweep(load_experiment("smoke", quick), SweepOptions(tracking_uri=uri, progress=False))
+    assert again.finished == ["baseline", "nf4-b64"] and not again.skipped  # nothing reused
+    child = children(runs(uri))
+    assert sorted(child["tags.harness.numerics_version"]) == sorted([NUMERICS_VERSION] * 2 + ["next"] * 2)
+    [selected] = select_runs(runs(uri), "smoke")  # the newer run supersedes the older one in tables
+    assert len(selected.quantized) == 1
+    assert selected.quantized["tags.harness.numerics_version"].item() == "next"
 
 
 def start_sweep(uri: str, *extra: str) -> subprocess.Popen[str]:
@@ -231,3 +255,26 @@ def test_sweep_logs_to_an_mlflow_server(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_report_from_a_real_sweep_is_byte_reproducible(store: str, tmp_path: Path) -> None:
+    first = write_report("smoke", store, out_dir=tmp_path / "a")
+    second = write_report("smoke", store, out_dir=tmp_path / "b")
+    names = sorted(p.name for p in first.paths)
+    assert names == sorted(p.name for p in second.paths)
+    assert {
+        "datatypes.md",
+        "datatypes.tex",
+        "doublequant.csv",
+        "ppl_vs_bits.pdf",
+        "layer_heatmap.png",
+    } <= set(names)
+    for a, b in zip(sorted(first.paths), sorted(second.paths), strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    table = (tmp_path / "a" / "datatypes.md").read_text()
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["unquantized", "nf4-b64", "nf4-b64-dq", "int4-b64"]
+    [selected] = select_runs(runs(store), "smoke")
+    base_ppl = selected.baseline["metrics.ppl"].item()
+    expected = selected.quantized["metrics.ppl"] - base_ppl
+    assert (selected.quantized["metrics.delta_ppl"] == expected).all()

@@ -10,7 +10,8 @@ vector of base log-probabilities in float16: 2 bytes x vocab, i.e. 96 KiB/token 
 512 KiB/token for Gemma 3 (262,144); 1,000 scored Gemma tokens take 0.5 GB. It is an .npy file read through a
 memmap, beside a few per-token float64 statistics, in a folder named by a hash of (key, a fingerprint of the
 model's weights, the tokens, the protocol, BOS handling, storage dtype). The folder is built under a temporary
-name and renamed into place, so an entry is either complete or absent. ``cache_dir=None`` keeps it in RAM.
+name and renamed into place, meta.json written last (``harness.cache.building``), so an entry is either
+complete or absent and two processes needing the same one compute it once. ``cache_dir=None`` keeps it in RAM.
 
 Precision. float16 keeps 11 significant bits: a stored log-prob l carries an error |d| <= 2^-12 |l| (2.4e-4
 at l = -1, where the mass is; 0.008 at l = -32, where it is not). bfloat16 would be 8x coarser: not offered.
@@ -26,9 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.cache import building
 from harness.evaluate.perplexity import (
     PerplexityProtocol,
     PerplexityResult,
@@ -184,25 +183,14 @@ class BaseReference:
             return cls(**common, logprobs=logprobs, stats=stats, meta=meta, path=None)
 
         digest = _digest(key, model_fingerprint(model), tokens, protocol, bos_token_id, storage_dtype)
-        root = Path(cache_dir).expanduser()
-        final = root / digest
-        if not (final / _META).is_file():
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", suffix=".tmp", dir=root))
-            try:
+        final = Path(cache_dir).expanduser() / digest
+        with building(final, _META) as build:
+            if build is not None:
                 _, _, meta = _compute(
-                    model, tokens, protocol, bos_token_id, storage_dtype, batch_size, progress, out=tmp
+                    model, tokens, protocol, bos_token_id, storage_dtype, batch_size, progress, out=build
                 )
                 meta.update(key=key, digest=digest)
-                (tmp / _META).write_text(json.dumps(meta, indent=2) + "\n")
-                tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like the asset cache
-                try:
-                    os.replace(tmp, final)
-                except OSError:  # another process finished the same entry first; keep theirs
-                    if not (final / _META).is_file():
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                (build / _META).write_text(json.dumps(meta, indent=2) + "\n")
         return cls(**common, **_load(final), path=final)
 
 
@@ -400,10 +388,3 @@ def evaluate_against(
         bos=reference.bos,
     )
     return ppl, divergence
-
-
-def divergence(
-    model: nn.Module, reference: BaseReference, batch_size: int | None = None, progress: bool = True
-) -> DivergenceResult:
-    """KLD and top-1 agreement of ``model`` against the base (``evaluate_against`` also gives perplexity)."""
-    return evaluate_against(model, reference, batch_size=batch_size, progress=progress)[1]

@@ -25,16 +25,17 @@ times ``text_fraction`` = scored tokens / (N - 1) predictable tokens, i.e. score
 the stream's mean bytes and words per token. The fraction is exactly 1 for disjoint and sliding (stride < L),
 about 1/2 for llamacpp. ``text_counts`` gives the stream text's counts the way lm-eval counts a document.
 
-Compute dtype: this module runs the model it is given as it is. models.py decides the precision of each layer
-(QLoRA-style 4-bit storage computes its matmuls in bf16/fp16); the logits, in whatever dtype the head emits,
-are cast to float32 before any softmax, so no extra rounding is added here. benchmarks/eval.py measures what
-bf16 costs or saves on CPU.
+Compute dtype: this module runs the model it is given as it is. harness.models decides the precision of each
+layer (QLoRA-style 4-bit storage computes its matmuls in bf16/fp16); the logits, in whatever dtype the head
+emits, are cast to float32 before any softmax, so no extra rounding is added here. benchmarks/eval.py measures
+what bf16 costs or saves on CPU.
 
 Memory: logits are never materialised for a whole batch. The decoder's hidden states are taken at the scored
 positions only and projected through the output head a chunk of positions at a time (about 128 MB of fp32
 logits per chunk), which for Gemma's 262k vocabulary also skips the head for the unscored half of a llamacpp
-window. The split is checked against the model's own forward on a probe; a model that fails the check falls
-back to ``model(...).logits`` with ``logits_to_keep``.
+window. harness.models says where a model splits into decoder and head; the split is checked against the
+model's own forward on a probe, and a model that has none or fails the check falls back to
+``model(...).logits`` with ``logits_to_keep``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from harness.models.anatomy import LogitSplit, logit_split
 
 ProtocolName = Literal["disjoint", "sliding", "llamacpp"]
 PROTOCOLS: tuple[str, ...] = ("disjoint", "sliding", "llamacpp")
@@ -270,7 +273,7 @@ def scored_logits(
     windows = make_windows(protocol, tokens.shape[1])
     reseed = protocol.name == "llamacpp" and starts_with_bos(tokens, bos_token_id)
     stream = tokens[0]
-    head = LogitHead(model, stream[: min(16, len(stream))])
+    head = LogitHead(model, logit_split(model), stream[: min(16, len(stream))])
     bar = tqdm(total=sum(w.length for w in windows), unit="tok", desc=desc, disable=not progress, leave=False)
     device = _device(model)
     try:
@@ -304,31 +307,22 @@ def _device(model: nn.Module) -> torch.device:
 class LogitHead:
     """fp32 logits at chosen positions only: decoder hidden states, then the output head a chunk at a time.
 
-    Uses ``model.get_decoder()`` and ``model.get_output_embeddings()`` (plus Gemma's final logit softcapping),
-    checked once against ``model(probe).logits``; models where that split does not reproduce the forward use
-    ``model(..., logits_to_keep=k).logits`` instead.
+    ``split`` (``harness.models.logit_split``) is checked once against ``model(probe).logits``; without a
+    split, or when it does not reproduce the forward, ``model(..., logits_to_keep=k).logits`` is used instead.
     """
 
-    def __init__(self, model: nn.Module, probe: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, split: LogitSplit | None, probe: torch.Tensor) -> None:
         self.model = model
-        self.decoder: nn.Module | None = None
-        self.head: nn.Module | None = None
-        config = getattr(model, "config", None)
-        self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
         reference = model(input_ids=probe[None].to(_device(model)), use_cache=False).logits[0].float()
         self.vocab = reference.shape[-1]
         self.chunk = max(1, LOGIT_CHUNK_BYTES // (4 * self.vocab))
-        get_decoder = getattr(model, "get_decoder", None)
-        get_head = getattr(model, "get_output_embeddings", None)
-        if callable(get_decoder) and callable(get_head):
-            decoder, head = get_decoder(), get_head()
-            if isinstance(decoder, nn.Module) and isinstance(head, nn.Module) and decoder is not model:
-                self.decoder, self.head = decoder, head
-                mine = self._project(self._hidden(probe[None].to(_device(model)))[0])
-                scale = float(reference.abs().max()) + 1.0
-                if mine.shape != reference.shape or float((mine - reference).abs().max()) > 1e-4 * scale:
-                    self.decoder = self.head = None
-        if self.decoder is None:
+        self.split = split
+        if split is not None:
+            mine = split.logits(split.hidden_states(probe[None].to(_device(model)))[0]).float()
+            scale = float(reference.abs().max()) + 1.0
+            if mine.shape != reference.shape or float((mine - reference).abs().max()) > 1e-4 * scale:
+                self.split = None
+        if self.split is None:
             warnings.warn(
                 f"{type(model).__name__}: decoder + output head do not reproduce the forward; computing full "
                 "logits (more memory and time)",
@@ -336,24 +330,12 @@ class LogitHead:
             )
         self.keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        assert self.decoder is not None
-        out = self.decoder(input_ids=ids, use_cache=False)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
-        assert self.head is not None
-        logits = self.head(hidden)
-        if self.softcap is not None:  # as Gemma's forward does it, in the head's dtype
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
-
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> Iterator[torch.Tensor]:
         """Logits (C, V) fp32 of the positions where ``mask`` (B, L) is True, row-major, in chunks."""
-        if self.decoder is not None:
-            picked = self._hidden(ids)[mask]
+        if self.split is not None:
+            picked = self.split.hidden_states(ids)[mask]
             for c in range(0, len(picked), self.chunk):
-                yield self._project(picked[c : c + self.chunk])
+                yield self.split.logits(picked[c : c + self.chunk]).float()
             return
         first = int(mask.float().argmax(dim=1).min())  # the earliest scored column of any row
         if self.keep:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,15 @@ _LOGIQA = re.compile(
     r"^\s*Passage: (.*?)\s*Question: (.*)\nA\. (.*)\nB\. (.*)\nC\. (.*)\nD\. (.*)\nAnswer:\s*$", re.S
 )
 _OPTION_PREFIX = re.compile(r"^[A-D]\.\s*")
+
+
+@cache
+def available_tasks() -> tuple[str, ...]:
+    """The tasks lm-eval's TaskManager finds in ``tasks/``, by name."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+    return tuple(sorted(manager.all_tasks))
 
 
 def load_docs(task: str) -> list[dict[str, Any]]:

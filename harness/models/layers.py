@@ -1,64 +1,37 @@
-"""Model sources, layer discovery, and fake quantization of chosen Linear layers with an exact restore.
-
-This is the only module that knows transformers' model classes. A model comes from an offline asset, a local
-directory, a .gguf file or a Hugging Face id; a GGUF is dequantized once into a safetensors cache, because
-converting it takes close to a minute and loading the cache seconds. Every parameter keeps the precision its
-source stored it in, since re-quantizing a weight that already lies on a 4-bit grid says nothing about the
-format under test.
-"""
+"""The Linear layers a quantization touches: discovery, fake quantization with an exact restore, and the
+inputs and per-layer errors that measure it."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import math
-import os
-import re
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-import transformers
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from harness import assets
-from harness.metrics import error_metrics, stored_bytes
+from harness.metrics import error_metrics, output_error, stored_bytes
+from harness.models.anatomy import body
+from harness.models.sources import LoadedModel, ModelError, source_bits
 from harness.quantize import QuantConfig, dequantize, quantize
 
-PRECISION_FILE = "source_precision.json"
 CAPTURE_ROWS = 256
 _LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
 
 
-class ModelError(RuntimeError):
-    """A model could not be loaded or a layer selection is empty; one line that says what to do."""
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model in eval mode with its tokenizer and the precision each parameter had in its source file."""
-
-    name: str
-    model: nn.Module
-    tokenizer: Any
-    is_causal_lm: bool
-    source: str
-    source_precision: dict[str, str]
-
-
 @dataclass(frozen=True)
 class LayerInfo:
+    """One Linear layer chosen for quantization, as ``discover_layers`` found it."""
+
     name: str
     shape: tuple[int, int]  # (out_features, in_features)
     numel: int
@@ -101,170 +74,6 @@ class Pristine:
     weights: dict[str, nn.Parameter]
     biases: dict[str, nn.Parameter | None]
     handles: list[RemovableHandle] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load an asset name, a local HF directory, a .gguf file or a Hugging Face id (in that order)."""
-    if spec in assets.ASSETS:
-        path = assets.ensure(spec)
-        loaded = _load_gguf(path, dtype) if path.suffix == ".gguf" else _load_pretrained(path, dtype)
-        return _renamed(loaded, name=spec, source=spec)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return _load_pretrained(path, dtype)
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelError(f"{spec} is a file but not a .gguf; pass a .gguf file or a model directory")
-        return _load_gguf(path, dtype)
-    if path.suffix == ".gguf" or spec.startswith(("/", ".", "~")):
-        raise ModelError(f"{spec} does not exist")
-    return _load_pretrained(spec, dtype)
-
-
-def _renamed(loaded: LoadedModel, *, name: str, source: str) -> LoadedModel:
-    return LoadedModel(
-        name, loaded.model, loaded.tokenizer, loaded.is_causal_lm, source, loaded.source_precision
-    )
-
-
-def _load_pretrained(location: Path | str, dtype: torch.dtype) -> LoadedModel:
-    """A transformers checkpoint: a causal LM when its architecture is one, else the bare encoder."""
-    local = isinstance(location, Path)
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(location))
-    except (OSError, ValueError) as exc:
-        if local:
-            raise ModelError(f"{location} is not a transformers model directory: {_first_line(exc)}") from exc
-        raise ModelError(
-            f"{location!r} is neither a local path nor an asset, and the Hugging Face hub is unreachable "
-            f"({_first_line(exc)}); pass a local model directory, a .gguf file or an asset name "
-            f"({', '.join(_model_assets())})"
-        ) from exc
-    is_causal = _is_causal_lm(config)
-    auto = transformers.AutoModelForCausalLM if is_causal else transformers.AutoModel
-    model = auto.from_pretrained(str(location), dtype=dtype).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(location))
-    weights_dir = Path(transformers.utils.cached_file(str(location), "config.json")).parent
-    stored = _safetensors_dtypes(weights_dir)
-    if (cached := weights_dir / PRECISION_FILE).is_file():  # a converted GGUF: the safetensors no longer know
-        stored = json.loads(cached.read_text())
-    precision = _per_parameter(model, stored, default=str(getattr(config, "dtype", None) or torch.float32))
-    name = location.name if local else str(location)
-    return LoadedModel(name, model, tokenizer, is_causal, str(location), precision)
-
-
-def _is_causal_lm(config: transformers.PretrainedConfig) -> bool:
-    causal = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    if config.architectures:
-        return any(arch in causal.values() for arch in config.architectures)
-    return config.model_type in causal
-
-
-def _model_assets() -> list[str]:
-    return [name for name, asset in assets.ASSETS.items() if asset.kind in ("gguf", "hf_dir")]
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _safetensors_dtypes(directory: Path) -> dict[str, str]:
-    """Stored dtype of every tensor ("F32", "BF16", ...), read from the safetensors headers only."""
-    from safetensors import safe_open
-
-    out: dict[str, str] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            out.update({key: f.get_slice(key).get_dtype() for key in f.keys()})  # noqa: SIM118
-    return out
-
-
-def _per_parameter(model: nn.Module, stored: Mapping[str, str], default: str) -> dict[str, str]:
-    """Map checkpoint tensor names to parameter names (with or without the base-model prefix); tied
-    parameters share their source's precision; anything unmatched gets the checkpoint's declared dtype."""
-    prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    precision: dict[str, str] = {}
-    for names in groups.values():
-        found = [
-            stored[key] for n in names for key in (n, n.removeprefix(prefix), prefix + n) if key in stored
-        ]
-        precision.update(dict.fromkeys(names, found[0] if found else default))
-    return precision
-
-
-# ------------------------------------------------------------------------------------------------ GGUF
-
-
-def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
-    """Load the safetensors conversion of a GGUF from the cache, converting it first if it is not there."""
-    stat = path.stat()
-    key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}"
-    converted = assets.cache_dir() / "converted" / key
-    if not (converted / PRECISION_FILE).is_file():
-        _convert_gguf(path, converted)
-    return _renamed(_load_pretrained(converted, dtype), name=path.stem, source=str(path))
-
-
-def _convert_gguf(path: Path, dest: Path) -> None:
-    """Dequantize to fp32 with transformers and save model, tokenizer and source precisions atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    tmp = scratch / dest.name  # made with the usual permissions, unlike mkdtemp's private folder
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        tmp.mkdir()
-        precision = _gguf_precision(path, model)
-        # The weights are dense fp32 by now, but the attached GGUF quantizer forbids save_pretrained.
-        if (quantizer := getattr(model, "hf_quantizer", None)) is not None:
-            quantizer.remove_quantization_config(model)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / PRECISION_FILE).write_text(json.dumps(precision, indent=1) + "\n")
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not (dest / PRECISION_FILE).is_file():  # not a concurrent conversion that finished first
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _gguf_precision(path: Path, model: nn.Module) -> dict[str, str]:
-    """GGUF tensor type per transformers parameter, through transformers' own GGUF→HF name map."""
-    import gguf
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-    )
-
-    reader = gguf.GGUFReader(path)
-    arch = reader.fields["general.architecture"].contents()
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
-    names = get_gguf_hf_weights_map(model, processor)
-    stored = {names[t.name]: t.tensor_type.name for t in reader.tensors if t.name in names}
-    return _per_parameter(model, stored, default="F32")
-
-
-def source_bits(precision: str) -> float:
-    """Bits of the grid a source type puts each weight on: Q4_1 → 4 (its scales aside), BF16 → 16,
-    torch.float32 → 32."""
-    if m := re.match(r"T?I?Q(\d)_", precision):
-        return float(m[1])
-    if m := re.fullmatch(r"B?F(\d+)(_\w+)?", precision):
-        return float(m[1])
-    if isinstance(dtype := getattr(torch, precision.removeprefix("torch."), None), torch.dtype):
-        return float(dtype.itemsize * 8)
-    raise ModelError(f"unknown source precision {precision!r}")
 
 
 # ------------------------------------------------------------------------------------------- discovery
@@ -444,7 +253,7 @@ def _source_warnings(results: list[LayerResult], config: QuantConfig) -> list[st
     ]
 
 
-# ---------------------------------------------------------------------------------- output-space error
+# --------------------------------------------------------------------------------------- input capture
 
 
 @torch.inference_mode()
@@ -468,7 +277,7 @@ def capture_inputs(
         x = args[0]
         kept[name].append(x.reshape(-1, x.shape[-1])[current].float())
 
-    runner = _body(model, [info.name for info in layers])
+    runner = body(model, [info.name for info in layers])
     handles = [
         model.get_submodule(info.name).register_forward_pre_hook(partial(keep, info.name)) for info in layers
     ]
@@ -481,26 +290,6 @@ def capture_inputs(
         for handle in handles:
             handle.remove()
     return {name: torch.cat(xs) for name, xs in kept.items()}
-
-
-def _body(model: nn.Module, names: list[str]) -> nn.Module:
-    """The base model when every chosen layer lies inside it: skips lm_head (262k × seq logits for Gemma)."""
-    base = getattr(model, "base_model", model)
-    prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    if base is not model and all(name.startswith(prefix) for name in names):
-        return base
-    return model
-
-
-def output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
-    """‖X Wᵀ − X Ŵᵀ‖_F / ‖X Wᵀ‖_F: the error the layer's output sees on real inputs.
-
-    fp32 matmuls (float64 would dominate a sweep's time); the difference W − Ŵ is formed first, so the
-    error term's rounding is relative to the error itself and a near-zero error stays near zero."""
-    w, x = weight.detach().float(), x.detach().float()
-    reference = float((x @ w.T).norm())
-    error = float((x @ (w - approx.detach().float()).T).norm())
-    return error / reference if reference else math.nan
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -524,27 +313,3 @@ def layer_table(result: ApplyResult) -> pd.DataFrame:
             for r in result.layers
         ]
     )
-
-
-def aggregate(table: pd.DataFrame) -> dict[str, float]:
-    """Whole-model numbers, each layer weighted by its parameter count; bits/param from the bytes stored."""
-    numel = table["numel"].astype(float)
-    total = float(numel.sum())
-
-    def weighted(column: str) -> float:
-        return float((table[column] * numel).sum() / total)
-
-    return {
-        "layers": float(len(table)),
-        "params": total,
-        "stored_bytes": float(table["stored_bytes"].sum()),
-        "bits_per_param": 8 * float(table["stored_bytes"].sum()) / total,
-        "mse_weighted": weighted("mse"),
-        "nmse_weighted": weighted("nmse"),
-        "rel_fro_weighted": weighted("rel_fro"),
-        "cosine_weighted": weighted("cosine"),
-        "output_rel_err_weighted": weighted("output_rel_err"),
-        "nmse_max": float(table["nmse"].max()),
-        "max_abs": float(table["max_abs"].max()),
-        "warnings": float(table["warning"].sum()),
-    }

@@ -1,0 +1,221 @@
+"""One config's measurement as a pure function: ``measure(session, config) -> Measurement``.
+
+A ``ModelSession`` holds what every config of one model shares: the loaded model with its chosen layers'
+pristine weights, the calibration inputs, the evaluation tokens and the base model's reference statistics
+(built once, cached on disk). ``measure`` quantizes the layers, measures weight and output error, evaluates
+perplexity, KLD and top-1 against the base and the lm-eval tasks, and restores the model. It writes nothing:
+the sweep logs what it returns, and the report derives every comparison between configs (Δ to the baseline).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from harness import assets
+from harness.cache import cache_dir
+from harness.data import token_splits
+from harness.evaluate.divergence import BaseReference, evaluate_against
+from harness.evaluate.perplexity import PerplexityProtocol, PerplexityResult, perplexity, text_counts
+from harness.evaluate.tasks import run_tasks
+from harness.experiments import RunConfig
+from harness.metrics import aggregate
+from harness.models import (
+    ApplyResult,
+    LoadedModel,
+    Pristine,
+    apply,
+    capture_inputs,
+    discover_layers,
+    layer_table,
+    restore,
+    snapshot,
+)
+from harness.plots import layer_error_plot
+from harness.quantize import COMPUTE_DTYPES
+
+PROJECTIONS = {"7B": 7e9, "70B": 70e9}  # model sizes whose memory at the measured bits/param is reported
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one config measured: declared metrics, the per-layer table and the figures (nothing logged)."""
+
+    config: RunConfig
+    metrics: dict[str, float]
+    layers: pd.DataFrame | None  # None for the baseline: nothing was quantized
+    figures: dict[str, Figure] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # about the source precision; the sweep shows each once
+    eval_s: float = 0.0
+
+
+@dataclass
+class ModelSession:
+    """A loaded model with what every config of its group shares: layers, data, base statistics."""
+
+    loaded: LoadedModel
+    pristine: Pristine
+    calibration: dict[str, torch.Tensor]
+    tokens: torch.Tensor  # the evaluation stream (1, N)
+    protocol: PerplexityProtocol
+    reference: BaseReference | None  # None when the experiment turns KLD off
+    params: dict[str, Any]  # facts of the session, logged as params of every run
+
+    @classmethod
+    def prepare(cls, loaded: LoadedModel, config: RunConfig) -> ModelSession:
+        torch.manual_seed(config.seed)
+        layers = discover_layers(loaded, list(config.include) or None, list(config.exclude) or None)
+        splits = token_splits(
+            config.data.corpus,
+            loaded.tokenizer,
+            calibration_sequences=config.data.calibration_sequences,
+            calibration_length=config.data.calibration_length,
+            eval_tokens=config.eval.tokens,
+            add_bos=config.eval.bos,
+        )
+        calibration = (
+            capture_inputs(loaded.model, layers, splits.calibration, seed=config.seed)
+            if config.data.calibration_sequences
+            else {}
+        )
+        protocol = PerplexityProtocol(config.eval.protocol, config.eval.context_length, config.eval.stride)
+        text_bytes, text_words = text_counts(loaded.tokenizer, splits.evaluation)
+        reference = None
+        if config.eval.kld:
+            reference = BaseReference.build(
+                loaded.model,
+                splits.evaluation,
+                protocol,
+                cache_dir=cache_dir() / "reference",
+                key=f"{loaded.source}|{config.data.corpus}",
+                text_bytes=text_bytes,
+                text_words=text_words,
+                bos_token_id=loaded.tokenizer.bos_token_id if config.eval.bos else None,
+                batch_size=config.eval.batch_size,
+                progress=False,
+            )
+        params = {
+            "text_bytes": text_bytes,
+            "text_words": text_words,
+            "n_layers_quantized": len(layers),
+            "params_quantized": sum(info.numel for info in layers),
+            "params_total": sum(p.numel() for p in loaded.model.parameters()),
+            "asset": _asset_pin(config.model),
+            "n_docs_calibration": splits.n_docs_cal,
+            "n_docs_eval": splits.n_docs_eval,
+        }
+        pristine = snapshot(loaded.model, layers)
+        return cls(loaded, pristine, calibration, splits.evaluation, protocol, reference, params)
+
+    @property
+    def element_size(self) -> int:
+        return next(self.loaded.model.parameters()).element_size()
+
+
+def measure(session: ModelSession, config: RunConfig) -> Measurement:
+    """Quantize, measure, evaluate and restore one config; the model is as before when this returns."""
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    with _applied(session, config) as result:
+        quantize_s = time.perf_counter() - start
+        layers = layer_table(result) if result is not None else None
+        metrics = _storage_and_error(session, layers)
+        eval_start = time.perf_counter()
+        metrics |= _evaluate(session, config)
+        eval_s = time.perf_counter() - eval_start
+    metrics |= {
+        "time_quantize_s": quantize_s,
+        "time_eval_s": eval_s,
+        "time_total_s": time.perf_counter() - start,
+    }
+    figures = {"layer_nmse.png": layer_error_plot(layers)} if layers is not None else {}
+    found = tuple(result.warnings) if result is not None else ()
+    return Measurement(config, metrics, layers, figures, found, eval_s)
+
+
+@contextmanager
+def _applied(session: ModelSession, config: RunConfig) -> Iterator[ApplyResult | None]:
+    quant = config.quant_config()
+    if quant is None:
+        yield None
+        return
+    with warnings.catch_warnings():  # returned in the Measurement instead, so a sweep says each once
+        warnings.simplefilter("ignore", UserWarning)
+        result = apply(session.pristine, quant, COMPUTE_DTYPES[config.compute_dtype], session.calibration)
+    try:
+        yield result
+    finally:
+        restore(session.pristine)
+
+
+def _storage_and_error(session: ModelSession, layers: pd.DataFrame | None) -> dict[str, float]:
+    """Bits, memory and weight-space error of the quantized layers (for the baseline: its loaded dtype).
+
+    Memory counts every parameter that is not quantized at its loaded dtype."""
+    total = session.params["params_total"]
+    if layers is None:
+        bits = 8.0 * session.element_size
+        metrics = {"bits_per_param": bits, "model_memory_bytes": total * bits / 8}
+    else:
+        metrics = aggregate(layers)
+        rest = total - float(layers["numel"].sum())
+        metrics["model_memory_bytes"] = metrics["stored_bytes"] + rest * session.element_size
+        nmse = metrics["nmse"]
+        metrics["sqnr_db"] = -10 * math.log10(nmse) if nmse > 0 else math.inf
+    for label, count in PROJECTIONS.items():
+        metrics[f"projected_{label}_GB"] = count * metrics["bits_per_param"] / 8 / 1e9
+    return metrics
+
+
+def _evaluate(session: ModelSession, config: RunConfig) -> dict[str, float]:
+    """Perplexity, KLD/top-1 against the base from the same forward passes, and the lm-eval tasks."""
+    model, tokenizer = session.loaded.model, session.loaded.tokenizer
+    metrics: dict[str, float] = {}
+    if session.reference is None:
+        ppl: PerplexityResult = perplexity(
+            model,
+            session.tokens,
+            session.protocol,
+            text_bytes=int(session.params["text_bytes"]),
+            text_words=int(session.params["text_words"]),
+            bos_token_id=tokenizer.bos_token_id if config.eval.bos else None,
+            batch_size=config.eval.batch_size,
+            progress=False,
+        )
+    else:
+        ppl, divergence = evaluate_against(model, session.reference, progress=False)
+        metrics |= {
+            "kld_mean": divergence.kld_mean,
+            "kld_p99": divergence.kld_p99,
+            "top1_agreement": divergence.top1_agreement,
+        }
+    metrics |= {"ppl": ppl.ppl, "bits_per_byte": ppl.bits_per_byte, "word_ppl": ppl.word_perplexity}
+    if config.eval.tasks:
+        accuracies = run_tasks(
+            model,
+            tokenizer,
+            list(config.eval.tasks),
+            limit=config.eval.limit,
+            batch_size=config.eval.batch_size,
+        )
+        for task, values in accuracies.items():
+            for name in ("acc", "acc_norm"):
+                if name in values:
+                    metrics[f"{name}_{task}"] = values[name]
+                    metrics[f"{name}_{task}_stderr"] = values[f"{name}_stderr"]
+    return metrics
+
+
+def _asset_pin(model: str) -> str:
+    if model not in assets.ASSETS:
+        return model
+    return ", ".join(f"{p.name}=={p.version}" for p in assets.ASSETS[model].packages)

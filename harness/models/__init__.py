@@ -1,0 +1,43 @@
+"""Models: where they come from, the Linear layers a quantization touches, and where a model can be cut.
+
+This package is the only part of the harness that knows transformers' model classes and structure; the rest
+receives what it needs from here (``sources`` loads, ``layers`` quantizes and restores, ``anatomy`` splits).
+"""
+
+from harness.models.anatomy import LogitSplit, logit_split
+from harness.models.layers import (
+    ApplyResult,
+    LayerInfo,
+    LayerResult,
+    Pristine,
+    apply,
+    capture_inputs,
+    discover_layers,
+    format_layers,
+    layer_table,
+    quantized,
+    restore,
+    snapshot,
+)
+from harness.models.sources import LoadedModel, ModelError, load_model, source_bits
+
+__all__ = [
+    "ApplyResult",
+    "LayerInfo",
+    "LayerResult",
+    "LoadedModel",
+    "LogitSplit",
+    "ModelError",
+    "Pristine",
+    "apply",
+    "capture_inputs",
+    "discover_layers",
+    "format_layers",
+    "layer_table",
+    "load_model",
+    "logit_split",
+    "quantized",
+    "restore",
+    "snapshot",
+    "source_bits",
+]

@@ -1,0 +1,190 @@
+"""Where a model comes from: an offline asset, a local directory, a .gguf file or a Hugging Face id.
+
+A GGUF is dequantized once into a safetensors cache entry, because converting it takes close to a minute and
+loading the entry seconds. Every parameter keeps the precision its source stored it in, since re-quantizing a
+weight that already lies on a 4-bit grid says nothing about the format under test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from harness import assets
+from harness.cache import building, cache_dir
+
+PRECISION_FILE = "source_precision.json"
+
+
+class ModelError(RuntimeError):
+    """A model could not be loaded or a layer selection is empty; one line that says what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in eval mode with its tokenizer and the precision each parameter had in its source file."""
+
+    name: str
+    model: nn.Module
+    tokenizer: Any
+    is_causal_lm: bool
+    source: str
+    source_precision: dict[str, str]
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load an asset name, a local HF directory, a .gguf file or a Hugging Face id (in that order)."""
+    if spec in assets.ASSETS:
+        path = assets.ensure(spec)
+        loaded = _load_gguf(path, dtype) if path.suffix == ".gguf" else _load_pretrained(path, dtype)
+        return _renamed(loaded, name=spec, source=spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_pretrained(path, dtype)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"{spec} is a file but not a .gguf; pass a .gguf file or a model directory")
+        return _load_gguf(path, dtype)
+    if path.suffix == ".gguf" or spec.startswith(("/", ".", "~")):
+        raise ModelError(f"{spec} does not exist")
+    return _load_pretrained(spec, dtype)
+
+
+def source_bits(precision: str) -> float:
+    """Bits of the grid a source type puts each weight on: Q4_1 → 4 (its scales aside), BF16 → 16,
+    torch.float32 → 32."""
+    if m := re.match(r"T?I?Q(\d)_", precision):
+        return float(m[1])
+    if m := re.fullmatch(r"B?F(\d+)(_\w+)?", precision):
+        return float(m[1])
+    if isinstance(dtype := getattr(torch, precision.removeprefix("torch."), None), torch.dtype):
+        return float(dtype.itemsize * 8)
+    raise ModelError(f"unknown source precision {precision!r}")
+
+
+def _renamed(loaded: LoadedModel, *, name: str, source: str) -> LoadedModel:
+    return LoadedModel(
+        name, loaded.model, loaded.tokenizer, loaded.is_causal_lm, source, loaded.source_precision
+    )
+
+
+def _load_pretrained(location: Path | str, dtype: torch.dtype) -> LoadedModel:
+    """A transformers checkpoint: a causal LM when its architecture is one, else the bare encoder."""
+    local = isinstance(location, Path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(location))
+    except (OSError, ValueError) as exc:
+        if local:
+            raise ModelError(f"{location} is not a transformers model directory: {_first_line(exc)}") from exc
+        raise ModelError(
+            f"{location!r} is neither a local path nor an asset, and the Hugging Face hub is unreachable "
+            f"({_first_line(exc)}); pass a local model directory, a .gguf file or an asset name "
+            f"({', '.join(_model_assets())})"
+        ) from exc
+    is_causal = _is_causal_lm(config)
+    auto = transformers.AutoModelForCausalLM if is_causal else transformers.AutoModel
+    model = auto.from_pretrained(str(location), dtype=dtype).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(location))
+    weights_dir = Path(transformers.utils.cached_file(str(location), "config.json")).parent
+    stored = _safetensors_dtypes(weights_dir)
+    if (cached := weights_dir / PRECISION_FILE).is_file():  # a converted GGUF: the safetensors no longer know
+        stored = json.loads(cached.read_text())
+    precision = _per_parameter(model, stored, default=str(getattr(config, "dtype", None) or torch.float32))
+    name = location.name if local else str(location)
+    return LoadedModel(name, model, tokenizer, is_causal, str(location), precision)
+
+
+def _is_causal_lm(config: transformers.PretrainedConfig) -> bool:
+    causal = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if config.architectures:
+        return any(arch in causal.values() for arch in config.architectures)
+    return config.model_type in causal
+
+
+def _model_assets() -> list[str]:
+    return [name for name, asset in assets.ASSETS.items() if asset.kind in ("gguf", "hf_dir")]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _safetensors_dtypes(directory: Path) -> dict[str, str]:
+    """Stored dtype of every tensor ("F32", "BF16", ...), read from the safetensors headers only."""
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            out.update({key: f.get_slice(key).get_dtype() for key in f.keys()})  # noqa: SIM118
+    return out
+
+
+def _per_parameter(model: nn.Module, stored: Mapping[str, str], default: str) -> dict[str, str]:
+    """Map checkpoint tensor names to parameter names (with or without the base-model prefix); tied
+    parameters share their source's precision; anything unmatched gets the checkpoint's declared dtype."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    precision: dict[str, str] = {}
+    for names in groups.values():
+        found = [
+            stored[key] for n in names for key in (n, n.removeprefix(prefix), prefix + n) if key in stored
+        ]
+        precision.update(dict.fromkeys(names, found[0] if found else default))
+    return precision
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
+    """Load the safetensors conversion of a GGUF from the cache, converting it first if it is not there."""
+    stat = path.stat()
+    key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}"
+    converted = cache_dir() / "converted" / key
+    with building(converted, PRECISION_FILE) as build:
+        if build is not None:
+            _convert_gguf(path, build)
+    return _renamed(_load_pretrained(converted, dtype), name=path.stem, source=str(path))
+
+
+def _convert_gguf(path: Path, dest: Path) -> None:
+    """Dequantize to fp32 with transformers and save model, tokenizer and, last, the source precisions."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    precision = _gguf_precision(path, model)
+    # The weights are dense fp32 by now, but the attached GGUF quantizer forbids save_pretrained.
+    if (quantizer := getattr(model, "hf_quantizer", None)) is not None:
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    (dest / PRECISION_FILE).write_text(json.dumps(precision, indent=1) + "\n")
+
+
+def _gguf_precision(path: Path, model: nn.Module) -> dict[str, str]:
+    """GGUF tensor type per transformers parameter, through transformers' own GGUF→HF name map."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+    names = get_gguf_hf_weights_map(model, processor)
+    stored = {names[t.name]: t.tensor_type.name for t in reader.tensors if t.name in names}
+    return _per_parameter(model, stored, default="F32")

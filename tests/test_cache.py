@@ -1,0 +1,118 @@
+"""Cache entries are built once across processes, appear whole, and a failed build leaves nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from harness.cache import building
+
+# Builds ENTRY unless it is complete, logging each build and holding it open until the file GO exists, then
+# prints what the entry holds.
+CHILD = """
+import sys, time
+from pathlib import Path
+from harness.cache import building
+
+entry, log, go = map(Path, sys.argv[1:])
+with building(entry, "done") as build:
+    if build is not None:
+        with log.open("a") as f:
+            f.write("build\\n")
+        while not go.exists():
+            time.sleep(0.02)
+        (build / "data").write_text("complete")
+        (build / "done").write_text("")
+print((entry / "data").read_text())
+"""
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def temporaries(root: Path) -> list[str]:
+    """The build folders in ``root`` that were not renamed into place."""
+    return [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_two_processes_build_an_entry_once(tmp_path: Path) -> None:
+    entry, log, go = tmp_path / "cache" / "entry", tmp_path / "log", tmp_path / "go"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(entry), str(log), str(go)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    _wait_for(lambda: log.exists())  # one child holds the lock and is building
+    time.sleep(0.5)  # time for the other to reach the lock
+    assert all(child.poll() is None for child in children)  # the other waits rather than builds
+    go.touch()
+    outputs = [child.communicate(timeout=60)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0]
+    assert log.read_text() == "build\n"
+    assert outputs == ["complete\n", "complete\n"]
+    assert temporaries(entry.parent) == []
+
+
+def test_a_complete_entry_is_not_built_again(tmp_path: Path) -> None:
+    entry = tmp_path / "entry"
+    with building(entry, "done") as build:
+        assert build is not None
+        (build / "done").write_text("first")
+    with building(entry, "done") as build:
+        assert build is None
+    assert (entry / "done").read_text() == "first"
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_a_failed_build_leaves_no_entry_and_no_temporary(tmp_path: Path, error: BaseException) -> None:
+    entry = tmp_path / "entry"
+    with pytest.raises(type(error)), building(entry, "done") as build:
+        assert build is not None
+        (build / "half").write_text("half")
+        raise error
+    assert not entry.exists() and temporaries(tmp_path) == []
+
+
+def test_a_build_without_its_marker_is_discarded(tmp_path: Path) -> None:
+    entry = tmp_path / "entry"
+    with pytest.raises(RuntimeError, match="without writing done"), building(entry, "done") as build:
+        assert build is not None
+        (build / "data").write_text("no marker")
+    assert not entry.exists() and temporaries(tmp_path) == []
+
+
+def test_a_stale_entry_is_replaced_whole_and_kept_when_the_rebuild_fails(tmp_path: Path) -> None:
+    entry = tmp_path / "entry"
+    with building(entry, "done") as build:
+        assert build is not None
+        (build / "old-only").write_text("")
+        (build / "done").write_text("old")
+    with pytest.raises(RuntimeError), building(entry, "done", stale=lambda _: True) as build:
+        raise RuntimeError("boom")
+    assert (entry / "done").read_text() == "old"
+    with building(entry, "done", stale=lambda path: (path / "done").read_text() == "old") as build:
+        assert build is not None
+        (build / "done").write_text("new")
+    assert sorted(p.name for p in entry.iterdir()) == ["done"]
+    assert (entry / "done").read_text() == "new" and temporaries(tmp_path) == []
+
+
+def test_temporaries_of_a_killed_builder_are_removed(tmp_path: Path) -> None:
+    left = tmp_path / ".entry.4242.abc_12.tmp"  # a builder of this entry killed with -9
+    (left / "entry").mkdir(parents=True)
+    other = tmp_path / ".entry.x.4242.abc_12.tmp"  # another entry's
+    other.mkdir()
+    with building(tmp_path / "entry", "done") as build:
+        assert build is not None
+        (build / "done").write_text("")
+    assert temporaries(tmp_path) == [other.name]
