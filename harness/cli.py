@@ -9,6 +9,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.tracking import STORE_HELP
+
     parser = argparse.ArgumentParser(
         prog="harness",
         description="Measure how faithfully 4-bit weight quantization (QLoRA family) preserves a model.",
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--limit", type=int, help="run only the first N configs (a quick look)")
     p.add_argument("--force", action="store_true", help="redo configs that already have a FINISHED run")
-    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--tracking-uri", help=STORE_HELP)
     p.set_defaults(run=_sweep)
 
     p = commands.add_parser("fetch", help="download the pinned offline assets into the cache")
@@ -55,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_layers)
 
     p = commands.add_parser("ui", help="serve the MLflow UI on 127.0.0.1:5000")
-    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--tracking-uri", help=STORE_HELP)
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     p.set_defaults(run=_ui)
 
     p = commands.add_parser("tables", help="write paper-ready tables and plots of an experiment")
     p.add_argument("experiment", help="experiment to tabulate (into ./results/EXPERIMENT/)")
-    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--tracking-uri", help=STORE_HELP)
     p.add_argument("--rows", help="generic pivot: the row field (e.g. format)")
     p.add_argument("--cols", help="generic pivot: the column field (e.g. block_size)")
     p.add_argument("--metric", help="generic pivot: the metric (e.g. ppl)")

@@ -351,49 +351,16 @@ register_metric(
     decimals=1,
     scale=100,
 )
-# Zero-shot tasks through lm-eval
-register_metric(
-    f"acc_{TASK}",
-    f"{TASK} acc.",
-    "%",
-    "higher",
-    "model",
-    "lm-eval zero-shot accuracy of the task",
-    decimals=1,
-    scale=100,
-    stderr=f"acc_{TASK}_stderr",
-)
-register_metric(
-    f"acc_{TASK}_stderr",
-    f"{TASK} acc. SE",
-    "%",
-    None,
-    "model",
-    "lm-eval's standard error of that accuracy",
-    decimals=1,
-    scale=100,
-)
-register_metric(
-    f"acc_norm_{TASK}",
-    f"{TASK} acc_norm",
-    "%",
-    "higher",
-    "model",
-    "lm-eval zero-shot accuracy with length-normalised scores",
-    decimals=1,
-    scale=100,
-    stderr=f"acc_norm_{TASK}_stderr",
-)
-register_metric(
-    f"acc_norm_{TASK}_stderr",
-    f"{TASK} acc_norm SE",
-    "%",
-    None,
-    "model",
-    "lm-eval's standard error of that accuracy",
-    decimals=1,
-    scale=100,
-)
+# Zero-shot tasks through lm-eval: one family per score, each with lm-eval's standard error
+for _score, _what in (("acc", "accuracy"), ("acc_norm", "accuracy with length-normalised scores")):
+    register_metric(
+        f"{_score}_{TASK}", f"{TASK} {_score}", "%", "higher", "model",
+        f"lm-eval zero-shot {_what} of the task", decimals=1, scale=100, stderr=f"{_score}_{TASK}_stderr",
+    )  # fmt: skip
+    register_metric(
+        f"{_score}_{TASK}_stderr", f"{TASK} {_score} SE", "%", None, "model",
+        f"lm-eval's standard error of {_score}_{TASK}", decimals=1, scale=100,
+    )  # fmt: skip
 # Cost
 register_metric(
     "time_quantize_s", "Quantize time", "s", "lower", "model", "quantizing every chosen layer", decimals=1

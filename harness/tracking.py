@@ -22,7 +22,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from importlib import metadata
@@ -33,7 +32,7 @@ import pandas as pd
 
 import harness
 from harness import NUMERICS_VERSION
-from harness.cache import cache_dir
+from harness.cache import building, cache_dir
 from harness.liveness import pid_alive
 from harness.metrics import metric
 
@@ -67,6 +66,9 @@ VERSIONED_PACKAGES = (
     "bitsandbytes",
     "torchao",
 )
+
+
+STORE_HELP = "MLflow store (default: $MLFLOW_TRACKING_URI or sqlite ./mlflow.db)"
 
 
 def default_tracking_uri() -> str:
@@ -298,26 +300,21 @@ class Tracker:
             parent.log_artifact(path, REPORT_FOLDER)
 
     def download_artifact(self, run_id: str, path: str) -> Path:
-        """A local copy of one artifact, kept under the cache (runs are immutable once finished).
-
-        The download lands in a temporary directory first and is renamed into place, so an interrupted
-        download never leaves a partial file that a later call would trust.
-        """
+        """A local copy of one artifact, kept in the cache (runs are immutable once finished) and built
+        atomically there, so an interrupted download never leaves a partial file that a later call trusts."""
         from mlflow.exceptions import MlflowException
 
-        destination = cache_dir() / "artifacts" / run_id
-        local = destination / path
-        if local.exists():
-            return local
-        destination.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=destination, prefix=".partial-") as staging:
-            try:
-                fetched = Path(self._client.download_artifacts(run_id, path, staging))
-            except (MlflowException, OSError) as exc:
-                raise FileNotFoundError(f"run {run_id} has no artifact {path!r}: {exc}") from None
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fetched.replace(local)
-        return local
+        entry = cache_dir() / "artifacts" / run_id / path
+        with building(entry, marker=Path(path).name) as build:
+            if build is not None:
+                staging = build.parent / "download"
+                staging.mkdir()
+                try:
+                    fetched = Path(self._client.download_artifacts(run_id, path, str(staging)))
+                except (MlflowException, OSError) as exc:
+                    raise FileNotFoundError(f"run {run_id} has no artifact {path!r}: {exc}") from None
+                fetched.replace(build / Path(path).name)
+        return entry / Path(path).name
 
     def ui_command(self, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
         return [

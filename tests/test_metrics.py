@@ -51,7 +51,7 @@ def test_task_families_fill_in_the_task() -> None:
     acc = metric("acc_piqa")
     assert (acc.name, acc.label, acc.stderr, acc.better) == (
         "acc_piqa",
-        "piqa acc.",
+        "piqa acc",
         "acc_piqa_stderr",
         "higher",
     )

@@ -195,7 +195,7 @@ def test_datatypes_table(report: dict[str, Path]) -> None:
         "ΔPPL ↓",
         "KLD (nats) ↓",
         "Top-1 (%) ↑",
-        "siqa_local acc. (%) ↑",
+        "siqa_local acc (%) ↑",
     ]
     assert baseline[:5] == ["unquantized", "—", "—", "—", "20.00"]  # a reference: never bold
     assert baseline[-1] == "52.0"  # its stderr was not logged

@@ -278,3 +278,13 @@ def test_report_from_a_real_sweep_is_byte_reproducible(store: str, tmp_path: Pat
     base_ppl = selected.baseline["metrics.ppl"].item()
     expected = selected.quantized["metrics.ppl"] - base_ppl
     assert (selected.quantized["metrics.delta_ppl"] == expected).all()
+
+
+def test_only_tracking_talks_to_mlflow() -> None:
+    package = Path(__file__).parents[1] / "harness"
+    for path in package.rglob("*.py"):
+        if path.name == "tracking.py":
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "mlflow" in line:  # the name of the package, as imported; "MLflow" in prose is fine
+                assert line.strip().startswith("#"), f"{path.name}:{number}: {line.strip()}"
