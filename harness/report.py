@@ -476,7 +476,7 @@ def pivot_table(runs: Runs, rows: str, cols: str, key: str) -> Table:
     return Table(name, caption, row_fields, [list(rk) for rk in row_keys], columns)
 
 
-_NOT_AXES = ("label", "config_hash", "git_commit")  # differ between runs without being an axis
+_NOT_AXES = ("label", "variant", "config_hash", "git_commit")  # differ between runs, derived or provenance
 
 
 def _fields(frame: pd.DataFrame, spec: str) -> list[str]:
