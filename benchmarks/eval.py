@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -144,7 +145,7 @@ def bench_model(name: str, n_tokens: int, context: int, runs: int) -> None:
             f"KLD overhead {overhead - 1:+.0%}"
         )
         print(
-            f"self-check: KLD mean {self_div.kld_mean:.2e}, max {self_div.kld_max:.2e}, "
+            f"self-check: KLD mean {self_div.kld_mean:.2e}, max {self_div.kld.max():.2e}, "
             f"top-1 {self_div.top1_agreement:.4f}"
         )
 
@@ -162,8 +163,9 @@ def bench_model(name: str, n_tokens: int, context: int, runs: int) -> None:
         print(
             f"int4 block 256 on {len(originals)} block Linears: "
             f"ppl {ref.perplexity().ppl:.3f} -> {q_ppl.ppl:.3f}, "
-            f"KLD mean {q_div.kld_mean:.4f} p50 {q_div.kld_p50:.4f} p99 {q_div.kld_p99:.4f} "
-            f"max {q_div.kld_max:.3f}, top-1 {q_div.top1_agreement:.3f}"
+            f"KLD mean {q_div.kld_mean:.4f} p50 {np.median(q_div.kld):.4f} "
+            f"p99 {np.percentile(q_div.kld, 99):.4f} max {q_div.kld.max():.3f}, "
+            f"top-1 {q_div.top1_agreement:.3f}"
         )
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)

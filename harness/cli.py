@@ -70,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="folder to write into (default: ./results/EXPERIMENT)")
     p.set_defaults(run=_tables)
 
+    p = commands.add_parser(
+        "compare", help="paired difference of two configs from their per-token results (no model run)"
+    )
+    p.add_argument("experiment", help="the experiment both configs belong to")
+    p.add_argument("first", help="config label, e.g. nf4-b64 (see `harness tables` or the UI)")
+    p.add_argument("second", help="config label to subtract, e.g. nf4-b256, or baseline")
+    p.add_argument("--tracking-uri", help=STORE_HELP)
+    p.set_defaults(run=_compare)
+
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
@@ -175,6 +184,13 @@ def _tables(args: argparse.Namespace) -> int:
         print(path)
     for warning in report.warnings:
         print(f"harness: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from harness.report import compare
+
+    print(compare(args.experiment, args.first, args.second, args.tracking_uri))
     return 0
 
 

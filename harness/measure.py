@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
@@ -42,6 +43,7 @@ from harness.models import (
 )
 from harness.plots import layer_error_plot
 from harness.quantize import COMPUTE_DTYPES
+from harness.stats import kld_percentiles, token_statistics
 
 PROJECTIONS = {"7B": 7e9, "70B": 70e9}  # model sizes whose memory at the measured bits/param is reported
 
@@ -53,7 +55,9 @@ class Measurement:
     config: RunConfig
     metrics: dict[str, float]
     layers: pd.DataFrame | None  # None for the baseline: nothing was quantized
+    tokens: dict[str, np.ndarray]  # per scored token, in order: nll, and against the base kld, top1_match...
     figures: dict[str, Figure] = field(default_factory=dict)
+    records: dict[str, dict[str, float]] = field(default_factory=dict)  # small JSON artifacts
     warnings: tuple[str, ...] = ()  # about the source precision; the sweep shows each once
     eval_s: float = 0.0
 
@@ -130,7 +134,8 @@ def measure(session: ModelSession, config: RunConfig) -> Measurement:
         layers = layer_table(result) if result is not None else None
         metrics = _storage_and_error(session, layers)
         eval_start = time.perf_counter()
-        metrics |= _evaluate(session, config)
+        evaluated, per_token = _evaluate(session, config)
+        metrics |= evaluated
         eval_s = time.perf_counter() - eval_start
     metrics |= {
         "time_quantize_s": quantize_s,
@@ -138,8 +143,9 @@ def measure(session: ModelSession, config: RunConfig) -> Measurement:
         "time_total_s": time.perf_counter() - start,
     }
     figures = {"layer_nmse.png": layer_error_plot(layers)} if layers is not None else {}
+    records = {"kld_percentiles.json": kld_percentiles(per_token["kld"])} if "kld" in per_token else {}
     found = tuple(result.warnings) if result is not None else ()
-    return Measurement(config, metrics, layers, figures, found, eval_s)
+    return Measurement(config, metrics, layers, per_token, figures, records, found, eval_s)
 
 
 @contextmanager
@@ -176,10 +182,12 @@ def _storage_and_error(session: ModelSession, layers: pd.DataFrame | None) -> di
     return metrics
 
 
-def _evaluate(session: ModelSession, config: RunConfig) -> dict[str, float]:
-    """Perplexity, KLD/top-1 against the base from the same forward passes, and the lm-eval tasks."""
+def _evaluate(session: ModelSession, config: RunConfig) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Perplexity, KLD/top-1 against the base from the same forward passes, and the lm-eval tasks: the
+    statistics, and the per-token results they come from."""
     model, tokenizer = session.loaded.model, session.loaded.tokenizer
     metrics: dict[str, float] = {}
+    per_token: dict[str, np.ndarray]
     if session.reference is None:
         ppl: PerplexityResult = perplexity(
             model,
@@ -191,14 +199,18 @@ def _evaluate(session: ModelSession, config: RunConfig) -> dict[str, float]:
             batch_size=config.eval.batch_size,
             progress=False,
         )
+        per_token = {"nll": ppl.nll}
+        metrics |= token_statistics(ppl.nll)
     else:
         ppl, divergence = evaluate_against(model, session.reference, progress=False)
-        metrics |= {
-            "kld_mean": divergence.kld_mean,
-            "kld_p99": divergence.kld_p99,
-            "top1_agreement": divergence.top1_agreement,
+        per_token = {
+            "nll": ppl.nll,
+            "base_nll": divergence.base_nll,
+            "kld": divergence.kld,
+            "top1_match": divergence.top1_match,
         }
-    metrics |= {"ppl": ppl.ppl, "bits_per_byte": ppl.bits_per_byte, "word_ppl": ppl.word_perplexity}
+        metrics |= token_statistics(ppl.nll, per_token)
+    metrics |= {"bits_per_byte": ppl.bits_per_byte, "word_ppl": ppl.word_perplexity}
     if config.eval.tasks:
         accuracies = run_tasks(
             model,
@@ -212,7 +224,7 @@ def _evaluate(session: ModelSession, config: RunConfig) -> dict[str, float]:
                 if name in values:
                     metrics[f"{name}_{task}"] = values[name]
                     metrics[f"{name}_{task}_stderr"] = values[f"{name}_stderr"]
-    return metrics
+    return metrics, per_token
 
 
 def _asset_pin(model: str) -> str:

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from harness.quantize import QuantizedTensor
+from harness.stats import METHOD
 
 PROJECTION_PARAMS = {"7B": 7e9, "70B": 70e9}
 
@@ -130,6 +131,8 @@ class MetricSpec:
     scale: float = 1.0  # shown × scale: 100 for a share shown in %, 1e-6 for bytes shown in MB
     signed: bool = False
     stderr: str | None = None  # the metric holding this one's standard error
+    interval: tuple[str, str] | None = None  # the metrics holding its 95 % interval (low, high)
+    per_token: str | None = None  # the per-token series whose mean it orders by: two runs compare paired
     scope: Scope = "config"  # a config's run, or the sweep's parent run
 
     @property
@@ -300,57 +303,68 @@ register_metric(
     "‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F on calibration inputs X of each layer",
     scale=100,
 )
-# Language modelling, on the evaluation tokens under the experiment's perplexity protocol
+# Language modelling, on the evaluation tokens under the experiment's perplexity protocol. Every interval is
+# a block bootstrap over the scored tokens in order (harness.stats.METHOD), paired where two models meet.
 register_metric(
-    "ppl",
-    "PPL",
-    "",
-    "lower",
-    "model",
-    "exp(mean NLL) of the scored tokens under the named protocol",
-    decimals=2,
-)
+    "ppl", "PPL", "", "lower", "model", "exp(mean NLL) of the scored tokens under the named protocol",
+    decimals=2, interval=("ppl_ci95_low", "ppl_ci95_high"), per_token="nll",
+)  # fmt: skip
+for _end in ("low", "high"):
+    register_metric(
+        f"ppl_ci95_{_end}", f"PPL 95% CI {_end}", "", None, "model",
+        f"{_end} end of the 95% interval of ppl ({METHOD})", decimals=2,
+    )  # fmt: skip
+    register_metric(
+        f"delta_ppl_ci95_{_end}", f"ΔPPL 95% CI {_end}", "", None, "model",
+        f"{_end} end of the paired 95% interval of delta_ppl ({METHOD})", decimals=2, signed=True,
+    )  # fmt: skip
 register_metric(
-    "delta_ppl",
-    "ΔPPL",
-    "",
-    "lower",
-    "model",
-    "ppl − ppl of the unquantized model on the same tokens (computed by the report)",
-    decimals=2,
-    signed=True,
-)
+    "delta_ppl", "ΔPPL", "", "lower", "model", "ppl − ppl of the unquantized model on the same tokens",
+    decimals=2, signed=True, interval=("delta_ppl_ci95_low", "delta_ppl_ci95_high"), per_token="nll",
+)  # fmt: skip
 register_metric(
-    "bits_per_byte",
-    "Bits/byte",
-    "",
-    "lower",
-    "model",
-    "total NLL in bits / UTF-8 bytes of the evaluated text",
-    decimals=4,
-)
+    "ln_ppl_ratio", "ln(PPL ratio)", "nats", "lower", "model",
+    "mean over the same tokens of NLL(quantized) − NLL(unquantized) = ln(PPL(Q)/PPL(base))",
+    sig=3, signed=True, stderr="ln_ppl_ratio_se", per_token="nll",
+)  # fmt: skip
 register_metric(
-    "word_ppl", "Word PPL", "", "lower", "model", "exp(total NLL / whitespace-separated words)", decimals=2
-)
+    "ln_ppl_ratio_se", "ln(PPL ratio) SE", "nats", None, "model",
+    f"paired standard error of ln_ppl_ratio ({METHOD})",
+)  # fmt: skip
+register_metric("bits_per_byte", "Bits/byte", "", "lower", "model",
+                "total NLL in bits / UTF-8 bytes of the evaluated text", decimals=4)  # fmt: skip
+register_metric("word_ppl", "Word PPL", "", "lower", "model",
+                "exp(total NLL / whitespace-separated words)", decimals=2)  # fmt: skip
+register_metric("tokens_scored", "Tokens", "", None, "model", "scored evaluation tokens", decimals=0)
+# Agreement with the unquantized model, token by token
 register_metric(
-    "kld_mean",
-    "KLD",
-    "nats",
-    "lower",
-    "model",
-    "mean over scored tokens of KL(unquantized ‖ quantized), exact over the vocabulary",
-)
-register_metric("kld_p99", "KLD p99", "nats", "lower", "model", "99th percentile of the per-token KLD")
+    "kld_mean", "KLD", "nats", "lower", "model",
+    "mean over scored tokens of KL(unquantized ‖ quantized), over the whole vocabulary", stderr="kld_mean_se",
+    per_token="kld",
+)  # fmt: skip
+register_metric("kld_mean_se", "KLD SE", "nats", None, "model", f"standard error of kld_mean ({METHOD})")
+for _name, _label, _what in (
+    ("kld_median", "KLD median", "median"),
+    ("kld_p90", "KLD p90", "90th percentile"),
+    ("kld_p99", "KLD p99", "99th percentile"),
+    ("kld_p999", "KLD p99.9", "99.9th percentile"),
+    ("kld_max", "KLD max", "maximum"),
+):
+    register_metric(_name, _label, "nats", "lower", "model", f"{_what} of the per-token KLD")
 register_metric(
-    "top1_agreement",
-    "Top-1",
-    "%",
-    "higher",
-    "model",
-    "share of scored tokens where both models' most likely next token is the same",
-    decimals=1,
-    scale=100,
-)
+    "top1_agreement", "Top-1", "%", "higher", "model",
+    "share of scored tokens where both models' most likely next token is the same (\"same top p\")",
+    decimals=1, scale=100, stderr="top1_agreement_se", per_token="top1_match",
+)  # fmt: skip
+register_metric(
+    "top1_agreement_se", "Top-1 SE", "%", None, "model", f"standard error of top1_agreement ({METHOD})",
+    decimals=1, scale=100,
+)  # fmt: skip
+register_metric(
+    "rms_delta_p", "RMS Δp", "%", "lower", "model",
+    "root mean square over tokens of p_quantized(target) − p_unquantized(target), as llama.cpp reports it",
+    decimals=2, scale=100,
+)  # fmt: skip
 # Zero-shot tasks through lm-eval: one family per score, each with lm-eval's standard error
 for _score, _what in (("acc", "accuracy"), ("acc_norm", "accuracy with length-normalised scores")):
     register_metric(

@@ -78,13 +78,22 @@ def pareto_front(bits: Sequence[float], values: Sequence[float]) -> list[int]:
 
 
 def quality_vs_bits(points: pd.DataFrame, ylabel: str, title: str, baseline: float | None = None) -> Figure:
-    """Quality (lower is better) against bits/param: a marker per format, hollow with double quantization.
+    """Quality (lower is better) against bits/param: a marker per format, hollow with double quantization,
+    with error bars where ``points`` has finite ``low``/``high``.
 
-    ``points`` has columns format, label, double_quant (bool), bits, value.
+    ``points`` has columns format, label, double_quant (bool), bits, value, and optionally low, high.
     """
     with style():
         fig = Figure(figsize=(7.0, 4.0), layout="constrained")
         ax = fig.add_subplot()
+        if {"low", "high"} <= set(points.columns):
+            styles = format_styles(list(dict.fromkeys(points["format"])))
+            for fmt, group in points.groupby("format", sort=False):
+                below, above = group["value"] - group["low"], group["high"] - group["value"]
+                ax.errorbar(
+                    group["bits"], group["value"], yerr=[below, above], fmt="none",
+                    ecolor=styles[fmt][0], elinewidth=0.8, capsize=2, alpha=0.7, zorder=2,
+                )  # fmt: skip
         _scatter_formats(ax, points)
         bits, values = points["bits"].tolist(), points["value"].tolist()
         front = pareto_front(bits, values)

@@ -11,13 +11,16 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
 from harness import plots
 from harness.metrics import MetricSpec, metric
+from harness.stats import METHOD, Difference, paired_difference, ppl_difference
 from harness.tracking import (
     BASELINE_ID_TAG,
     BASELINE_TAG,
@@ -27,7 +30,9 @@ from harness.tracking import (
     KIND_TAG,
     LAYERS_ARTIFACT,
     NUMERICS_TAG,
+    TOKENS_ARTIFACT,
     Tracker,
+    read_tokens,
     run_column,
 )
 
@@ -62,15 +67,19 @@ def metric_info(key: str) -> MetricSpec:
 class Column:
     metric: MetricSpec
     values: list[float]  # in display units (scaled)
-    errors: list[float] | None = None
+    errors: list[float] | None = None  # ± one standard error, display units
+    intervals: list[tuple[float, float]] | None = None  # 95 % interval, display units
     group: str = ""  # a spanning header above the column, e.g. the data type in the block-size table
+    tied: set[int] | None = None  # rows a paired test cannot tell from the best; None: no per-token data
+    marks: list[str] | None = None  # a note per cell, e.g. "≈" where the row above is not resolved
 
     @property
     def name(self) -> str:
         return f"{self.group} {self.metric.header}".strip()
 
     def best(self, skip: int) -> set[int]:
-        """Rows holding the best shown value (ties all win), ignoring the first ``skip`` reference rows."""
+        """Rows holding the best shown value (ties all win), and those not resolved from it; the first
+        ``skip`` reference rows never count."""
         if self.metric.better is None:
             return set()
         shown = {
@@ -79,7 +88,15 @@ class Column:
         if len(set(shown.values())) < 2:  # one value, or all equal: nothing stands out
             return set()
         target = (min if self.metric.better == "lower" else max)(shown.values())
-        return {i for i, v in shown.items() if v == target}
+        return {i for i, v in shown.items() if v == target} | {i for i in self.tied or () if i >= skip}
+
+
+@dataclass(frozen=True)
+class Cell:
+    value: str
+    uncertainty: str  # "± 0.02", "[61.9, 77.3]" or ""
+    bold: bool
+    mark: str
 
 
 @dataclass
@@ -91,19 +108,22 @@ class Table:
     columns: list[Column]
     reference_rows: int = 0  # leading rows (the unquantized baseline): set apart, never bold
 
-    def cells(self) -> list[list[tuple[str, str | None, bool]]]:
-        """Per row and column: (value text, stderr text or None, bold)."""
+    def cells(self) -> list[list[Cell]]:
         best = [c.best(self.reference_rows) for c in self.columns]
         out = []
         for r in range(len(self.rows)):
             row = []
             for c, column in enumerate(self.columns):
-                value = column.values[r]
-                error = column.errors[r] if column.errors else math.nan
-                shown_error = (
-                    column.metric.text(error) if math.isfinite(error) and math.isfinite(value) else None
-                )
-                row.append((column.metric.text(value), shown_error, r in best[c]))
+                value, text = column.values[r], column.metric.text
+                unsigned = replace(column.metric, signed=False).text
+                uncertainty = ""
+                if column.errors and math.isfinite(column.errors[r]) and math.isfinite(value):
+                    uncertainty = f"± {unsigned(column.errors[r])}"
+                elif column.intervals and all(math.isfinite(v) for v in column.intervals[r]):
+                    low, high = column.intervals[r]
+                    uncertainty = f"[{text(low)}, {text(high)}]"
+                mark = column.marks[r] if column.marks else ""
+                row.append(Cell(text(value), uncertainty, r in best[c], mark))
             out.append(row)
         return out
 
@@ -118,20 +138,23 @@ def to_markdown(table: Table) -> str:
     ]
     for labels, cells in zip(table.rows, table.cells(), strict=True):
         shown = []
-        for value, error, bold in cells:
-            text = f"**{value}**" if bold else value
-            shown.append(f"{text} ± {error}" if error else text)
+        for cell in cells:
+            text = f"**{cell.value}**" if cell.bold else cell.value
+            shown.append(" ".join(p for p in (cell.mark, text, cell.uncertainty) if p))
         lines.append("| " + " | ".join([*(s.replace("|", r"\|") for s in labels), *shown]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: Table) -> str:
-    """The same table, numbers at full precision in display units; standard errors in their own columns."""
+    """The same table, numbers at full precision in display units; uncertainties in their own columns."""
     data: dict[str, list[object]] = {h: [row[i] for row in table.rows] for i, h in enumerate(table.index)}
     for column in table.columns:
         data[column.name] = column.values
         if column.errors is not None:
             data[f"{column.name} SE"] = column.errors
+        if column.intervals is not None:
+            data[f"{column.name} 95% low"] = [low for low, _ in column.intervals]
+            data[f"{column.name} 95% high"] = [high for _, high in column.intervals]
     return pd.DataFrame(data).to_csv(index=False, float_format="%.10g")
 
 
@@ -154,6 +177,7 @@ _LATEX = {
     "−": r"$-$",
     "—": "---",
     "·": r"$\cdot$",
+    "≈": r"$\approx$",
 }
 
 
@@ -165,7 +189,7 @@ def to_latex(table: Table, label: str) -> str:
     """A booktabs ``table`` float: caption on top, ``\\label``, spanning group headers with cmidrules."""
 
     def number(text: str) -> str:
-        return "$-$" + text[1:] if text.startswith("-") else latex_escape(text)
+        return re.sub(r"(?<![\w.])-(?=\d)", "$-$", latex_escape(text))
 
     n_index = len(table.index)
     lines = [
@@ -193,9 +217,9 @@ def to_latex(table: Table, label: str) -> str:
     lines += [" & ".join(header) + r" \\", r"\midrule"]
     for r, (labels, cells) in enumerate(zip(table.rows, table.cells(), strict=True)):
         shown = []
-        for value, error, bold in cells:
-            text = rf"\textbf{{{number(value)}}}" if bold else number(value)
-            shown.append(rf"{text} $\pm$ {number(error)}" if error else text)
+        for cell in cells:
+            text = rf"\textbf{{{number(cell.value)}}}" if cell.bold else number(cell.value)
+            shown.append(" ".join(p for p in (latex_escape(cell.mark), text, number(cell.uncertainty)) if p))
         lines.append(" & ".join([*(latex_escape(s) for s in labels), *shown]) + r" \\")
         if r + 1 == table.reference_rows < len(table.rows):
             lines.append(r"\midrule")
@@ -225,6 +249,7 @@ class Runs:
     model: str
     quantized: pd.DataFrame
     baseline: pd.DataFrame  # zero or one row
+    tokens: Callable[[str], dict[str, np.ndarray] | None] = lambda run_id: None  # a run's per-token results
 
     def metric(self, key: str, frame: pd.DataFrame | None = None, scale: float | None = None) -> list[float]:
         """A metric's values in display units (``scale`` defaults to the metric's own); NaN where missing."""
@@ -237,6 +262,33 @@ class Runs:
 
     def has(self, key: str) -> bool:
         return any(math.isfinite(v) for v in self.metric(key))
+
+    def has_tokens(self) -> bool:
+        return any(self.tokens(str(run_id)) is not None for run_id in self.quantized["run_id"])
+
+    def series(self, frame: pd.DataFrame, name: str) -> list[np.ndarray | None]:
+        """Each row's per-token ``name`` (nll, kld, top1_match), None where the run kept none."""
+        out = []
+        for run_id in frame["run_id"]:
+            found = self.tokens(str(run_id)) if isinstance(run_id, str) else None
+            out.append(found.get(name) if found else None)
+        return out
+
+    def column(self, key: str, frame: pd.DataFrame | None = None, group: str = "", skip: int = 0) -> Column:
+        """A metric's column with its declared uncertainty (SE or 95 % interval) and, where the runs kept
+        per-token results, the rows a paired test cannot tell from the best (rows before ``skip`` aside)."""
+        frame = self.quantized if frame is None else frame
+        spec = metric_info(key)
+        values = self.metric(key, frame)
+        errors = self.metric(spec.stderr, frame, spec.scale) if spec.stderr else None
+        intervals = None
+        if spec.interval:
+            lows, highs = (self.metric(k, frame, spec.scale) for k in spec.interval)
+            intervals = list(zip(lows, highs, strict=True)) if _any(lows) else None
+        tied = None
+        if spec.per_token and spec.better:
+            tied = _unresolved_from_best(values, self.series(frame, spec.per_token), spec.better, skip)
+        return Column(spec, values, errors if _any(errors) else None, intervals, group, tied)
 
     def varying(self, param: str) -> list[str]:
         """The distinct values a param takes among the quantized configs, in their order."""
@@ -256,6 +308,24 @@ class Runs:
             parts.append(f"stride {value('stride')}")
         parts.append(f"{value('eval_tokens')} tokens")
         return ", ".join(parts)
+
+
+def _any(values: list[float] | None) -> bool:
+    return values is not None and any(math.isfinite(v) for v in values)
+
+
+def _unresolved_from_best(
+    values: list[float], series: list[np.ndarray | None], better: str, skip: int
+) -> set[int] | None:
+    """Rows whose paired difference from the best row's per-token series has a 95 % interval holding 0;
+    None when any row lacks its series or the rows do not share their tokens."""
+    rows = [i for i in range(skip, len(values)) if math.isfinite(values[i])]
+    if len(rows) < 2 or any(series[i] is None for i in rows):
+        return None
+    if len({len(series[i]) for i in rows}) != 1:  # type: ignore[arg-type]
+        return None
+    best = (min if better == "lower" else max)(rows, key=lambda i: values[i])
+    return {i for i in rows if i != best and not paired_difference(series[i], series[best]).resolved}
 
 
 def select_runs(frame: pd.DataFrame, experiment: str, store: str = "the store") -> list[Runs]:
@@ -340,7 +410,26 @@ def sort_key(value: object) -> tuple[int, float, str]:
 # ---- the built-in layouts -------------------------------------------------------------------------------
 
 
-_BETTER_NOTE = "↓/↑: lower/higher is better; best quantized value per column in bold"
+def _notes(runs: Runs, columns: list[Column], extra: list[str] | None = None) -> str:
+    """The caption's key: direction, what bold means, how each uncertainty was computed, the token count."""
+    notes = ["↓/↑: lower/higher is better", *(extra or [])]
+    tested = list(dict.fromkeys(c.metric.label for c in columns if c.tied is not None))
+    if tested:
+        notes.append(
+            f"bold: the best quantized value; for {', '.join(tested)} also every value a paired test cannot "
+            f"tell from it (the 95% interval of the per-token difference holds 0; {METHOD} on the same tokens)"
+        )
+    elif any(c.metric.better for c in columns):
+        kept = runs.has_tokens()
+        notes.append("bold: the best quantized value" + ("" if kept else " (no per-token results: untested)"))
+    if any(c.intervals for c in columns):
+        notes.append(f"[low, high]: 95% interval ({METHOD})")
+    if any(c.errors for c in columns):
+        notes.append(f"±: one standard error ({METHOD}; task accuracies: lm-eval's stderr)")
+    tokens = [int(v) for v in runs.metric("tokens_scored") if math.isfinite(v)]
+    if tokens:
+        notes.append(f"{'/'.join(f'{n:,}' for n in dict.fromkeys(tokens))} scored tokens")
+    return "; ".join(notes) + "."
 
 
 def datatypes_table(runs: Runs) -> Table:
@@ -349,18 +438,10 @@ def datatypes_table(runs: Runs) -> Table:
     tasks = [c.removeprefix("metrics.") for c in runs.quantized if _is_task(c)]
     keys += sorted(t for t in tasks if runs.has(t))
     frame = pd.concat([runs.baseline, runs.quantized])
-    columns = []
-    for key in keys:
-        metric = metric_info(key)
-        errors = runs.metric(metric.stderr, frame, metric.scale) if metric.stderr else None
-        columns.append(Column(metric, runs.metric(key, frame), errors))
+    columns = [runs.column(key, frame, skip=len(runs.baseline)) for key in keys]
     labels = [["unquantized"]] * len(runs.baseline) + [[str(v)] for v in runs.quantized["params.label"]]
-    notes = [_BETTER_NOTE]
-    if any(c.errors for c in columns):
-        notes.append("± one standard error")
-    if runs.has("kld_mean") or runs.has("top1_agreement"):
-        notes.append("KLD and top-1 agreement against the unquantized model")
-    caption = f"Data types on {runs.setting()}. " + "; ".join(notes) + "."
+    against = ["KLD and top-1 against the unquantized model"] if runs.has("kld_mean") else []
+    caption = f"Data types on {runs.setting()}. " + _notes(runs, columns, against)
     return Table("datatypes", caption, ["Config"], labels, columns, reference_rows=len(runs.baseline))
 
 
@@ -377,19 +458,45 @@ def blocksize_table(runs: Runs, key: str) -> Table:
     indexed = frame.set_index(
         ["params.block_size", "variant"] if blocks_down else ["variant", "params.block_size"]
     )
-    metric, bits = metric_info(key), replace(metric_info("bits_per_param"), label="Bits")
+    bits = replace(metric_info("bits_per_param"), label="Bits")
+    unresolved = _unresolved_steps(runs, frame, key, blocks)
     columns = []
     for group in across:
         cells = indexed.reindex([(row, group) for row in down])
         name = group if blocks_down else _block_name(group)
-        columns.append(Column(metric, runs.metric(key, cells), group=name))
-        columns.append(Column(bits, runs.metric("bits_per_param", cells), group=name))
-    caption = (
-        f"{metric.label} by block size and data type on {runs.setting()}; bits: bits/param of the quantized "
-        f"layers, block constants included. {_BETTER_NOTE}."
+        column = runs.column(key, cells, group=name)
+        pairs = [(row, group) if blocks_down else (group, row) for row in down]  # (block, variant)
+        column.marks = ["≈" if pair in unresolved else "" for pair in pairs]
+        columns += [column, Column(bits, runs.metric("bits_per_param", cells), group=name)]
+    extra = ["bits: bits/param of the quantized layers, block constants included"]
+    if unresolved:
+        extra.append("≈: a paired test cannot tell it from the next smaller block size of the same data type")
+    elif any(c.tied is not None for c in columns):
+        extra.append("every step to the next smaller block size is resolved")
+    caption = f"{metric_info(key).label} by block size and data type on {runs.setting()}. " + _notes(
+        runs, columns, extra
     )
     rows = [[_block_name(row) if blocks_down else row] for row in down]
     return Table(f"blocksize-{key}", caption, ["Block" if blocks_down else "Data type"], rows, columns)
+
+
+def _unresolved_steps(runs: Runs, frame: pd.DataFrame, key: str, blocks: list[str]) -> set[tuple[str, str]]:
+    """(block, variant) cells whose per-token series a paired test cannot tell from the same variant's at
+    the next smaller block size."""
+    name = metric_info(key).per_token
+    if name is None:
+        return set()
+    found = set()
+    for variant, group in frame.groupby("variant", sort=False):
+        ordered = group.iloc[
+            sorted(range(len(group)), key=lambda i: blocks.index(group["params.block_size"].iloc[i]))
+        ]
+        series, sizes = runs.series(ordered, name), list(ordered["params.block_size"])
+        for i in range(1, len(ordered)):
+            a, b = series[i - 1], series[i]
+            if a is not None and b is not None and len(a) == len(b) and not paired_difference(b, a).resolved:
+                found.add((str(sizes[i]), str(variant)))
+    return found
 
 
 def _shown(label: str, unit: str, better: Literal["lower", "higher"], **display: Any) -> MetricSpec:
@@ -434,14 +541,36 @@ def doublequant_table(runs: Runs) -> Table | None:
         ("ppl", _shown("ΔPPL", "", "lower", decimals=2, signed=True), False),
         ("kld_mean", _shown("ΔKLD", "nats", "lower", sig=2, signed=True), False),
     ]
-    columns += [Column(m, delta(k, rel)) for k, m, rel in added if runs.has(k)]
+    for key, spec, relative in added:
+        if not runs.has(key):
+            continue
+        paired = _paired(runs, key, with_dq, without)
+        errors = [d.se if d else math.nan for d in paired] if any(paired) else None
+        columns.append(Column(spec, delta(key, relative), errors))
     rows = [[str(label)] for label in with_dq["params.label"]]
-    caption = (
-        f"Double quantization (DQ) of the block constants on {runs.setting()}: bits/param saved against the "
-        "error added (Δ), each relative to the same data type and block size without DQ; ΔnMSE and Δoutput "
-        f"error in % of their value without DQ. {_BETTER_NOTE}."
+    extra = [
+        "Δ: each against the same data type and block size without DQ",
+        "ΔnMSE and Δoutput error in % of their value without DQ",
+    ]
+    caption = f"Double quantization (DQ) of the block constants on {runs.setting()}. " + _notes(
+        runs, columns, extra
     )
     return Table("doublequant", caption, ["Config"], rows, columns)
+
+
+def _paired(runs: Runs, key: str, a: pd.DataFrame, b: pd.DataFrame) -> list[Difference | None]:
+    """Row by row, the paired difference of ``key`` between the runs of ``a`` and of ``b`` on the same
+    tokens (ppl as exp of the mean NLL), or None without per-token results."""
+    name = metric_info(key).per_token
+    if name is None:
+        return [None] * len(a)
+    out: list[Difference | None] = []
+    for x, y in zip(runs.series(a, name), runs.series(b, name), strict=True):
+        if x is None or y is None or len(x) != len(y):
+            out.append(None)
+        else:
+            out.append(ppl_difference(x, y) if key == "ppl" else paired_difference(x, y))
+    return out
 
 
 def pivot_table(runs: Runs, rows: str, cols: str, key: str) -> Table:
@@ -465,12 +594,11 @@ def pivot_table(runs: Runs, rows: str, cols: str, key: str) -> Table:
     indexed = frame.set_index(fields)
     columns = []
     for ck in col_keys:
-        cells = indexed.reindex([(*rk, *ck) for rk in row_keys])
-        errors = runs.metric(metric.stderr, cells, metric.scale) if metric.stderr else None
-        columns.append(Column(metric, runs.metric(key, cells), errors, group=" / ".join(ck)))
+        cells = indexed.reindex([(*rk, *ck) for rk in row_keys]).reset_index()
+        columns.append(runs.column(key, cells, group=" / ".join(ck)))
     caption = (
         f"{metric.label} by {' / '.join(row_fields)} (rows) and {' / '.join(col_fields)} (columns) on "
-        f"{runs.setting()}. {_BETTER_NOTE}."
+        f"{runs.setting()}. " + _notes(runs, columns)
     )
     name = f"pivot-{key}-{'+'.join(row_fields)}-by-{'+'.join(col_fields)}"
     return Table(name, caption, row_fields, [list(rk) for rk in row_keys], columns)
@@ -527,7 +655,9 @@ def write_report(
     out = out_dir or Path.cwd() / "results" / experiment
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
+    tokens = cache(partial(_tokens, tracker))
     for runs in selected:
+        runs.tokens = tokens
         suffix = "" if len(selected) == 1 else f"-{_slug(runs.model)}"
         for table in tables(runs, rows, cols, metric):
             paths += write_table(
@@ -585,11 +715,13 @@ def write_plots(
         ("kld_mean", "mean KL divergence to unquantized (nats)", "kld_vs_bits"),
     ):
         if runs.has(key):
-            found = points.assign(value=runs.metric(key)).dropna(subset=["bits", "value"])
+            low, high = _interval95(runs.column(key))
+            found = points.assign(value=runs.metric(key), low=low, high=high).dropna(subset=["bits", "value"])
             base = runs.metric(key, runs.baseline)
             reference = base[0] if key == "ppl" and base else None
+            bars = f"; bars: 95% interval ({METHOD})" if np.isfinite(found["low"]).any() else ""
             fig = plots.quality_vs_bits(
-                found, ylabel, f"{metric_info(key).label} vs bits/param ({where})", reference
+                found, ylabel, f"{metric_info(key).label} vs bits/param ({where}{bars})", reference
             )
             paths += plots.save(fig, out / f"{name}{suffix}")
     if runs.has("nmse"):
@@ -611,6 +743,25 @@ def write_plots(
     return paths
 
 
+def _interval95(column: Column) -> tuple[list[float], list[float]]:
+    """A column's 95 % interval: the logged one, else ± 1.96 standard errors, else NaN."""
+    if column.intervals:
+        return [lo for lo, _ in column.intervals], [hi for _, hi in column.intervals]
+    errors = column.errors or [math.nan] * len(column.values)
+    return (
+        [v - 1.96 * e for v, e in zip(column.values, errors, strict=True)],
+        [v + 1.96 * e for v, e in zip(column.values, errors, strict=True)],
+    )
+
+
+def _tokens(tracker: Tracker, run_id: str) -> dict[str, np.ndarray] | None:
+    """The run's per-token results, or None for a run that kept none (its differences go untested)."""
+    try:
+        return read_tokens(tracker.download_artifact(run_id, TOKENS_ARTIFACT))
+    except FileNotFoundError:
+        return None
+
+
 def _layers_csv(tracker: Tracker, run_id: str) -> pd.DataFrame | None:
     """The run's per-layer table, or None for a run that logged none (the heatmap then leaves it out)."""
     try:
@@ -622,3 +773,49 @@ def _layers_csv(tracker: Tracker, run_id: str) -> pd.DataFrame | None:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+# ---- pairwise comparison ---------------------------------------------------------------------------------
+
+
+def compare(experiment: str, first: str, second: str, tracking_uri: str | None = None) -> str:
+    """The paired difference ``first − second`` of two configs (by label) from their per-token results:
+    mean NLL, PPL, mean KLD and top-1 agreement, each with its SE, 95 % interval and whether it is resolved.
+    No model runs: everything comes from the runs' ``tokens.npz`` artifacts."""
+    tracker = Tracker(tracking_uri)
+    rows = {}
+    for runs in select_runs(tracker.runs(experiment), experiment, tracker.uri):
+        frame = pd.concat([runs.baseline.assign(**{"params.label": "baseline"}), runs.quantized])
+        for _, row in frame.iterrows():
+            rows.setdefault(str(row["params.label"]), []).append((runs.model, row))
+    found = []
+    for label in (first, second):
+        if label not in rows:
+            raise ReportError(f"no FINISHED config {label!r} in {experiment!r}; configs: {', '.join(rows)}")
+        if len(rows[label]) > 1:
+            models = ", ".join(model for model, _ in rows[label])
+            raise ReportError(
+                f"{label!r} was run on several models ({models}); compare within one experiment"
+            )
+        model, row = rows[label][0]
+        tokens = _tokens(tracker, str(row["run_id"]))
+        if tokens is None:
+            raise ReportError(f"the run of {label!r} kept no per-token results ({TOKENS_ARTIFACT}); rerun it")
+        found.append((model, tokens))
+    (model_a, a), (model_b, b) = found
+    if model_a != model_b or len(a["nll"]) != len(b["nll"]):
+        raise ReportError(f"{first!r} and {second!r} were not evaluated on the same tokens")
+    lines = [
+        f"{first} − {second} on {model_a}, {len(a['nll']):,} scored tokens, paired ({METHOD}):",
+        f"{'':<16}{'difference':>12}{'SE':>11}{'95% interval':>26}  resolved",
+    ]
+    measures = [("mean NLL (nats)", "nll", 1.0), ("PPL", "nll", 1.0)]
+    measures += [("mean KLD (nats)", "kld", 1.0), ("top-1 (%)", "top1_match", 100.0)]
+    for name, key, scale in measures:
+        if key not in a or key not in b:
+            continue
+        d = ppl_difference(a[key], b[key]) if name == "PPL" else paired_difference(a[key], b[key])
+        shown = f"[{d.ci_low * scale:+.4g}, {d.ci_high * scale:+.4g}]"
+        verdict = "yes" if d.resolved else "no"
+        lines.append(f"{name:<16}{d.mean * scale:>+12.4g}{d.se * scale:>11.3g}{shown:>26}  {verdict}")
+    return "\n".join(lines)

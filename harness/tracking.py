@@ -22,12 +22,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 import harness
@@ -55,6 +57,7 @@ PID_TAG = "harness.pid"
 HOST_TAG = "harness.host"
 COMMIT_PARAM = "git_commit"
 LAYERS_ARTIFACT = "layers.csv"
+TOKENS_ARTIFACT = "tokens.npz"  # per scored token: nll, base_nll, kld (float32), top1_match (bool)
 REPORT_FOLDER = "report"  # where the tables and plots go among the parent sweep run's artifacts
 VERSIONED_PACKAGES = (
     "torch",
@@ -206,12 +209,27 @@ class Run:
         self._client.log_figure(self.id, figure, name)
 
     def log_measurement(self, measurement: Measurement) -> None:
-        """A config's numbers, its per-layer table and its figures."""
+        """A config's numbers, its per-layer table, its per-token results, records and figures."""
         self.log_metrics(measurement.metrics)
         if measurement.layers is not None:
             self._client.log_text(self.id, measurement.layers.to_csv(index=False), LAYERS_ARTIFACT)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / TOKENS_ARTIFACT
+            np.savez_compressed(path, **{k: _compact(v) for k, v in measurement.tokens.items()})
+            self.log_artifact(path)
+        for name, record in measurement.records.items():
+            self._client.log_dict(self.id, record, name)
         for name, figure in measurement.figures.items():
             self.log_figure(figure, name)
+
+
+def _compact(values: np.ndarray) -> np.ndarray:
+    return values if values.dtype == np.bool_ else values.astype(np.float32)
+
+
+def read_tokens(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as stored:
+        return {name: stored[name] for name in stored.files}
 
 
 class Tracker:

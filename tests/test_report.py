@@ -8,15 +8,17 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
 from harness import plots
-from harness.report import ReportError, blocksize_table, select_runs, write_report
+from harness.report import ReportError, blocksize_table, select_runs, to_markdown, write_report
 from harness.tracking import BASELINE_ID_TAG, BASELINE_TAG, CONFIG_ID_TAG, HASH_TAG, KIND_TAG, Run, Tracker
 
 SETTING = {
@@ -35,6 +37,7 @@ SETTING = {
 }
 BASE_NMSE = {"int4": 0.0116, "nf4": 0.0085}
 BASELINE_PPL = 20.0
+TOKENS = 2047
 PIVOT = {"rows": "format,double_quant", "cols": "block_size", "metric": "nmse"}
 
 
@@ -84,6 +87,22 @@ def child(
         if "nmse" in metrics:
             csv = layers_table(metrics["nmse"]).to_csv(index=False)
             mlflow.MlflowClient(tracker.uri).log_text(run.id, csv, "layers.csv")
+            mlflow.MlflowClient(tracker.uri).log_artifact(run.id, str(token_file(params["label"], metrics)))
+
+
+DIFFICULTY = np.random.default_rng(0).standard_normal(TOKENS).cumsum() * 0.05  # shared by every config
+
+
+def token_file(label: str, metrics: dict[str, float]) -> Path:
+    """Per-token results around the logged means: the same text difficulty for every config, plus a little
+    noise of its own, so that paired tests resolve int4 from nf4 but not nf4 from nf4 + DQ."""
+    rng = np.random.default_rng(sum(map(ord, label)))
+    nll = math.log(metrics["ppl"]) + DIFFICULTY - DIFFICULTY.mean() + 0.05 * rng.standard_normal(TOKENS)
+    kld = rng.exponential(metrics["kld_mean"], TOKENS)
+    top1 = rng.random(TOKENS) < metrics["top1_agreement"]
+    path = Path(tempfile.mkdtemp()) / "tokens.npz"
+    np.savez(path, nll=nll.astype(np.float32), kld=kld.astype(np.float32), top1_match=top1)
+    return path
 
 
 def schema_tags(params: dict[str, str]) -> dict[str, str]:
@@ -207,6 +226,9 @@ def test_datatypes_table(report: dict[str, Path]) -> None:
     assert by_label["nf4-b64-dq"][1] == "4.127"
     assert by_label["nf4-b64"][5] == "**+1.70**"
     assert by_label["nf4-b64"][8] == "**49.1** ± 17.0"
+    # nf4 + DQ differs from nf4 by less than a paired test resolves: bold too; int4 is resolved: plain
+    assert by_label["nf4-b64-dq"][4] == "**21.70**" and by_label["int4-b64-dq"][4] == "22.32"
+    assert "for PPL, ΔPPL, KLD, Top-1 also every value a paired test cannot tell from it" in text
 
 
 def test_csv_matches_markdown(report: dict[str, Path]) -> None:
@@ -219,13 +241,19 @@ def test_csv_matches_markdown(report: dict[str, Path]) -> None:
     ):
         frame = pd.read_csv(report[f"{name}.csv"], dtype=str, keep_default_na=False)
         header, *rows = markdown_rows(report[f"{name}.md"])
-        assert [c for c in frame.columns if not c.endswith(" SE")] == header
+        extra = (" SE", " 95% low", " 95% high")
+        assert [c for c in frame.columns if not c.endswith(extra)] == header
         for i, row in enumerate(rows):
             for column, cell in zip(header, row, strict=True):
-                shown, _, error = cell.replace("**", "").partition(" ± ")
+                shown, _, error = cell.replace("**", "").removeprefix("≈ ").partition(" ± ")
+                shown, _, interval = shown.partition(" [")
                 pairs = [(shown, frame.at[i, column])]
                 if f"{column} SE" in frame:
                     pairs.append((error or "—", frame.at[i, f"{column} SE"]))
+                if f"{column} 95% low" in frame:
+                    low, _, high = interval.removesuffix("]").partition(", ")
+                    pairs += [(low or "—", frame.at[i, f"{column} 95% low"])]
+                    pairs += [(high or "—", frame.at[i, f"{column} 95% high"])]
                 for text, value in pairs:
                     if text == "—":
                         assert value == "", (name, column)
@@ -258,7 +286,15 @@ def test_blocksize_and_doublequant_tables(report: dict[str, Path]) -> None:
         "ΔKLD (nats) ↓",
     ]
     nf4 = next(r for r in rows if r[0] == "nf4-b64-dq")
-    assert nf4[1:] == ["4.127", "**0.373**", "**3.26**", "+0.20", "+0.10", "**+0.00**", "**+0.000051**"]
+    assert nf4[1:] == [
+        "4.127",
+        "**0.373**",
+        "**3.26**",
+        "+0.20",
+        "+0.10",
+        "**+0.00** ± 0.04",  # paired SE from the per-token results
+        "**+0.000051** ± 0.00080",
+    ]
     assert all(r[4] == "+0.20" for r in rows)  # all equal: nothing bold
 
 
@@ -268,6 +304,32 @@ def test_blocksize_table_puts_the_longer_axis_down(store: str) -> None:
     table = blocksize_table(runs, "ppl")
     assert table.index == ["Block"] and table.rows == [["block 64"], ["block 128"]]
     assert [(c.group, c.metric.label) for c in table.columns] == [("nf4", "PPL"), ("nf4", "Bits")]
+
+
+def test_blocksize_table_marks_an_unresolved_step(store: str) -> None:
+    (runs,) = select_runs(Tracker(store).runs("synthetic"), "synthetic")
+    labels = dict(zip(runs.quantized["run_id"], runs.quantized["params.label"], strict=True))
+    rng = np.random.default_rng(1)
+    shared = DIFFICULTY + 3
+    same = {"nf4-b64": 0.0, "nf4-b128": 0.0001, "int4-b64": 0.2, "int4-b128": 0.3}  # nf4: a step of nothing
+
+    def tokens(run_id: str) -> dict[str, np.ndarray] | None:
+        offset = same.get(labels[run_id])
+        return None if offset is None else {"nll": shared + offset + 0.05 * rng.standard_normal(TOKENS)}
+
+    runs.tokens = tokens
+    runs.quantized = runs.quantized[runs.quantized["params.label"].isin(list(same))]
+    table = blocksize_table(runs, "ppl")
+    marks = {(column.group, row[0]): mark for column in table.columns if column.marks
+             for row, mark in zip(table.rows, column.marks, strict=True)}  # fmt: skip
+    assert marks == {
+        ("nf4", "block 64"): "",
+        ("nf4", "block 128"): "≈",
+        ("int4", "block 64"): "",
+        ("int4", "block 128"): "",
+    }
+    assert "≈: a paired test cannot tell it from the next smaller block size" in table.caption
+    assert "≈ " in to_markdown(table)
 
 
 def test_generic_pivot(report: dict[str, Path]) -> None:

@@ -72,7 +72,12 @@ def test_smoke_sweep_logs_every_config(store: str) -> None:
     assert 4.126 < dq["metrics.bits_per_param"] < 4.128
     for row in (nf4, dq, int4):
         assert row["metrics.kld_mean"] > 0 and 0 < row["metrics.top1_agreement"] < 1
-        assert "metrics.delta_ppl" not in row or math.isnan(row["metrics.delta_ppl"])  # the report's job
+        # paired with the unquantized model on the same tokens, from the base reference
+        assert row["metrics.delta_ppl"] == pytest.approx(row["metrics.ppl"] - base["metrics.ppl"], abs=1e-3)
+        assert row["metrics.delta_ppl_ci95_low"] < row["metrics.delta_ppl"] < row["metrics.delta_ppl_ci95_high"]
+        assert row["metrics.ppl_ci95_low"] < row["metrics.ppl"] < row["metrics.ppl_ci95_high"]
+        assert row["metrics.kld_mean_se"] > 0 and row["metrics.kld_p999"] <= row["metrics.kld_max"]
+        assert row["metrics.tokens_scored"] == base["metrics.tokens_scored"] == 255
         assert 0 < row["metrics.nmse"] < 0.05 and 0 <= row["metrics.acc_siqa_local"] <= 1
     assert int4["metrics.nmse"] > nf4["metrics.nmse"]  # NF4 beats int4 on near-Gaussian weights
     assert nf4["params.protocol"] == "disjoint" and nf4["params.format"] == "nf4"

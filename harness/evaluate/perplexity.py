@@ -45,9 +45,10 @@ import math
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -84,7 +85,7 @@ class PerplexityProtocol:
             raise ValueError(f"stride applies to the sliding protocol only, not {self.name}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PerplexityResult:
     protocol: str
     context_length: int
@@ -99,6 +100,7 @@ class PerplexityResult:
     n_words: float
     text_fraction: float  # scored tokens / predictable tokens (N - 1): the scaling of n_bytes and n_words
     bos: bool  # the stream starts with the tokenizer's BOS
+    nll: np.ndarray = field(repr=False)  # float64, each scored token's NLL in protocol order
 
 
 @dataclass(frozen=True)
@@ -169,15 +171,16 @@ def text_counts(tokenizer: Any, tokens: torch.Tensor) -> tuple[int, int]:
 
 def summarize(
     protocol: PerplexityProtocol,
-    nll_sum: float,
-    n_scored: int,
+    nll: np.ndarray,
     n_stream: int,
     *,
     text_bytes: int,
     text_words: int,
     bos: bool,
 ) -> PerplexityResult:
-    """Token- and text-normalised perplexities from a summed NLL (see the module docstring for n_bytes)."""
+    """Token- and text-normalised perplexities from the scored tokens' NLLs (the module docstring says how
+    n_bytes is counted)."""
+    n_scored, nll_sum = len(nll), float(nll.sum())
     fraction = n_scored / (n_stream - 1)
     n_bytes, n_words = text_bytes * fraction, text_words * fraction
     nan = float("nan")
@@ -195,6 +198,7 @@ def summarize(
         n_words=n_words,
         text_fraction=fraction,
         bos=bos,
+        nll=nll,
     )
 
 
@@ -236,8 +240,7 @@ def perplexity(
         at += len(targets)
     return summarize(
         protocol,
-        float(nll.sum()),
-        len(nll),
+        nll.numpy(),
         tokens.shape[1],
         text_bytes=text_bytes,
         text_words=text_words,
