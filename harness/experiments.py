@@ -151,6 +151,8 @@ class EvalSettings(_Strict):
     tokens: PositiveInt = 4096
     bos: StrictBool = True
     kld: StrictBool = True
+    kld_reference: Annotated[StrictStr, _one_of(("topk", "exact"))] = "topk"  # how the base is kept
+    kld_topk: PositiveInt = 64  # tokens per position the top-k reference keeps
     tasks: Annotated[tuple[StrictStr, ...], AfterValidator(_known_tasks)] = ()
     limit: PositiveInt | None = Field(None, description="a positive integer or null")  # examples per task
     batch_size: PositiveInt = 4

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from harness import assets
 from harness.cache import cache_dir
 from harness.data import token_splits
-from harness.evaluate.divergence import BaseReference, evaluate_against
+from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
 from harness.evaluate.perplexity import PerplexityProtocol, PerplexityResult, perplexity, text_counts
 from harness.evaluate.tasks import run_tasks
 from harness.experiments import RunConfig
@@ -104,6 +104,7 @@ class ModelSession:
                 text_bytes=text_bytes,
                 text_words=text_words,
                 bos_token_id=loaded.tokenizer.bos_token_id if config.eval.bos else None,
+                storage=ReferenceStorage(config.eval.kld_reference, config.eval.kld_topk),  # type: ignore[arg-type]
                 batch_size=config.eval.batch_size,
                 progress=False,
             )
@@ -210,6 +211,7 @@ def _evaluate(session: ModelSession, config: RunConfig) -> tuple[dict[str, float
             "top1_match": divergence.top1_match,
         }
         metrics |= token_statistics(ppl.nll, per_token)
+        metrics["reference_bytes_per_token"] = session.reference.bytes_per_token
     metrics |= {"bits_per_byte": ppl.bits_per_byte, "word_ppl": ppl.word_perplexity}
     if config.eval.tasks:
         accuracies = run_tasks(

@@ -339,8 +339,13 @@ register_metric("tokens_scored", "Tokens", "", None, "model", "scored evaluation
 # Agreement with the unquantized model, token by token
 register_metric(
     "kld_mean", "KLD", "nats", "lower", "model",
-    "mean over scored tokens of KL(unquantized ‖ quantized), over the whole vocabulary", stderr="kld_mean_se",
+    "mean over scored tokens of KL(unquantized ‖ quantized); with a top-k reference the tail is one "
+    "bucket (a lower bound)", stderr="kld_mean_se",
     per_token="kld",
+)  # fmt: skip
+register_metric(
+    "reference_bytes_per_token", "Reference", "B/token", "lower", "model",
+    "bytes per scored token of the cached base reference (eval.kld_reference, eval.kld_topk)", decimals=0,
 )  # fmt: skip
 register_metric("kld_mean_se", "KLD SE", "nats", None, "model", f"standard error of kld_mean ({METHOD})")
 for _name, _label, _what in (
@@ -394,6 +399,10 @@ register_metric(
 register_metric(
     "sweep_wall_s", "Sweep time", "s", "lower", "model", "wall time of the sweep", decimals=0, scope="sweep"
 )
+register_metric(
+    "peak_rss_gb", "Peak RSS", "GB", "lower", "model", "the sweep process's peak resident memory (1e9 B)",
+    decimals=2, scope="sweep",
+)  # fmt: skip
 register_metric(
     "eval_share",
     "Eval share",

@@ -416,8 +416,9 @@ def _notes(runs: Runs, columns: list[Column], extra: list[str] | None = None) ->
     tested = list(dict.fromkeys(c.metric.label for c in columns if c.tied is not None))
     if tested:
         notes.append(
-            f"bold: the best quantized value; for {', '.join(tested)} also every value a paired test cannot "
-            f"tell from it (the 95% interval of the per-token difference holds 0; {METHOD} on the same tokens)"
+            f"bold: the best quantized value; for {', '.join(tested)} also every value a paired test "
+            f"cannot tell from it (the 95% interval of the per-token difference holds 0; {METHOD} on the "
+            "same tokens)"
         )
     elif any(c.metric.better for c in columns):
         kept = runs.has_tokens()

@@ -12,6 +12,7 @@ distributed executor would ship each group (model + configs + tracking URI) to a
 
 from __future__ import annotations
 
+import resource
 import signal
 import time
 import warnings
@@ -113,7 +114,10 @@ def run_sweep(
         (executor or LocalExecutor()).run(groups, runner)
         bar.close()
         summary.wall_s = time.perf_counter() - start
-        parent.log_metrics({"sweep_wall_s": summary.wall_s, "eval_share": summary.eval_share})
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+        parent.log_metrics(
+            {"sweep_wall_s": summary.wall_s, "eval_share": summary.eval_share, "peak_rss_gb": peak_gb}
+        )
     return summary
 
 

@@ -112,6 +112,8 @@ def config_params(config: RunConfig) -> dict[str, Any]:
         "eval_tokens": config.eval.tokens,
         "bos": config.eval.bos,
         "kld": config.eval.kld,
+        "kld_reference": config.eval.kld_reference,
+        "kld_topk": config.eval.kld_topk,
         "tasks": ",".join(config.eval.tasks) or "(none)",
         "limit": config.eval.limit,
         "seed": config.seed,

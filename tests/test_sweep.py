@@ -74,7 +74,9 @@ def test_smoke_sweep_logs_every_config(store: str) -> None:
         assert row["metrics.kld_mean"] > 0 and 0 < row["metrics.top1_agreement"] < 1
         # paired with the unquantized model on the same tokens, from the base reference
         assert row["metrics.delta_ppl"] == pytest.approx(row["metrics.ppl"] - base["metrics.ppl"], abs=1e-3)
-        assert row["metrics.delta_ppl_ci95_low"] < row["metrics.delta_ppl"] < row["metrics.delta_ppl_ci95_high"]
+        assert (
+            row["metrics.delta_ppl_ci95_low"] < row["metrics.delta_ppl"] < row["metrics.delta_ppl_ci95_high"]
+        )
         assert row["metrics.ppl_ci95_low"] < row["metrics.ppl"] < row["metrics.ppl_ci95_high"]
         assert row["metrics.kld_mean_se"] > 0 and row["metrics.kld_p999"] <= row["metrics.kld_max"]
         assert row["metrics.tokens_scored"] == base["metrics.tokens_scored"] == 255
