@@ -5,6 +5,8 @@ For each model asset that is fetched (smollm2-135m, gemma-3-270m):
   per window, as the HF guide writes it) on the same tokens and windows, disjoint and llamacpp protocols;
 - the KLD base cache: build time, bytes per scored token, size, and what one ``evaluate_against`` pass
   (perplexity + KLD) costs over a perplexity-only pass; the self-check and an int4 block-256 example;
+- the FLOP floor of one pass (blocks + head, from the model's shapes) at this CPU's measured torch.mm rate,
+  and each pass's time as a multiple of it;
 - bf16 against fp32: the same perplexity loop with the whole model cast to bfloat16.
 Medians of ``--runs`` runs; ratios are taken within one run of this script.
 
@@ -34,7 +36,7 @@ from torch import nn
 from harness import assets
 from harness.data import token_splits
 from harness.evaluate.divergence import BaseReference, evaluate_against
-from harness.evaluate.perplexity import PerplexityProtocol, make_windows, perplexity, text_counts
+from harness.evaluate.perplexity import PerplexityProtocol, Window, make_windows, perplexity, text_counts
 from harness.models import load_model
 from harness.quantize import QuantConfig, fake_quant
 
@@ -74,6 +76,28 @@ def plain_loop(
         labels[0, : ids.shape[1] - w.n_scored] = -100
         total += float(model(input_ids=ids, labels=labels).loss) * w.n_scored
     return total
+
+
+def forward_flops(model: nn.Module, windows: list[Window]) -> tuple[float, float]:
+    """Multiply-adds x 2 of one pass over ``windows``: the transformer blocks (every Linear but the head,
+    plus causal attention scores and mixing) and the output head at the scored positions only."""
+    head = model.get_output_embeddings()
+    linear = sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear) and m is not head
+    )
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * head_dim  # QK^T and AV
+    body = sum(2 * linear * w.length + attention * w.length * (w.length + 1) / 2 for w in windows)
+    return body, 2 * head.in_features * head.out_features * sum(w.n_scored for w in windows)
+
+
+def gemm_rate(m: int, k: int, n: int, runs: int) -> float:
+    """FLOP/s this CPU achieves on an fp32 (m x k) @ (k x n) torch.mm, median of ``runs`` after a warm-up."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    torch.mm(a, b)
+    seconds, _ = median_time(lambda: torch.mm(a, b), max(runs, 5))
+    return 2 * m * k * n / seconds
 
 
 def bench_model(name: str, n_tokens: int, context: int, runs: int) -> None:
@@ -136,7 +160,7 @@ def bench_model(name: str, n_tokens: int, context: int, runs: int) -> None:
         print(
             f"\nKLD cache ({proto.name} {context}): {ref.n_tokens} scored tokens, "
             f"{on_disk / 2**20:.1f} MiB on disk "
-            f"({on_disk / ref.n_tokens / 1024:.1f} KiB/token = 2 B x {vocab} + stats; "
+            f"({on_disk / ref.n_tokens:.0f} B/token, {ref.storage.label}; "
             f"{on_disk / ref.n_tokens * 1e5 / 2**30:.1f} GiB per 100k scored tokens); build {t_build:.1f} s "
             f"(a perplexity pass: {t_ppl:.1f} s), cache hit {t_hit:.2f} s"
         )
@@ -147,6 +171,17 @@ def bench_model(name: str, n_tokens: int, context: int, runs: int) -> None:
         print(
             f"self-check: KLD mean {self_div.kld_mean:.2e}, max {self_div.kld.max():.2e}, "
             f"top-1 {self_div.top1_agreement:.4f}"
+        )
+        body, head = forward_flops(model, make_windows(proto, tokens.shape[1]))
+        d_model, d_ff = model.config.hidden_size, model.config.intermediate_size
+        body_rate, head_rate = gemm_rate(512, d_model, d_ff, runs), gemm_rate(128, d_model, vocab, runs)
+        floor = body / body_rate + head / head_rate
+        print(
+            f"FLOP floor ({proto.name} {context}): {body / 1e9:.1f} GFLOP in the blocks at "
+            f"{body_rate / 1e9:.0f} GFLOP/s (torch.mm 512x{d_model} @ {d_model}x{d_ff}) + "
+            f"{head / 1e9:.1f} GFLOP in the head at {head_rate / 1e9:.0f} GFLOP/s "
+            f"(128x{d_model} @ {d_model}x{vocab}) = {floor:.1f} s; perplexity pass {t_ppl / floor:.2f}x the "
+            f"floor, ppl + KLD pass {t_both / floor:.2f}x"
         )
 
         originals = {}
