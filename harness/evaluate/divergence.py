@@ -54,9 +54,10 @@ from harness.evaluate.perplexity import (
     summarize,
 )
 
-FORMAT = 2  # bump when the cache layout or its meaning changes
+FORMAT = 3  # bump when the cache layout or its meaning changes
 STORAGE_DTYPES = ("float16", "float32")
 TAIL_SEED = 0  # the tail samples are part of the reference: drawn once, reproducibly
+_BUILD_ROWS = 32
 _STATS, _META = "stats.npz", "meta.json"
 
 
@@ -328,30 +329,11 @@ def _compute(
                     arrays[name] = np.empty(shape, dtype=dtype)
                 else:  # the header and the file's size; rows are then written with plain file I/O
                     arrays[name] = np.lib.format.open_memmap(out / f"{name}.npy", "w+", dtype, shape)
-        rows = slice(at, at + len(targets))
-        lp = torch.log_softmax(logits, dim=-1)
-        stats["nll"][rows] = (-lp.gather(1, targets[:, None])[:, 0]).double().numpy()
-        stats["top1"][rows] = logits.argmax(dim=-1).numpy()
-        if storage.kind == "exact":
-            # ~ -65504 (finite) for float16 instead of -inf, so that 0 * l stays 0 below
-            stored = lp.clamp(min=float(np.finfo(storage.dtype).min)).to(getattr(torch, storage.dtype))
-            _write_rows(arrays["logprobs"], rows, stored.numpy())
-            exact = stored.double()  # the statistics of what was stored, not of lp
-            weights = exact.exp()
-            mass = weights.sum(dim=-1)
-            stats["neg_entropy"][rows] = (weights.mul_(exact).sum(dim=-1) / mass - mass.log()).numpy()
-        else:
-            head_lp, head_index = lp.topk(arrays["topk_index"].shape[1], dim=-1)
-            _write_rows(arrays["topk_index"], rows, head_index.to(torch.int32).numpy())
-            _write_rows(arrays["topk_logprob"], rows, head_lp.numpy())
-            # the tail's mass from its own logsumexp: 1 − Σ head is all rounding when the tail is tiny
-            mass = _log_outside(lp, head_index).double().exp()
-            tail = lp.exp().scatter_(1, head_index, 0.0)
-            tail[mass == 0, 0] = 1.0  # no tail to draw from: any index, weighted by r = 0 below
-            drawn = torch.multinomial(tail, storage.samples, replacement=True, generator=generator)
-            _write_rows(arrays["tail_index"], rows, drawn.to(torch.int32).numpy())
-            _write_rows(arrays["tail_logprob"], rows, lp.gather(1, drawn).numpy())
-        stats["mass"][rows] = mass.numpy()
+        # a few rows at a time: each step makes several vocabulary-wide temporaries (Gemma: 1 MiB a row)
+        for first in range(0, len(targets), _BUILD_ROWS):
+            part = slice(first, first + _BUILD_ROWS)
+            rows = slice(at + first, at + min(first + _BUILD_ROWS, len(targets)))
+            _store(arrays, stats, rows, logits[part], targets[part], storage, generator)
         at += len(targets)
     assert arrays and at == n
     seconds = time.perf_counter() - start
@@ -369,6 +351,41 @@ def _compute(
         "build_seconds": round(seconds, 3),
     }
     return arrays, stats, meta
+
+
+def _store(
+    arrays: dict[str, np.ndarray],
+    stats: dict[str, np.ndarray],
+    rows: slice,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    storage: ReferenceStorage,
+    generator: torch.Generator,
+) -> None:
+    """The reference's arrays and statistics for the positions ``rows``, from the base's fp32 logits."""
+    lp = torch.log_softmax(logits, dim=-1)
+    stats["nll"][rows] = (-lp.gather(1, targets[:, None])[:, 0]).double().numpy()
+    stats["top1"][rows] = logits.argmax(dim=-1).numpy()
+    if storage.kind == "exact":
+        # ~ -65504 (finite) for float16 instead of -inf, so that 0 * l stays 0 below
+        stored = lp.clamp(min=float(np.finfo(storage.dtype).min)).to(getattr(torch, storage.dtype))
+        _write_rows(arrays["logprobs"], rows, stored.numpy())
+        exact = stored.double()  # the statistics of what was stored, not of lp
+        weights = exact.exp()
+        mass = weights.sum(dim=-1)
+        stats["neg_entropy"][rows] = (weights.mul_(exact).sum(dim=-1) / mass - mass.log()).numpy()
+    else:
+        head_lp, head_index = lp.topk(arrays["topk_index"].shape[1], dim=-1)
+        _write_rows(arrays["topk_index"], rows, head_index.to(torch.int32).numpy())
+        _write_rows(arrays["topk_logprob"], rows, head_lp.numpy())
+        # the tail's mass from its own logsumexp: 1 − Σ head is all rounding when the tail is tiny
+        mass = _log_outside(lp, head_index).double().exp()
+        tail = lp.exp().scatter_(1, head_index, 0.0)
+        tail[mass == 0, 0] = 1.0  # no tail to draw from: any index, weighted by r = 0 below
+        drawn = torch.multinomial(tail, storage.samples, replacement=True, generator=generator)
+        _write_rows(arrays["tail_index"], rows, drawn.to(torch.int32).numpy())
+        _write_rows(arrays["tail_logprob"], rows, lp.gather(1, drawn).numpy())
+    stats["mass"][rows] = mass.numpy()
 
 
 def _read_rows(array: np.ndarray, rows: slice) -> np.ndarray:
