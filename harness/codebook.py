@@ -6,9 +6,23 @@ Semantics follow bitsandbytes' CPU path (``backends/default/ops.py``) exactly:
   in the last bit), with ``s`` clamped to at least 1e-38 so an all-zero block gives zeros, not NaN;
 - the nearest level is ``bucketize(x, midpoints)``: an exact tie goes to the LOWER level.
 
+That last point is the default tie rule, ``ties_down``. Weights that already sit on a grid (GGUF sources) can
+land exactly on a midpoint in large numbers, and then the rule matters, so it is an option. For an exact tie
+at the (float32) midpoint m between sorted levels a < b:
+- ``ties_down``: a, as bitsandbytes (``torch.bucketize``);
+- ``ties_away``: the level of larger magnitude: b if m > 0, a if m < 0, a if m == 0;
+- ``ties_even``: the level an even number of sorted steps from the level nearest zero. For int formats that
+  is round-half-to-even on the integer code j, as ``torch.round`` and torchao do; for nf4 the steps count
+  from its zero level; for fp4 (levels ±0) from the zero on the same side, which is IEEE's even mantissa.
+  Where both neighbours are equally far (a tie at 0 between ±0, or between ±c when no level is 0) it is a.
+Between two equal levels (fp4's ±0) there is nothing to decide: every rule takes the lower, so zeros keep
+bnb's code, and such a midpoint does not count as a tie.
+
 The search uses a lookup table instead of a binary search: the scaled value's bin (exact, since bins are
-powers of two wide) gives the candidate level, and one comparison against the one midpoint that can lie in
-that bin finishes it. The result is identical to ``torch.bucketize``, and several times faster on CPU.
+powers of two wide) gives the candidate level, and one comparison against the one decision threshold that
+can lie in that bin finishes it. The threshold is the midpoint, or, where a tie goes up, the float32 just
+below it: ``x > nextafter(m, -inf)`` is ``x >= m`` for float32 x, so every rule costs one comparison. The
+result is identical to ``torch.bucketize``, and several times faster on CPU.
 """
 
 from __future__ import annotations
@@ -16,9 +30,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
+from typing import Literal, get_args
 
 import torch
 
+Rounding = Literal["ties_down", "ties_even", "ties_away"]
+ROUNDING_RULES: tuple[str, ...] = get_args(Rounding)
 _MAX_LUT_BINS = 1 << 16
 
 
@@ -28,10 +45,13 @@ class Codebook:
     sorted_levels: torch.Tensor
     code_of_sorted: torch.Tensor  # int64: code of the i-th smallest level
     midpoints: torch.Tensor  # float32, between consecutive sorted levels
+    ties: torch.Tensor  # float32 per midpoint: the midpoint where its levels differ, else NaN (no tie)
+    thresholds: torch.Tensor  # float32 per midpoint: above it, the upper level (see the module docstring)
     lut_shift: float  # 2**p: bin index = floor(x * 2**p) - lut_base
     lut_base: int
     lut_count: torch.Tensor | None  # int64 per bin: midpoints below the bin's lower edge; None = bucketize
-    lut_mid: torch.Tensor | None  # float32 per bin: the midpoint inside the bin, or +inf
+    lut_tie: torch.Tensor | None  # float32 per bin: ``ties`` of the midpoint inside the bin, or +inf
+    lut_threshold: torch.Tensor | None  # float32 per bin: that midpoint's threshold, or +inf
 
     @property
     def low(self) -> float:
@@ -42,40 +62,87 @@ class Codebook:
         return float(self.sorted_levels[-1])
 
     def nearest(self, scaled: torch.Tensor) -> torch.Tensor:
-        """Codes (int64) of the levels nearest to ``scaled``, which must lie in [low, high]."""
+        """Codes (int64) of the levels nearest to float32 ``scaled``, which must lie in [low, high]."""
         if self.lut_count is None:
-            index = torch.bucketize(scaled, self.midpoints)
+            index = torch.bucketize(scaled, self.thresholds)
         else:
             bins = torch.floor(scaled * self.lut_shift).to(torch.int64).sub_(self.lut_base)
-            index = self.lut_count[bins] + (scaled > self.lut_mid[bins])
+            index = self.lut_count[bins] + (scaled > self.lut_threshold[bins])
         return self.code_of_sorted[index]
+
+    def on_midpoint(self, scaled: torch.Tensor) -> torch.Tensor:
+        """Whether each float32 ``scaled`` value (in [low, high]) is exactly the midpoint of two distinct
+        levels: a tie, which the rounding rule decides."""
+        if self.lut_count is None:
+            index = torch.bucketize(scaled, self.midpoints).clamp_(max=self.midpoints.numel() - 1)
+            return scaled == self.ties[index]
+        bins = torch.floor(scaled * self.lut_shift).to(torch.int64).sub_(self.lut_base)
+        return scaled == self.lut_tie[bins]
 
 
 @cache
-def codebook(levels: tuple[float, ...], device: torch.device | str = "cpu") -> Codebook:
+def codebook(
+    levels: tuple[float, ...], device: torch.device | str = "cpu", rounding: Rounding = "ties_down"
+) -> Codebook:
+    if rounding not in ROUNDING_RULES:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDING_RULES)}, got {rounding!r}")
     values = torch.tensor(levels, dtype=torch.float32)
     order = torch.argsort(values)  # not stable, as in bnb: decides which of ±0 a zero maps to
     sorted_levels = values[order]
     midpoints = (sorted_levels[:-1] + sorted_levels[1:]) / 2
+    ties = torch.where(sorted_levels[:-1] < sorted_levels[1:], midpoints, torch.tensor(math.nan))
+    tie_up = _tie_up(sorted_levels, midpoints, rounding)
+    below = torch.nextafter(midpoints, torch.tensor(-math.inf))
+    thresholds = torch.where(tie_up, below, midpoints)
+    assert bool((thresholds.diff() >= 0).all()), "decision thresholds must stay sorted"
     lut = _lookup_table(sorted_levels, midpoints)
-    shift, base, count, mid = lut if lut else (1.0, 0, None, None)
+    shift, base, count, index = lut if lut else (1.0, 0, None, None)
     to = {"device": device}
+
+    def per_bin(per_midpoint: torch.Tensor) -> torch.Tensor | None:
+        if index is None:
+            return None
+        padded = torch.cat([per_midpoint, torch.tensor([math.inf])])
+        return padded[index].to(**to)
+
     return Codebook(
         levels=values.to(**to),
         sorted_levels=sorted_levels.to(**to),
         code_of_sorted=order.to(**to),
         midpoints=midpoints.to(**to),
+        ties=ties.to(**to),
+        thresholds=thresholds.to(**to),
         lut_shift=shift,
         lut_base=base,
         lut_count=None if count is None else count.to(**to),
-        lut_mid=None if mid is None else mid.to(**to),
+        lut_tie=per_bin(ties),
+        lut_threshold=per_bin(thresholds),
     )
+
+
+def _tie_up(sorted_levels: torch.Tensor, midpoints: torch.Tensor, rounding: Rounding) -> torch.Tensor:
+    """Per midpoint, whether the rule sends an exact tie to the upper level (see the module docstring)."""
+    distinct = sorted_levels[:-1] < sorted_levels[1:]
+    if rounding == "ties_down":
+        return torch.zeros_like(distinct)
+    if rounding == "ties_away":
+        return distinct & (midpoints > 0)
+    # ties_even: sorted steps from the level(s) nearest zero; the upper level wins when it alone is even.
+    magnitude = sorted_levels.abs()
+    nearest = torch.nonzero(magnitude == magnitude.min()).flatten()
+    i = torch.arange(sorted_levels.numel())
+    steps = torch.clamp(i - nearest.max(), min=0) + torch.clamp(nearest.min() - i, min=0)
+    even = steps % 2 == 0
+    return distinct & even[1:] & ~even[:-1]
 
 
 def _lookup_table(
     sorted_levels: torch.Tensor, midpoints: torch.Tensor
 ) -> tuple[float, int, torch.Tensor, torch.Tensor] | None:
-    """The coarsest power-of-two binning with at most one midpoint per bin, or None if it would be huge."""
+    """The coarsest power-of-two binning with at most one midpoint per bin, or None if it would be huge.
+
+    Returns the shift, the base, the count of midpoints below each bin and the index of the midpoint inside
+    each bin (``len(midpoints)`` where there is none)."""
     low, high = float(sorted_levels[0]), float(sorted_levels[-1])
     gaps = torch.diff(midpoints)
     smallest_gap = float(gaps[gaps > 0].min()) if gaps.numel() else high - low
@@ -91,12 +158,11 @@ def _lookup_table(
     count = torch.searchsorted(midpoints.double(), edges, right=False)  # midpoints strictly below the edge
     upper = edges + 1 / shift
     padded = torch.cat([midpoints, torch.tensor([math.inf])])
-    candidate = padded[count]
-    inside = candidate.double() < upper
+    inside = padded[count].double() < upper
     # Bins are narrower than the smallest gap, so each holds at most one midpoint: one comparison will do.
     assert bool((torch.searchsorted(midpoints.double(), upper) - count <= 1).all())
-    mid = torch.where(inside, candidate, torch.tensor(math.inf))
-    return shift, base, count, mid
+    index = torch.where(inside, count, torch.tensor(midpoints.numel()))
+    return shift, base, count, index
 
 
 def block_reduce(flat: torch.Tensor, block_size: int, op: str) -> torch.Tensor:

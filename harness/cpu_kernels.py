@@ -1,9 +1,9 @@
 """Fused CPU kernels (numba) for the hot path: 4-bit absmax formats, quantize-and-pack and unpack-and-scale.
 
 They compute exactly what ``harness.codebook`` computes with separate torch ops (same float32 arithmetic,
-same lookup table, same tie rule); tests assert bit-identical output. Fusing scaling, level search and
-nibble packing into one pass over memory is what makes quantization several times faster than
-bitsandbytes' CPU path, which runs a single-threaded ``torch.bucketize``.
+same lookup table, same decision thresholds, which carry the tie rule); tests assert bit-identical output.
+Fusing scaling, level search and nibble packing into one pass over memory is what makes quantization several
+times faster than bitsandbytes' CPU path, which runs a single-threaded ``torch.bucketize``.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from harness.codebook import Codebook
 
 
 @njit(cache=True, inline="always")
-def _code(v, low, high, shift, base, lut_count, lut_mid, code_of_sorted):
+def _code(v, low, high, shift, base, lut_count, thresholds, code_of_sorted):
     v = min(max(v, low), high)
     k = np.int64(math.floor(v * shift)) - base
-    return code_of_sorted[lut_count[k] + (1 if v > lut_mid[k] else 0)]
+    return code_of_sorted[lut_count[k] + (1 if v > thresholds[k] else 0)]
 
 
 @njit(parallel=True, cache=True)
 def _quantize_pack4(
-    x, block_size, scale, lut_count, lut_mid, code_of_sorted, shift, base, low, high, pad_code
+    x, block_size, scale, lut_count, thresholds, code_of_sorted, shift, base, low, high, pad_code
 ):
     n = x.shape[0]
     n_full = n - n % block_size
@@ -45,9 +45,11 @@ def _quantize_pack4(
                 inv = inv1 if b else inv0
                 first = start + b * block_size
                 for e in range(first, first + block_size, 2):
-                    first_code = _code(x[e] * inv, low, high, shift, base, lut_count, lut_mid, code_of_sorted)
+                    first_code = _code(
+                        x[e] * inv, low, high, shift, base, lut_count, thresholds, code_of_sorted
+                    )
                     second_code = _code(
-                        x[e + 1] * inv, low, high, shift, base, lut_count, lut_mid, code_of_sorted
+                        x[e + 1] * inv, low, high, shift, base, lut_count, thresholds, code_of_sorted
                     )
                     out[e // 2] = (first_code << 4) | second_code
             continue
@@ -61,7 +63,7 @@ def _quantize_pack4(
                         v = x[e + j] / (s1 if second else s0)
                     else:
                         v = x[e + j] * (inv1 if second else inv0)
-                    code = _code(v, low, high, shift, base, lut_count, lut_mid, code_of_sorted)
+                    code = _code(v, low, high, shift, base, lut_count, thresholds, code_of_sorted)
                 byte = (byte << 4) | code
             out[e // 2] = byte
     return out
@@ -94,14 +96,14 @@ def _unpack4_scale(packed, n, block_size, levels, scale):
 
 def quantize_pack4(flat: torch.Tensor, block_size: int, scale: torch.Tensor, book: Codebook) -> torch.Tensor:
     """Packed 4-bit codes of a flat fp32 CPU tensor, given its fp32 per-block scales."""
-    assert book.lut_count is not None and book.lut_mid is not None
+    assert book.lut_count is not None and book.lut_threshold is not None
     pad_code = int(book.nearest(torch.zeros(1)))
     packed = _quantize_pack4(
         flat.contiguous().numpy(),
         block_size,
         scale.contiguous().numpy(),
         book.lut_count.numpy(),
-        book.lut_mid.numpy(),
+        book.lut_threshold.numpy(),
         book.code_of_sorted.to(torch.uint8).numpy(),
         np.float32(book.lut_shift),
         book.lut_base,

@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from harness import NUMERICS_VERSION
+from harness.codebook import ROUNDING_RULES
 from harness.data import CORPORA, CORPUS_PREFIXES
 from harness.double_quant import DOUBLE_QUANT_CODES, DoubleQuantConfig
 from harness.evaluate.perplexity import PROTOCOLS
@@ -120,6 +121,7 @@ FormatName = Annotated[StrictStr, AfterValidator(_known_format)]
 BlockSizeValue = Annotated[BlockSize | None, BeforeValidator(_block_size)]
 ConstantDtype = Annotated[StrictStr, _one_of(CONSTANT_DTYPES)]
 ComputeDtype = Annotated[StrictStr, _one_of(COMPUTE_DTYPES)]
+RoundingRule = Annotated[StrictStr, _one_of(ROUNDING_RULES)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
 
@@ -172,6 +174,7 @@ class GridAxes(_Strict):
     double_quant: list[DoubleQuantValue] | None = Field(None, **_NON_EMPTY)
     constant_dtype: list[ConstantDtype] | None = Field(None, **_NON_EMPTY)
     compute_dtype: list[ComputeDtype] | None = Field(None, **_NON_EMPTY)
+    rounding: list[RoundingRule] | None = Field(None, **_NON_EMPTY)
 
 
 class FixedAxes(_Strict):
@@ -180,6 +183,7 @@ class FixedAxes(_Strict):
     double_quant: DoubleQuantValue = None
     constant_dtype: ConstantDtype | None = None
     compute_dtype: ComputeDtype | None = None
+    rounding: RoundingRule | None = None
 
 
 AXES = tuple(GridAxes.model_fields)
@@ -218,6 +222,7 @@ class RunConfig:
     double_quant: DoubleQuantConfig | None = None
     constant_dtype: str = "float32"
     compute_dtype: str = "float32"
+    rounding: str = "ties_down"  # the tie rule between two levels; bitsandbytes' by default
     seed: int = 0
 
     @property
@@ -227,7 +232,9 @@ class RunConfig:
     def quant_config(self) -> QuantConfig | None:
         if self.format is None:
             return None
-        return QuantConfig(self.format, self.block_size, self.double_quant, self.constant_dtype)
+        return QuantConfig(
+            self.format, self.block_size, self.double_quant, self.constant_dtype, self.rounding
+        )  # type: ignore[arg-type]
 
     def content(self) -> dict[str, Any]:
         """Everything that determines the result, in canonical form (the experiment's name left out)."""
@@ -243,6 +250,7 @@ class RunConfig:
             "double_quant": None if dq is None else {"block_size": dq.block_size, "code": dq.code},
             "constant_dtype": self.constant_dtype,
             "compute_dtype": self.compute_dtype,
+            "rounding": self.rounding,
             "seed": self.seed,
         }
 
@@ -268,6 +276,8 @@ class RunConfig:
             parts.append(("constant_dtype", f"c{self.constant_dtype}"))
         if self.compute_dtype != "float32":
             parts.append(("compute_dtype", self.compute_dtype))
+        if self.rounding != "ties_down":
+            parts.append(("rounding", self.rounding))
         return parts
 
     @property
@@ -289,6 +299,7 @@ class RunConfig:
             double_quant=None,
             constant_dtype="float32",
             compute_dtype="float32",
+            rounding="ties_down",
         )
 
 
@@ -524,6 +535,8 @@ def _resolved_eval(evaluation: EvalSettings, fail: Any) -> EvalSettings:
 
 
 def _axis_value(axis: str, value: Any) -> Any:
+    if value is None and axis == "rounding":
+        return "ties_down"
     if axis == "double_quant" and value is not None:
         return DoubleQuantConfig(value.block_size, value.code)
     return value

@@ -293,6 +293,11 @@ register_metric(
 register_metric(
     "cosine", "Cosine", "", "higher", "numel_weighted", "cosine similarity of W and Ŵ", decimals=5
 )
+register_metric(
+    "tie_fraction", "Ties", "%", None, "numel_weighted",
+    "share of weights exactly half-way between two distinct levels after block scaling: the tie rule decides",
+    sig=2, scale=100,
+)  # fmt: skip
 register_metric("max_abs", "Max |ΔW|", "", "lower", "max", "the largest |W − Ŵ| of any weight")
 register_metric(
     "output_rel_err",

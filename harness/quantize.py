@@ -3,8 +3,9 @@
 A tensor is flattened (row-major) and cut into contiguous blocks of ``block_size`` elements, as
 bitsandbytes does; ``channel`` means one block per output row (the leading dimension) and ``tensor`` one
 block for everything. Each block gets its constant(s) from the format's scale rule, each element the code
-of its nearest level. For nf4 and fp4 with fp32 constants, the codes, constants and dequantized values are
-bit-identical to ``bitsandbytes.functional.quantize_4bit``/``dequantize_4bit`` (tests pin this).
+of its nearest level, an exact tie decided by ``rounding`` (see ``harness.codebook``). For nf4 and fp4 with
+fp32 constants and the default ``ties_down``, the codes, constants and dequantized values are bit-identical
+to ``bitsandbytes.functional.quantize_4bit``/``dequantize_4bit`` (tests pin this).
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from typing import Literal
 import torch
 
 from harness import cpu_kernels
-from harness.codebook import Codebook, block_reduce, codebook, expand_blocks, scale_blocks
+from harness.codebook import (
+    ROUNDING_RULES,
+    Codebook,
+    Rounding,
+    block_reduce,
+    codebook,
+    expand_blocks,
+    scale_blocks,
+)
 from harness.double_quant import DoubleQuantConfig, DoubleQuantized, double_quantize
 from harness.formats import Format, get_format
 from harness.packing import pack, unpack
@@ -49,6 +58,7 @@ class QuantConfig:
     block_size: BlockSize | None = None
     double_quant: DoubleQuantConfig | None = None
     constant_dtype: str = "float32"
+    rounding: Rounding = "ties_down"  # how an exact tie between two levels is decided; bnb's by default
     fmt: Format = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +84,10 @@ class QuantConfig:
         if self.constant_dtype != "float32" and fmt.scale_rule not in ("absmax", "affine"):
             raise QuantizationError(
                 f"{fmt.name} stores its scales in its own format; constant_dtype is fixed"
+            )
+        if self.rounding not in ROUNDING_RULES:
+            raise QuantizationError(
+                f"rounding must be one of {', '.join(ROUNDING_RULES)}, got {self.rounding!r}"
             )
 
     def resolve_block_size(self, shape: tuple[int, ...]) -> int:
@@ -146,38 +160,12 @@ def quantize(weight: torch.Tensor, config: QuantConfig | str, *, name: str = "te
     shape = tuple(weight.shape)
     block_size = config.resolve_block_size(shape)
     flat = weight.detach().reshape(-1).float()
-    book = codebook(fmt.levels, flat.device)
-    const_dtype = CONSTANT_DTYPES[config.constant_dtype]
-    minimums = tensor_scale = None
-
+    book = codebook(fmt.levels, flat.device, config.rounding)
     if flat.numel() == 0:
         return _empty(config, shape, weight.dtype, block_size, flat.device)
-    # One pass of block statistics; max/min propagate NaN and Inf, so they also decide finiteness.
-    if fmt.scale_rule == "affine":
-        low, high = block_reduce(flat, block_size, "min"), block_reduce(flat, block_size, "max")
-        _check_finite(weight, torch.stack([low, high]), name)
-    else:
-        amax = block_reduce(flat, block_size, "absmax")
-        _check_finite(weight, amax, name)
-    # Each scale rule yields the per-block constants to store, and the input and per-block divisor that put
-    # the block onto the codebook's range.
-    if fmt.scale_rule == "absmax":
-        scales = amax.to(const_dtype)
-        source, divisor = flat, scales.float()
-    elif fmt.scale_rule == "affine":
-        minimums = low.to(const_dtype)
-        scales = (high - minimums.float()).to(const_dtype)
-        source, divisor = flat - _per_element(minimums.float(), block_size, flat.numel()), scales.float()
-    elif fmt.scale_rule == "e8m0":
-        exponent = _e8m0_exponent(amax)
-        scales = (exponent + 127).to(torch.uint8)
-        source, divisor = flat, torch.exp2(exponent)
-    else:  # e4m3_fp32 (NVFP4)
-        tensor_scale = amax.max() / (_E2M1_MAX * _E4M3_MAX)
-        tensor_scale = torch.where(tensor_scale > 0, tensor_scale, torch.ones_like(tensor_scale))
-        block_scale = (amax / _E2M1_MAX / tensor_scale).clamp(max=_E4M3_MAX).to(torch.float8_e4m3fn)
-        scales = block_scale.view(torch.uint8)
-        source, divisor = flat, block_scale.float() * tensor_scale
+    scales, minimums, tensor_scale, source, divisor = _apply_scale_rule(
+        flat, config, block_size, weight, name
+    )
 
     if _use_cpu_kernel(flat, fmt.bits, book):
         packed = cpu_kernels.quantize_pack4(source, block_size, divisor, book)
@@ -185,7 +173,7 @@ def quantize(weight: torch.Tensor, config: QuantConfig | str, *, name: str = "te
         codes = book.nearest(scale_blocks(source, block_size, divisor, book.low, book.high))
         packed = pack(codes, fmt.bits, pad_code=int(book.nearest(flat.new_zeros(1))))
 
-    if config.double_quant is not None:
+    if config.double_quant is not None:  # its second level keeps ties_down whatever ``rounding`` says
         scales = double_quantize(scales.float(), config.double_quant)
     return QuantizedTensor(
         codes=packed,
@@ -197,6 +185,27 @@ def quantize(weight: torch.Tensor, config: QuantConfig | str, *, name: str = "te
         block_size=block_size,
         config=config,
     )
+
+
+def tie_mask(weight: torch.Tensor, config: QuantConfig | str, *, name: str = "tensor") -> torch.Tensor:
+    """Per element of the flattened ``weight``, whether its scaled value is exactly the midpoint of two
+    distinct levels: a tie, which ``rounding`` alone decides. Weights already on a grid (GGUF) can have many.
+    The scaling is quantize's own, so the values tested are bit-identical to those the level search sees."""
+    config = QuantConfig(config) if isinstance(config, str) else config
+    _check_input(weight, name)
+    flat = weight.detach().reshape(-1).float()
+    if flat.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=flat.device)
+    block_size = config.resolve_block_size(tuple(weight.shape))
+    book = codebook(config.fmt.levels, flat.device)
+    *_, source, divisor = _apply_scale_rule(flat, config, block_size, weight, name)
+    return book.on_midpoint(scale_blocks(source, block_size, divisor, book.low, book.high))
+
+
+def tie_fraction(weight: torch.Tensor, config: QuantConfig | str, *, name: str = "tensor") -> float:
+    """The share of ``weight``'s elements that are ties for ``config`` (see ``tie_mask``); 0 when empty."""
+    mask = tie_mask(weight, config, name=name)
+    return int(mask.sum()) / mask.numel() if mask.numel() else 0.0
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -232,6 +241,42 @@ def _decode(packed: torch.Tensor, levels: torch.Tensor, bits: int, n: int) -> to
         pairs = torch.stack([levels[byte >> 4], levels[byte & 0xF]], dim=1)
         return pairs[packed.long()].reshape(-1)[:n]
     return levels[unpack(packed, bits, n).long()]
+
+
+def _apply_scale_rule(
+    flat: torch.Tensor, config: QuantConfig, block_size: int, weight: torch.Tensor, name: str
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The format's scale rule on a non-empty flat fp32 tensor: the per-block constants to store (scales,
+    minimums, tensor scale), and the input and per-block divisor that put each block onto the codebook's
+    range. One place for quantize and tie_mask, so both see the same scaled values."""
+    fmt = config.fmt
+    const_dtype = CONSTANT_DTYPES[config.constant_dtype]
+    minimums = tensor_scale = None
+    # One pass of block statistics; max/min propagate NaN and Inf, so they also decide finiteness.
+    if fmt.scale_rule == "affine":
+        low, high = block_reduce(flat, block_size, "min"), block_reduce(flat, block_size, "max")
+        _check_finite(weight, torch.stack([low, high]), name)
+    else:
+        amax = block_reduce(flat, block_size, "absmax")
+        _check_finite(weight, amax, name)
+    if fmt.scale_rule == "absmax":
+        scales = amax.to(const_dtype)
+        source, divisor = flat, scales.float()
+    elif fmt.scale_rule == "affine":
+        minimums = low.to(const_dtype)
+        scales = (high - minimums.float()).to(const_dtype)
+        source, divisor = flat - _per_element(minimums.float(), block_size, flat.numel()), scales.float()
+    elif fmt.scale_rule == "e8m0":
+        exponent = _e8m0_exponent(amax)
+        scales = (exponent + 127).to(torch.uint8)
+        source, divisor = flat, torch.exp2(exponent)
+    else:  # e4m3_fp32 (NVFP4)
+        tensor_scale = amax.max() / (_E2M1_MAX * _E4M3_MAX)
+        tensor_scale = torch.where(tensor_scale > 0, tensor_scale, torch.ones_like(tensor_scale))
+        block_scale = (amax / _E2M1_MAX / tensor_scale).clamp(max=_E4M3_MAX).to(torch.float8_e4m3fn)
+        scales = block_scale.view(torch.uint8)
+        source, divisor = flat, block_scale.float() * tensor_scale
+    return scales, minimums, tensor_scale, source, divisor
 
 
 def _use_cpu_kernel(t: torch.Tensor, bits: int, book: Codebook) -> bool:

@@ -307,6 +307,9 @@ class Runs:
         if value("protocol") == "sliding":
             parts.append(f"stride {value('stride')}")
         parts.append(f"{value('eval_tokens')} tokens")
+        ties = [v for v in self.metric("tie_fraction", frame, 1.0) if math.isfinite(v)]
+        if ties and max(ties) > 0:  # the tie rule decides those weights: say which rule
+            parts.append(f"ties rounded {value('rounding')} (up to {max(ties):.2%} of weights on a tie)")
         return ", ".join(parts)
 
 
@@ -512,7 +515,13 @@ def _block_name(block: str) -> str:
 def doublequant_table(runs: Runs) -> Table | None:
     """Each DQ variant against the same format and block without DQ: bits saved, error added."""
     frame = runs.quantized
-    same = ["params.format", "params.block_size", "params.constant_dtype", "params.compute_dtype"]
+    same = [
+        "params.format",
+        "params.block_size",
+        "params.constant_dtype",
+        "params.compute_dtype",
+        "params.rounding",
+    ]
     same = [c for c in same if c in frame]
     off = frame[frame["params.double_quant"] == "off"].drop_duplicates(same).set_index(same)
     on = frame[frame["params.double_quant"] != "off"]

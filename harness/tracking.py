@@ -101,6 +101,7 @@ def config_params(config: RunConfig) -> dict[str, Any]:
         "dq_block_size": dq.block_size if dq else 0,
         "constant_dtype": config.constant_dtype,
         "compute_dtype": config.compute_dtype,
+        "rounding": config.rounding,
         "layers_include": ",".join(config.include) or "(all Linear in blocks)",
         "layers_exclude": ",".join(config.exclude) or "(none)",
         "corpus": config.data.corpus,

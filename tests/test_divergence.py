@@ -197,7 +197,14 @@ def test_cache_write_is_atomic(base: nn.Module, tmp_path: Path) -> None:
         build(crashing, tokens, PROTOCOL, tmp_path, batch_size=2)
     assert entries(tmp_path) == []
     done = build(base, tokens, PROTOCOL, tmp_path, batch_size=2)
-    stored = ["meta.json", "stats.npz", "tail_index.npy", "tail_logprob.npy", "topk_index.npy", "topk_logprob.npy"]
+    stored = [
+        "meta.json",
+        "stats.npz",
+        "tail_index.npy",
+        "tail_logprob.npy",
+        "topk_index.npy",
+        "topk_logprob.npy",
+    ]
     assert sorted(p.name for p in done.path.iterdir()) == stored
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     assert abs(evaluate_against(base, done, progress=False)[1].kld_mean) < 1e-6

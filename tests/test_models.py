@@ -19,6 +19,7 @@ from torch import nn
 
 from harness import assets
 from harness.cache import cache_dir
+from harness.codebook import codebook
 from harness.metrics import aggregate, output_error
 from harness.models import (
     LoadedModel,
@@ -296,6 +297,28 @@ def test_warns_when_source_is_at_or_below_target(tiny: LoadedModel) -> None:
         pass
     assert [r.warning for r in result.layers] == [True] + [False] * (len(layers) - 1)
     assert len(result.warnings) == 1
+
+
+def test_tie_fraction_per_layer_and_its_warning(tiny: LoadedModel) -> None:
+    pristine = snapshot(tiny.model, discover_layers(tiny))
+    name = pristine.layers[0].name
+    weight = pristine.weights[name].data
+    original = weight.clone()
+    book = codebook(QuantConfig("int4").fmt.levels)
+    blocks = weight.view(-1, 64)
+    blocks.copy_(book.sorted_levels[torch.arange(blocks.numel()).remainder(15).view_as(blocks)])
+    blocks[:, 0], blocks[:, 1] = 1.0, book.midpoints[9]  # absmax 1 and one exact tie in every block of 64
+    try:
+        with pytest.warns(UserWarning, match=r"rounding boundary .* \(rounding: ties_even\) decides them"):
+            result = apply(pristine, QuantConfig("int4", 64, rounding="ties_even"))
+        table = layer_table(result)
+        assert table["tie_fraction"].iloc[0] == 1 / 64
+        assert (table["tie_fraction"].iloc[1:] < 1e-3).all()  # random weights: (almost) no exact ties
+        assert len(result.warnings) == 1
+        assert apply(pristine, NF4).warnings == []  # nf4's midpoints are elsewhere
+    finally:
+        restore(pristine)
+        weight.copy_(original)
 
 
 # -------------------------------------------------------------------------------------- output error

@@ -150,6 +150,10 @@ def test_empty_tensor() -> None:
         (lambda: QuantConfig("mxfp4", 64), "mxfp4 fixes its block size at 32"),
         (lambda: QuantConfig("int4_asym", 64, DoubleQuantConfig()), "double_quant applies to"),
         (lambda: QuantConfig("nf4", 64, constant_dtype="float8"), "constant_dtype must be one of"),
+        (
+            lambda: QuantConfig("nf4", 64, rounding="nearest"),  # type: ignore[arg-type]
+            "rounding must be one of ties_down, ties_even, ties_away, got 'nearest'",
+        ),
         (lambda: DoubleQuantConfig(code="int4"), "unknown double_quant.code"),
         (lambda: DoubleQuantConfig(block_size=0), "double_quant.block_size"),
     ],

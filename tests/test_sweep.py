@@ -3,7 +3,6 @@ Ctrl-C/SIGTERM (KILLED), kill -9 (stale RUNNING reaped and redone), and an MLflo
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import socket

@@ -22,9 +22,10 @@ from torch.utils.hooks import RemovableHandle
 from harness.metrics import error_metrics, output_error, stored_bytes
 from harness.models.anatomy import body
 from harness.models.sources import LoadedModel, ModelError, source_bits
-from harness.quantize import QuantConfig, dequantize, quantize
+from harness.quantize import QuantConfig, dequantize, quantize, tie_fraction
 
 CAPTURE_ROWS = 256
+TIE_WARNING_FRACTION = 1e-3  # above this share of exact ties in a layer, the tie rule visibly moves results
 _LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
 
 
@@ -50,6 +51,7 @@ class LayerResult:
     stored_bytes: int
     metrics: dict[str, float]  # harness.metrics.error_metrics against the pristine weight
     output_rel_err: float  # ‖XWᵀ − XŴᵀ‖ / ‖XWᵀ‖ on captured inputs; NaN when none were given
+    tie_fraction: float  # share of weights exactly on a midpoint of the format: decided by the tie rule
     warning: bool  # the source precision is at or below the target's bits
 
 
@@ -176,6 +178,7 @@ def apply(
                     stored_bytes=stored_bytes(qt),
                     metrics=error_metrics(reference, approx),
                     output_rel_err=output_error(reference, approx, x) if x is not None else math.nan,
+                    tie_fraction=tie_fraction(weight.detach(), config, name=info.name),
                     warning=source_bits(info.source_precision) <= target_bits,
                 )
             )
@@ -192,7 +195,7 @@ def apply(
     except BaseException:
         restore(pristine)
         raise
-    messages = _source_warnings(results, config)
+    messages = _source_warnings(results, config) + _tie_warnings(results, config)
     for message in messages:
         warnings.warn(message, stacklevel=2)
     return ApplyResult(config, compute_dtype, results, messages)
@@ -253,6 +256,16 @@ def _source_warnings(results: list[LayerResult], config: QuantConfig) -> list[st
     ]
 
 
+def _tie_warnings(results: list[LayerResult], config: QuantConfig) -> list[str]:
+    # Fixed text but for the rule, so that a sweep shows it once per model and rule.
+    if not any(r.tie_fraction > TIE_WARNING_FRACTION for r in results):
+        return []
+    return [
+        "some weights lie exactly on a rounding boundary of this format (share per layer: tie_fraction); "
+        f"the tie rule (rounding: {config.rounding}) decides them"
+    ]
+
+
 # --------------------------------------------------------------------------------------- input capture
 
 
@@ -296,7 +309,8 @@ def capture_inputs(
 
 
 def layer_table(result: ApplyResult) -> pd.DataFrame:
-    """One row per layer: shape, size, source precision, stored bits/param and every error metric."""
+    """One row per layer: shape, size, source precision, stored bits/param, every error metric and the
+    share of exact ties."""
     return pd.DataFrame(
         [
             {
@@ -308,6 +322,7 @@ def layer_table(result: ApplyResult) -> pd.DataFrame:
                 "bits_per_param": 8 * r.stored_bytes / r.numel,
                 **r.metrics,
                 "output_rel_err": r.output_rel_err,
+                "tie_fraction": r.tie_fraction,
                 "warning": r.warning,
             }
             for r in result.layers
