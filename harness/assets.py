@@ -188,14 +188,21 @@ def _pins(asset: Asset) -> list[dict[str, str]]:
     return [asdict(package) for package in asset.packages]
 
 
+def _definition(asset: Asset) -> str:
+    """A digest of everything that decides an entry's files (pins, members, target), so that an entry built
+    from another definition of the same asset is rebuilt rather than trusted."""
+    fields = {k: v for k, v in asdict(asset).items() if k not in ("description", "license")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def is_fetched(name: str) -> bool:
-    """True when the cache holds this asset built from exactly the pinned packages (checks the manifest)."""
+    """True when the cache holds this asset built from exactly its current definition (its manifest says)."""
     asset = _asset(name)
     try:
         manifest = json.loads((cache_dir() / name / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return manifest.get("packages") == _pins(asset) and asset_path(name).exists()
+    return manifest.get("definition") == _definition(asset) and asset_path(name).exists()
 
 
 def ensure(name: str, progress: bool = True) -> Path:
@@ -240,6 +247,7 @@ def _fetch(asset: Asset, *, progress: bool, force: bool = False) -> Path:
                 "license": asset.license,
                 "target": asset.target,
                 "packages": _pins(asset),
+                "definition": _definition(asset),
                 "files": files,
             }
             (build / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

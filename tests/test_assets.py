@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -83,6 +84,18 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path) -> list[s
 
     monkeypatch.setattr(assets, "_pip_download", pip_download)
     return log
+
+
+def test_an_entry_built_from_another_definition_is_rebuilt(
+    fake: list[str], cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assets.ensure("fake-files", progress=False)
+    assert (cache / "fake-files" / "data" / "sub" / "b.txt").is_file() and fake == ["fake-docs"]
+    wider = dataclasses.replace(ASSETS["fake-files"], members=())  # now the whole folder
+    monkeypatch.setitem(ASSETS, "fake-files", wider)
+    assert not assets.is_fetched("fake-files")
+    assets.ensure("fake-files", progress=False)
+    assert fake == ["fake-docs", "fake-docs"] and assets.is_fetched("fake-files")
 
 
 def test_registry_pins_every_package() -> None:
