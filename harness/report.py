@@ -729,9 +729,9 @@ def write_plots(
             found = points.assign(value=runs.metric(key), low=low, high=high).dropna(subset=["bits", "value"])
             base = runs.metric(key, runs.baseline)
             reference = base[0] if key == "ppl" and base else None
-            bars = f"; bars: 95% interval ({METHOD})" if np.isfinite(found["low"]).any() else ""
+            bars = "\nbars: 95% interval, block bootstrap" if np.isfinite(found["low"]).any() else ""
             fig = plots.quality_vs_bits(
-                found, ylabel, f"{metric_info(key).label} vs bits/param ({where}{bars})", reference
+                found, ylabel + bars, f"{metric_info(key).label} vs bits/param ({where})", reference
             )
             paths += plots.save(fig, out / f"{name}{suffix}")
     if runs.has("nmse"):
