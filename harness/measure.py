@@ -222,7 +222,7 @@ def _evaluate(session: ModelSession, config: RunConfig) -> tuple[dict[str, float
             batch_size=config.eval.batch_size,
         )
         for task, values in accuracies.items():
-            for name in ("acc", "acc_norm"):
+            for name in ("acc", "acc_norm", "ppl"):
                 if name in values:
                     metrics[f"{name}_{task}"] = values[name]
                     metrics[f"{name}_{task}_stderr"] = values[f"{name}_stderr"]

@@ -385,6 +385,22 @@ for _score, _what in (("acc", "accuracy"), ("acc_norm", "accuracy with length-no
         f"{_score}_{TASK}_stderr", f"{TASK} {_score} SE", "%", None, "model",
         f"lm-eval's standard error of {_score}_{TASK}", decimals=1, scale=100,
     )  # fmt: skip
+register_metric(
+    f"ppl_{TASK}", f"{TASK} ppl", "", "lower", "model", "the task's perplexity as lm-eval scores it",
+    decimals=2, stderr=f"ppl_{TASK}_stderr",
+)  # fmt: skip
+register_metric(
+    f"ppl_{TASK}_stderr", f"{TASK} ppl SE", "", None, "model", "lm-eval's bootstrap standard error of that",
+    decimals=2,
+)  # fmt: skip
+register_metric(
+    "acc_avg", "Avg acc", "%", "higher", "model", "mean of the suite's primary zero-shot accuracies",
+    decimals=1, scale=100, stderr="acc_avg_stderr",
+)  # fmt: skip
+register_metric(
+    "acc_avg_stderr", "Avg acc SE", "%", None, "model", "sqrt(Σ se²) / n, the tasks taken as independent",
+    decimals=1, scale=100,
+)  # fmt: skip
 # Cost
 register_metric(
     "time_quantize_s", "Quantize time", "s", "lower", "model", "quantizing every chosen layer", decimals=1

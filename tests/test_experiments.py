@@ -88,10 +88,10 @@ def test_hash_is_stable_across_processes(tmp_path: Path) -> None:
 def test_overrides_and_exclusions(tmp_path: Path) -> None:
     exp = load_experiment(
         write(tmp_path, BASE + "exclude: [{format: fp4, block_size: 128}]\n"),
-        ["grid.double_quant=[off, {code: linear_int8, block_size: 64}]", "eval.tasks=[siqa_local]"],
+        ["grid.double_quant=[off, {code: linear_int8, block_size: 64}]", "eval.tasks=[piqa]"],
     )
     assert len(exp.configs) == 2 * 2 * 2 - 2
-    assert all(c.eval.tasks == ("siqa_local",) for c in exp.configs)
+    assert all(c.eval.tasks == ("piqa",) for c in exp.configs)
 
 
 def test_invalid_combination_points_at_exclude(tmp_path: Path) -> None:
@@ -132,7 +132,7 @@ MALFORMED = [
     ("model: m\neval: {tokens: -5}\ngrid: {format: [nf4]}\n", "eval.tokens: expected an integer >= 1"),
     ("model: m\neval: {tokens: 100}\ngrid: {format: [nf4]}\n", "eval.tokens: 100 is fewer than one window"),
     ("model: m\neval: {stride: 64}\ngrid: {format: [nf4]}\n", "eval.stride: only the sliding protocol"),
-    ("model: m\neval: {tasks: [hellaswag]}\ngrid: {format: [nf4]}\n", "eval.tasks: expected a list of tasks"),
+    ("model: m\neval: {tasks: [nope]}\ngrid: {format: [nf4]}\n", "eval.tasks: expected a list of tasks"),
     ("model: m\neval: {kld: yes please}\ngrid: {format: [nf4]}\n", "eval.kld: expected true or false"),
     (
         "model: m\neval: {limit: 0}\ngrid: {format: [nf4]}\n",

@@ -79,7 +79,7 @@ def test_smoke_sweep_logs_every_config(store: str) -> None:
         assert row["metrics.ppl_ci95_low"] < row["metrics.ppl"] < row["metrics.ppl_ci95_high"]
         assert row["metrics.kld_mean_se"] > 0 and row["metrics.kld_p999"] <= row["metrics.kld_max"]
         assert row["metrics.tokens_scored"] == base["metrics.tokens_scored"] == 255
-        assert 0 < row["metrics.nmse"] < 0.05 and 0 <= row["metrics.acc_siqa_local"] <= 1
+        assert 0 < row["metrics.nmse"] < 0.05 and 0 <= row["metrics.acc_piqa"] <= 1
     assert int4["metrics.nmse"] > nf4["metrics.nmse"]  # NF4 beats int4 on near-Gaussian weights
     assert nf4["params.protocol"] == "disjoint" and nf4["params.format"] == "nf4"
     assert nf4["params.git_commit"] and nf4["params.version.torch"].startswith("2.13")

