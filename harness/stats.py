@@ -49,12 +49,6 @@ def resampled_means(*series: np.ndarray) -> list[np.ndarray]:
             for s in series]  # fmt: skip
 
 
-def standard_error(values: np.ndarray) -> float:
-    """Block-bootstrap standard error of the mean of ``values``."""
-    (means,) = resampled_means(values)
-    return float(means.std(ddof=1))
-
-
 def interval(samples: np.ndarray) -> tuple[float, float]:
     """The 95 % percentile interval of bootstrap samples."""
     low, high = np.percentile(samples, [2.5, 97.5])

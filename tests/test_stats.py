@@ -13,9 +13,14 @@ from harness.stats import (
     kld_percentiles,
     paired_difference,
     resampled_means,
-    standard_error,
     token_statistics,
 )
+
+
+def standard_error(values: np.ndarray) -> float:
+    """The block-bootstrap standard error of a mean: the spread of its resampled means."""
+    (means,) = resampled_means(values)
+    return float(means.std(ddof=1))
 
 
 def ar1(n: int, rho: float, seed: int) -> np.ndarray:
