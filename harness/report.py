@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from harness import plots
+from harness.evaluate.tasks import PRIMARY
 from harness.metrics import MetricSpec, metric
 from harness.stats import METHOD, Difference, paired_difference, ppl_difference
 from harness.tracking import (
@@ -178,6 +179,11 @@ _LATEX = {
     "—": "---",
     "·": r"$\cdot$",
     "≈": r"$\approx$",
+    "√": r"$\surd$",
+    "Σ": r"$\Sigma$",
+    "²": r"$^2$",
+    "₁": r"$_1$",
+    "₂": r"$_2$",
 }
 
 
@@ -438,15 +444,63 @@ def _notes(runs: Runs, columns: list[Column], extra: list[str] | None = None) ->
 
 def datatypes_table(runs: Runs) -> Table:
     """QLoRA Table 2's shape: a row per config, the unquantized baseline on top as a reference."""
-    keys = [k for k in DATATYPE_COLUMNS if runs.has(k)]
-    tasks = [c.removeprefix("metrics.") for c in runs.quantized if _is_task(c)]
-    keys += sorted(t for t in tasks if runs.has(t))
+    keys = [k for k in (*DATATYPE_COLUMNS, "acc_avg") if runs.has(k)]
     frame = pd.concat([runs.baseline, runs.quantized])
     columns = [runs.column(key, frame, skip=len(runs.baseline)) for key in keys]
     labels = [["unquantized"]] * len(runs.baseline) + [[str(v)] for v in runs.quantized["params.label"]]
     against = ["KLD and top-1 against the unquantized model"] if runs.has("kld_mean") else []
     caption = f"Data types on {runs.setting()}. " + _notes(runs, columns, against)
     return Table("datatypes", caption, ["Config"], labels, columns, reference_rows=len(runs.baseline))
+
+
+def tasks_table(runs: Runs) -> Table | None:
+    """Zero-shot accuracy: a row per config, a column per task (its primary score) and the suite average.
+
+    lm-eval keeps no per-document scores here, so "not resolved from the best" is the unpaired z-test on
+    lm-eval's standard errors; the configs answer the same documents, whose shared difficulty makes the paired
+    test sharper, so this one errs towards calling differences unresolved."""
+    found = [c.removeprefix("metrics.") for c in runs.quantized if _is_task(c)]
+    named = dict.fromkeys(re.sub(r"^acc_(norm_)?", "", k) for k in found if k != "acc_avg")
+    order = list(PRIMARY)  # the suite's order first, then any other task alphabetically
+    tasks = sorted(named, key=lambda t: (order.index(t) if t in order else len(order), t))
+    keys = [f"{PRIMARY.get(t, 'acc')}_{t}" for t in tasks]
+    keys = [k for k in keys if runs.has(k)] + (["acc_avg"] if runs.has("acc_avg") else [])
+    if not keys:
+        return None
+    frame = pd.concat([runs.baseline, runs.quantized])
+    skip = len(runs.baseline)
+    columns = []
+    for key in keys:
+        column = runs.column(key, frame, skip=skip)
+        if column.errors is not None:
+            column.tied = _within_errors(column.values, column.errors, column.metric.better, skip)
+        columns.append(column)
+    labels = [["unquantized"]] * skip + [[str(v)] for v in runs.quantized["params.label"]]
+    limit = frame.get("params.limit", pd.Series(dtype=str)).dropna()
+    limits = [v for v in dict.fromkeys(limit) if v != "None"]
+    docs = f"the first {'/'.join(limits)} documents of each task" if limits else "every document of each task"
+    primary = ", ".join(f"{t}: {PRIMARY.get(t, 'acc')}" for t in tasks)
+    notes = [
+        f"lm-eval 0.4.13 stock tasks, zero-shot, {docs}; the score shown per task: {primary}",
+        "bold: the best quantized value and every value within 1.96·√(se₁² + se₂²) of it (unpaired z-test "
+        "on lm-eval's standard errors: a difference it does not resolve may still be real)",
+        "±: one standard error (lm-eval's; the average's: √(Σ se²)/n, the tasks taken as independent)",
+    ]
+    caption = f"Zero-shot accuracy (%) on {runs.model}, ↑: higher is better; " + "; ".join(notes) + "."
+    return Table("tasks", caption, ["Config"], labels, columns, reference_rows=skip)
+
+
+def _within_errors(values: list[float], errors: list[float], better: str | None, skip: int) -> set[int]:
+    """Rows whose value is within 1.96 combined standard errors of the best row's."""
+    rows = [i for i in range(skip, len(values)) if math.isfinite(values[i]) and math.isfinite(errors[i])]
+    if len(rows) < 2 or better is None:
+        return set()
+    best = (min if better == "lower" else max)(rows, key=lambda i: values[i])
+    return {
+        i
+        for i in rows
+        if abs(values[i] - values[best]) <= 1.96 * math.hypot(errors[i], errors[best]) and i != best
+    }
 
 
 def blocksize_table(runs: Runs, key: str) -> Table:
@@ -686,6 +740,8 @@ def tables(runs: Runs, rows: str | None, cols: str | None, metric: str | None) -
         raise ReportError(f"unknown metric {metric!r}; this experiment has: {', '.join(known)}")
     key = metric or ("ppl" if runs.has("ppl") else "nmse")
     out = [datatypes_table(runs)]
+    task_table = tasks_table(runs)
+    out += [task_table] if task_table is not None else []
     if len(runs.varying("block_size")) >= 2:
         out.append(blocksize_table(runs, key))
     if "off" in runs.varying("double_quant") and len(runs.varying("double_quant")) >= 2:

@@ -29,7 +29,7 @@ SETTING = {
     "stride": "None",
     "eval_tokens": "2048",
     "bos": "True",
-    "tasks": "siqa_local",
+    "tasks": "piqa,boolq",
     "limit": "8",
     "seed": "0",
     "compute_dtype": "float32",
@@ -63,10 +63,24 @@ def config(fmt: str, block: int, dq: bool) -> tuple[dict[str, str], dict[str, fl
         "ppl": ppl,
         "kld_mean": nmse * 3,
         "top1_agreement": 1 - nmse * 4,
-        "acc_siqa_local": 0.5 - nmse,
-        "acc_siqa_local_stderr": 0.17,
+        **task_scores(nmse),
     }
     return params, metrics
+
+
+def task_scores(nmse: float) -> dict[str, float]:
+    """piqa's acc_norm (its primary) separates the formats beyond its stderr; boolq's stderr is too wide."""
+    piqa, boolq = 0.70 - 8 * nmse, 0.60 - nmse
+    return {
+        "acc_piqa": piqa - 0.02,
+        "acc_piqa_stderr": 0.005,
+        "acc_norm_piqa": piqa,
+        "acc_norm_piqa_stderr": 0.005,
+        "acc_boolq": boolq,
+        "acc_boolq_stderr": 0.02,
+        "acc_avg": (piqa + boolq) / 2,
+        "acc_avg_stderr": math.hypot(0.005, 0.02) / 2,
+    }
 
 
 def layers_table(scale: float) -> pd.DataFrame:
@@ -140,7 +154,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
         parent.log_params({"experiment": "synthetic", "n_configs": 8})
         baseline = {**SETTING, "format": "none", "block_size": "None", "double_quant": "off"}
         baseline |= {"label": "baseline", "config_hash": "hash-baseline"}
-        child(tracker, exp_id, parent, baseline, {"ppl": BASELINE_PPL, "acc_siqa_local": 0.52})
+        child(tracker, exp_id, parent, baseline, {"ppl": BASELINE_PPL, **task_scores(0.0)})
         stale_params, stale = config("nf4", 64, False)
         child(tracker, exp_id, parent, stale_params, {**stale, "ppl": 99.0})  # superseded by the rerun below
         time.sleep(0.01)
@@ -190,7 +204,8 @@ def test_latest_finished_run_per_hash(store: str) -> None:
 
 
 def test_layouts_written(report: dict[str, Path]) -> None:
-    tables = ["datatypes", "blocksize-nmse", "doublequant", "pivot-nmse-format+double_quant-by-block_size"]
+    tables = ["datatypes", "tasks", "blocksize-nmse", "doublequant"]
+    tables.append("pivot-nmse-format+double_quant-by-block_size")
     figures = ["ppl_vs_bits", "kld_vs_bits", "nmse_vs_bits", "layer_heatmap"]
     expected = {f"{t}.{ext}" for t in tables for ext in ("tex", "md", "csv")}
     expected |= {f"{f}.{ext}" for f in figures for ext in ("png", "pdf")}
@@ -214,10 +229,10 @@ def test_datatypes_table(report: dict[str, Path]) -> None:
         "ΔPPL ↓",
         "KLD (nats) ↓",
         "Top-1 (%) ↑",
-        "siqa_local acc (%) ↑",
+        "Avg acc (%) ↑",
     ]
     assert baseline[:5] == ["unquantized", "—", "—", "—", "20.00"]  # a reference: never bold
-    assert baseline[-1] == "52.0"  # its stderr was not logged
+    assert baseline[-1] == "65.0 ± 1.0"
     by_label = {r[0]: r for r in rows}
     assert by_label["nf4-b64"][2:5] == ["**0.00850**", "**7.38**", "**21.70**"]  # best error: bold
     assert by_label["int4-b64"][4] == "22.32"
@@ -225,16 +240,32 @@ def test_datatypes_table(report: dict[str, Path]) -> None:
     assert by_label["int4-b128-dq"][1] == "**4.063**"
     assert by_label["nf4-b64-dq"][1] == "4.127"
     assert by_label["nf4-b64"][5] == "**+1.70**"
-    assert by_label["nf4-b64"][8] == "**49.1** ± 17.0"
+    assert by_label["nf4-b64"][8] == "**61.2** ± 1.0"
     # nf4 + DQ differs from nf4 by less than a paired test resolves: bold too; int4 is resolved: plain
     assert by_label["nf4-b64-dq"][4] == "**21.70**" and by_label["int4-b64-dq"][4] == "22.32"
     assert "for PPL, ΔPPL, KLD, Top-1 also every value a paired test cannot tell from it" in text
+
+
+def test_tasks_table(report: dict[str, Path]) -> None:
+    """A column per task, its primary score, in the suite's order, then the average; bold where a z-test on
+    the stderrs cannot tell a value from the best."""
+    text = report["tasks.md"].read_text()
+    assert "the first 8 documents of each task" in text and "piqa: acc_norm, boolq: acc" in text
+    header, baseline, *rows = markdown_rows(report["tasks.md"])
+    assert header == ["Config", "piqa acc_norm (%) ↑", "boolq acc (%) ↑", "Avg acc (%) ↑"]
+    assert baseline == ["unquantized", "70.0 ± 0.5", "60.0 ± 2.0", "65.0 ± 1.0"]
+    by_label = {r[0]: r for r in rows}
+    assert by_label["nf4-b64"][1:] == ["**63.2** ± 0.5", "**59.2** ± 2.0", "**61.2** ± 1.0"]
+    # piqa: int4 trails nf4 by 2.5 points, five times the combined stderr; boolq's 0.4 is within it
+    assert by_label["int4-b64"][1:3] == ["60.7 ± 0.5", "**58.8** ± 2.0"]
+    assert by_label["nf4-b128"][1] == "**62.5** ± 0.5"  # 0.7 below the best: within 1.96·√2·0.5 = 1.4
 
 
 def test_csv_matches_markdown(report: dict[str, Path]) -> None:
     """The CSV holds the same table at full precision: every shown number is the CSV's, rounded."""
     for name in (
         "datatypes",
+        "tasks",
         "blocksize-nmse",
         "doublequant",
         "pivot-nmse-format+double_quant-by-block_size",
@@ -350,7 +381,7 @@ def test_latex(report: dict[str, Path], tmp_path: Path) -> None:
     assert r"\toprule" in body and r"\label{tab:synthetic-datatypes}" in body and r"\caption{" in body
     assert r"{@{}r@{}}PPL\\$\downarrow$\end{tabular}" in body  # label over unit and arrow
     assert r"Top-1\\(\%) $\uparrow$" in body and r"$\Delta$PPL" in body
-    assert r"\textbf{21.70}" in body and r"$\pm$ 17.0" in body
+    assert r"\textbf{21.70}" in body and r"$\pm$ 1.0" in body
     assert r"double\_quant" in tex["pivot-nmse-format+double_quant-by-block_size.tex"]
     assert r"\cmidrule(lr){2-3}" in tex["blocksize-nmse.tex"]
     assert not re.search(r"[^\x00-\x7f]", "".join(tex.values())), "non-ASCII left in the LaTeX"
@@ -390,7 +421,8 @@ def test_plots_logged_to_parent_run(store: str, report: dict[str, Path]) -> None
 
 def test_layouts_follow_what_varies(store: str, tmp_path: Path) -> None:
     paths = {p.name for p in write_report("single", store, out_dir=tmp_path).paths}
-    assert {p for p in paths if p.endswith(".md")} == {"datatypes.md"}  # one block size, no DQ, no baseline
+    # one block size, no DQ, no baseline; its runs scored tasks
+    assert {p for p in paths if p.endswith(".md")} == {"datatypes.md", "tasks.md"}
     assert "layer_heatmap.png" not in paths  # no run logged layers.csv
     assert "ppl_vs_bits.png" in paths
 
