@@ -275,10 +275,7 @@ def is_fetched(name: str) -> bool:
 
 def ensure(name: str, progress: bool = True) -> Path:
     """The asset's path, fetching it first if the cache does not hold it."""
-    asset = _asset(name)
-    if not is_fetched(name):
-        _fetch(asset, progress=progress)
-    return asset_path(name)
+    return _fetch(_asset(name), progress=progress)  # returns at once when the entry is whole and current
 
 
 def fetch(names: Iterable[str], force: bool = False) -> list[Path]:

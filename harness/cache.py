@@ -1,21 +1,36 @@
-"""The on-disk cache: where it lives, and how an entry gets into it whole.
+"""The on-disk cache: where it lives, how an entry gets into it whole, and how it checks itself.
 
-Assets, GGUF conversions and base references take from seconds to minutes to build and are shared by every
-process that uses the same cache, so an entry is built once, by one process, in a temporary folder beside it,
-and appears under its final name in one rename: readers see a complete entry or none.
+Assets, GGUF conversions, base references and downloaded artifacts take from seconds to minutes to build and
+are shared by every process that uses the same cache, so an entry is built once, by one process, in a
+temporary folder beside it, and appears under its final name in one rename: readers see a complete entry or
+none. Each entry ends with ``.checksums.json``: every file's size and xxh3-64 digest (the whole file, about
+0.3 s per GB), checked each time the entry is used. An entry that fails the check (truncated, bit-flipped, a
+file deleted) is reported in one line and built again, once; if that rebuild fails, the error names the
+folder to delete.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
 from filelock import FileLock
+
+CHECKSUMS = ".checksums.json"
+_CHUNK = 1 << 24
+
+
+class CacheError(RuntimeError):
+    """A cache entry could not be rebuilt; the message names the folder to delete."""
 
 
 def cache_dir() -> Path:
@@ -24,27 +39,35 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def building(final: Path, marker: str, stale: Callable[[Path], bool] | None = None) -> Iterator[Path | None]:
+def building(
+    final: Path, marker: str, stale: Callable[[Path], bool] | None = None, source: Path | None = None
+) -> Iterator[Path | None]:
     """Build the cache entry folder ``final`` unless it is complete; yields where to build it, or None.
 
-    Complete means that ``final / marker`` exists and ``stale(final)``, when given, is false. The caller
-    writes the entry into the yielded (empty) folder and the marker file last; when the block ends without an
-    exception, the folder replaces ``final`` in one rename (an older entry there, stale or forced, is moved
-    aside and deleted). When the block raises, or ends without writing the marker, the folder is deleted and
-    ``final`` is left as it was, so an entry never lacks its marker.
+    Complete means that ``final / marker`` exists, ``stale(final)``, when given, is false, and every file
+    matches the entry's checksums. The caller writes the entry into the yielded (empty) folder and the marker
+    file last; when the block ends without an exception, the checksums are written and the folder replaces
+    ``final`` in one rename (an older entry there, stale, corrupt or forced, is moved aside and deleted). When
+    the block raises, or ends without writing the marker, the folder is deleted and ``final`` is left as it
+    was, so an entry never lacks its marker. ``source``, the file the entry is derived from, is recorded so
+    that ``harness cache clean`` can tell when the entry has outlived it.
 
     A lock file beside the entry (``.NAME.lock``) lets one process build at a time: another process asking for
     the same entry waits, then finds it complete and gets None. The lock dies with its process, so temporary
     folders of this entry found while holding it are left by a killed builder and are removed.
     """
-    if _complete(final, marker, stale):
+    if _problem(final, marker, stale) is None:
         yield None
         return
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(final.parent / f".{final.name}.lock"):
-        if _complete(final, marker, stale):
+        problem = _problem(final, marker, stale)
+        if problem is None:
             yield None
             return
+        corrupt = problem not in (_MISSING, _STALE)
+        if corrupt:
+            print(f"harness: warning: cache entry {final} {problem}; building it again", file=sys.stderr)
         _remove_abandoned(final)
         scratch = Path(
             tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
@@ -52,9 +75,18 @@ def building(final: Path, marker: str, stale: Callable[[Path], bool] | None = No
         try:
             build = scratch / final.name  # made with the usual permissions, unlike mkdtemp's private folder
             build.mkdir()
-            yield build
+            try:
+                yield build
+            except Exception as exc:
+                if corrupt:
+                    raise CacheError(
+                        f"rebuilding the corrupt cache entry {final} failed ({type(exc).__name__}: {exc}); "
+                        f"delete {final} and run again"
+                    ) from exc
+                raise
             if not (build / marker).is_file():
                 raise RuntimeError(f"the build of {final} ended without writing {marker}; nothing was kept")
+            _seal(build, source)
             if final.exists():  # os.replace cannot overwrite a non-empty folder
                 final.rename(scratch / "previous")
             os.replace(build, final)
@@ -62,8 +94,111 @@ def building(final: Path, marker: str, stale: Callable[[Path], bool] | None = No
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _complete(final: Path, marker: str, stale: Callable[[Path], bool] | None) -> bool:
-    return (final / marker).is_file() and not (stale is not None and stale(final))
+_MISSING, _STALE = "is missing", "is stale"
+
+
+def _problem(final: Path, marker: str, stale: Callable[[Path], bool] | None) -> str | None:
+    """None when the entry is complete; else why not."""
+    if not (final / marker).is_file():
+        return _MISSING
+    if stale is not None and stale(final):
+        return _STALE
+    return verify(final)
+
+
+def _digest(path: Path) -> str:
+    digest = xxhash.xxh3_64()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def _seal(folder: Path, source: Path | None) -> None:
+    files = {str(p.relative_to(folder)): [p.stat().st_size, _digest(p)] for p in _files(folder)}
+    record: dict[str, object] = {"algorithm": "xxh3_64", "files": files}
+    if source is not None:
+        stat = source.stat()
+        record["source"] = {"path": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    (folder / CHECKSUMS).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def verify(entry: Path) -> str | None:
+    """None when every file of the entry has its recorded size and digest and no file is missing or extra;
+    else what is wrong, in a few words."""
+    try:
+        record = json.loads((entry / CHECKSUMS).read_text())
+        files = record["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"has no valid {CHECKSUMS} (written by an older harness, or damaged)"
+    present = {str(p.relative_to(entry)) for p in _files(entry)}
+    for name, (size, digest) in files.items():
+        path = entry / name
+        if name not in present:
+            return f"lacks {name}"
+        if path.stat().st_size != size:
+            return f"has {name} of {path.stat().st_size:,} bytes where {size:,} were written"
+        if _digest(path) != digest:
+            return f"has {name} with other contents than were written (checksum mismatch)"
+    if extra := sorted(present - set(files)):
+        return f"holds {extra[0]}, which was not written with it"
+    return None
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: Path
+    problem: str | None  # None: the entry is whole
+    unused: bool  # its recorded source file is gone or changed
+
+    @property
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+def entries(root: Path | None = None) -> list[Entry]:
+    """Every entry in the cache (a folder with its ``.NAME.lock`` beside it), checked, and the temporary
+    folders of builds that never finished (``problem`` says so)."""
+    root = root or cache_dir()
+    found = []
+    for lock in sorted(root.rglob(".*.lock")):
+        entry = lock.with_name(lock.name[1 : -len(".lock")])
+        if entry.is_dir():
+            found.append(Entry(entry, verify(entry), _outlived(entry)))
+    with_lock = {e.path.parent for e in found}
+    for folder in with_lock:
+        for leftover in folder.glob(".*.tmp"):
+            if re.fullmatch(r"\..+\.\d+\.[a-z0-9_]+\.tmp", leftover.name) and not _locked(leftover):
+                found.append(Entry(leftover, "is an unfinished build", False))
+    return found
+
+
+def _outlived(entry: Path) -> bool:
+    try:
+        source = json.loads((entry / CHECKSUMS).read_text())["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    path = Path(source["path"])
+    if not path.is_file():
+        return True
+    stat = path.stat()
+    return (stat.st_size, stat.st_mtime_ns) != (source["size"], source["mtime_ns"])
+
+
+def _locked(leftover: Path) -> bool:
+    """Whether the build that left ``leftover`` may still run: its entry's lock is held."""
+    name = re.sub(r"\.\d+\.[a-z0-9_]+\.tmp$", "", leftover.name)[1:]
+    lock = FileLock(leftover.parent / f".{name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        return True
+    lock.release()
+    return False
 
 
 def _remove_abandoned(final: Path) -> None:

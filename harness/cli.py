@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+SHOWN = 20  # configs `harness show` lists without --all
+
 
 def main(argv: list[str] | None = None) -> int:
+    # torchao, imported by transformers when installed, warns that its CUDA kernels do not load on a CPU
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     from harness.tracking import STORE_HELP
 
     parser = argparse.ArgumentParser(
@@ -20,11 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("list", help="list the experiments: ./experiments/*.yaml and the shipped ones")
     p.set_defaults(run=_list)
 
-    p = commands.add_parser("show", help="show an experiment's expanded grid and its size")
+    p = commands.add_parser("show", help="check an experiment and show its grid: size and first configs")
     p.add_argument("experiment", help="experiment name (see `harness list`) or a path to a YAML file")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
     )
+    p.add_argument("--all", action="store_true", help=f"list every config, not only the first {SHOWN}")
     p.set_defaults(run=_show)
 
     p = commands.add_parser("sweep", help="run an experiment's grid, logging each config to MLflow")
@@ -39,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--limit", type=int, help="run only the first N configs (a quick look)")
     p.add_argument("--force", action="store_true", help="redo configs that already have a FINISHED run")
+    p.add_argument("--yes", action="store_true", help="run a grid of more than 1,000 configs")
     p.add_argument("--tracking-uri", help=STORE_HELP)
     p.set_defaults(run=_sweep)
 
@@ -47,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--for-experiment", metavar="EXP", help="fetch what an experiment needs")
     p.add_argument("--force", action="store_true", help="download again even if cached")
     p.set_defaults(run=_fetch)
+
+    p = commands.add_parser("cache", help="check the cache's entries, or remove the broken and unused ones")
+    p.add_argument("action", choices=("verify", "clean"), help="verify: check every entry; clean: remove")
+    p.add_argument("--all", action="store_true", help="clean: remove every entry, not only broken/unused")
+    p.set_defaults(run=_cache)
 
     p = commands.add_parser(
         "layers", help="list a model's quantizable layers with shapes and source precision"
@@ -87,8 +101,27 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except _user_errors() as exc:
-        print(f"harness: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"harness: error: {line}", file=sys.stderr)
         return 2
+    except (OSError, MemoryError) as exc:  # the machine's or the files' state, not a bug: one line and a log
+        log = _log_traceback(exc)
+        print(f"harness: error: {type(exc).__name__}: {exc} (traceback in {log})", file=sys.stderr)
+        return 2
+
+
+def _log_traceback(exc: BaseException) -> Path:
+    """Write the traceback under the cache's logs/ folder and return the file (stderr says where)."""
+    import time
+    import traceback
+
+    from harness.cache import cache_dir
+
+    folder = cache_dir() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / f"harness-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log.write_text(f"harness {' '.join(sys.argv[1:])}\n" + "".join(traceback.format_exception(exc)))
+    return log
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -117,26 +150,48 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    import itertools
+
+    from harness import preflight
     from harness.experiments import load_experiment
 
     exp = load_experiment(args.experiment, args.overrides)
+    checked = preflight.check(exp, fetch=False)
     print(f"{exp.name}: {exp.description}\nfile: {exp.path}\nmodels: {', '.join(exp.models)}")
-    first = exp.configs[0]
-    print(f"data: {first.data}\neval: {first.eval}")
+    print(f"data: {exp.template.data}\neval: {exp.template.eval}")
+    count, exact = exp.size
     axes = " × ".join(f"{axis} ({len(values)})" for axis, values in exp.axes.items())
-    print(f"grid: {axes} → {len(exp.configs)} configs (+1 baseline per model)\n")
-    print(f"{'#':>4}  {'hash':<16}  {'label':<28} model")
-    for i, config in enumerate(exp.configs, 1):
-        print(f"{i:>4}  {config.hash}  {config.label:<28} {config.model}")
+    size = f"{count:,} configs" if exact else f"up to {count:,} configs"
+    print(f"grid: {axes} → {size} (+1 baseline per model)")
+    for model, outline in checked.outlines.items():
+        print(f"checked: {model} ({outline.n_params / 1e6:.0f} M parameters): context, layers and corpus fit")
+    for model in checked.unchecked:
+        print(f"not checked: {model} is not fetched (`harness fetch {model}`; `harness sweep` fetches it)")
+    configs = exp.iter_configs() if args.all else itertools.islice(exp.iter_configs(), SHOWN)
+    print(f"\n{'#':>4}  {'hash':<16}  {'label':<28} model")
+    shown = 0
+    for shown, config in enumerate(configs, 1):
+        print(f"{shown:>4}  {config.hash}  {config.label:<28} {config.model}")
+    if not args.all and count > shown:
+        print(f"   … {count - shown:,} more (--all lists them)")
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from harness import preflight
     from harness.experiments import load_experiment
     from harness.sweep import SweepOptions, run_sweep
 
     exp = load_experiment(args.experiment, args.overrides)
-    summary = run_sweep(exp, SweepOptions(force=args.force, limit=args.limit, tracking_uri=args.tracking_uri))
+    preflight.check_size(exp, allowed=args.yes)
+    checked = preflight.check(exp, fetch=True)
+    options = SweepOptions(
+        force=args.force,
+        limit=args.limit,
+        tracking_uri=args.tracking_uri,
+        n_params={model: outline.n_params for model, outline in checked.outlines.items()},
+    )
+    summary = run_sweep(exp, options)
     print(summary.describe())
     return 0 if not summary.failed else 1
 
@@ -157,6 +212,32 @@ def _fetch(args: argparse.Namespace) -> int:
     for path in assets.fetch(names or sorted(assets.ASSETS), force=args.force):
         print(path)
     return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    import shutil
+
+    from harness.cache import cache_dir, entries
+
+    root = cache_dir()
+    if args.action == "clean" and args.all:
+        freed = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"removed {root} ({freed / 1e9:.2f} GB)")
+        return 0
+    found = entries(root)
+    broken = [e for e in found if e.problem or e.unused]
+    for entry in found if args.action == "verify" else broken:
+        state = entry.problem or ("unused: its source file is gone or changed" if entry.unused else "ok")
+        print(f"{entry.size / 1e6:>9.1f} MB  {entry.path.relative_to(root)}  {state}")
+    if args.action == "clean":
+        freed = sum(e.size for e in broken)
+        for entry in broken:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        print(f"removed {len(broken)} of {len(found)} entries ({freed / 1e9:.2f} GB)")
+        return 0
+    print(f"{len(found) - len(broken)} of {len(found)} entries whole and in use ({root})")
+    return 1 if any(e.problem for e in found) else 0
 
 
 def _layers(args: argparse.Namespace) -> int:

@@ -17,7 +17,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 
@@ -45,6 +48,7 @@ from harness.quantize import COMPUTE_DTYPES, CONSTANT_DTYPES, BlockSize, QuantCo
 SHIPPED_DIR = Path(__file__).with_name("registry")
 LOCAL_DIR = Path("experiments")  # relative to the working directory
 DEFAULT_BLOCK_SIZE = 64  # QLoRA's, for formats that do not fix their own
+COUNTED = 200_000  # grid points counted one by one (about 0.2 s); a bigger grid reports its product
 
 
 class ExperimentError(ValueError):
@@ -311,15 +315,72 @@ def _digest(content: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Experiment:
+    """A validated experiment. Its configs are expanded on first use, so that the size of a huge grid is
+    known (``size``) without building a million configs."""
+
     name: str
     description: str
     path: Path
-    configs: tuple[RunConfig, ...]
     axes: dict[str, list[Any]]
+    models: list[str]
+    template: RunConfig  # what every config shares; the model and the axes are filled in
+    exclusions: list[dict[str, Any]]
+
+    def combinations(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(model, axis values) of every grid point that no ``exclude`` rule removes, in grid order."""
+        names = list(self.axes)
+        for model in self.models:
+            for combo in itertools.product(*(self.axes[a] for a in names)):
+                choice = dict(zip(names, combo, strict=True))
+                if not any(all(choice.get(k) == v for k, v in rule.items()) for rule in self.exclusions):
+                    yield model, choice
 
     @property
-    def models(self) -> list[str]:
-        return list(dict.fromkeys(c.model for c in self.configs))
+    def size(self) -> tuple[int, bool]:
+        """The number of configs and whether it is exact; above ``COUNTED`` grid points, the grid's product
+        (exclusions not applied) is returned as a bound instead of counting."""
+        bound = len(self.models) * math.prod(len(v) for v in self.axes.values())
+        if bound > COUNTED:
+            return bound, False
+        return sum(1 for _ in self.combinations()), not self._collapsing
+
+    @property
+    def _collapsing(self) -> bool:
+        """Whether two grid points can resolve to one config (an omitted block size and the default)."""
+        blocks = self.axes.get("block_size", [])
+        return None in blocks and len(blocks) > 1
+
+    def iter_configs(self) -> Iterator[RunConfig]:
+        """The configs in grid order, defaults resolved, each hash once."""
+        seen: set[str] = set()
+        for model, choice in self.combinations():
+            config = self._config(model, choice)
+            if config.hash not in seen:
+                seen.add(config.hash)
+                yield config
+
+    def _config(self, model: str, choice: dict[str, Any]) -> RunConfig:
+        config = replace(self.template, model=model, **choice)
+        try:
+            quant = config.quant_config()
+        except ValueError as exc:
+            combo_text = ", ".join(f"{k}={_shown(v)}" for k, v in choice.items())
+            raise ExperimentError(
+                f"{self.path}: grid: invalid combination ({combo_text}): {exc}; add it to `exclude`"
+            ) from None
+        assert quant is not None
+        # Defaults resolved: the format's own block size, else QLoRA's 64.
+        return replace(config, block_size=quant.block_size or quant.fmt.block_size or DEFAULT_BLOCK_SIZE)
+
+    def check_combinations(self) -> None:
+        """Raise the one-line error of the first grid point no format accepts (the model plays no part)."""
+        for model, choice in self.combinations():
+            if model == self.models[0]:
+                self._config(model, choice)
+
+    @cached_property
+    def configs(self) -> tuple[RunConfig, ...]:
+        return tuple(self.iter_configs())
 
 
 # ---- finding and loading -----------------------------------------------------------------------------------
@@ -350,7 +411,7 @@ def experiment_path(name_or_path: str) -> Path:
 def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Experiment:
     path = experiment_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _parse(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ExperimentError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
@@ -366,6 +427,24 @@ def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Ex
     except ValidationError as exc:
         raise ExperimentError(f"{path}: {_one_line(exc)}") from None
     return _expand(spec, path)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not "last wins"."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                problem = f"duplicate key {key!r} (first given on line {seen[key]})"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _parse(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
 
 
 def list_experiments() -> list[tuple[str, Experiment | ExperimentError]]:
@@ -396,7 +475,7 @@ def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
         if not isinstance(node, dict):
             raise ExperimentError(f"{path}: --set {key}: {part!r} is not a mapping")
     try:
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _parse(value)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ExperimentError(f"--set {key}: {value!r} is not a valid YAML value: {problem}") from None
@@ -485,40 +564,24 @@ def _expand(spec: ExperimentFile, path: Path) -> Experiment:
     models = [spec.model] if isinstance(spec.model, str) else spec.model
     if not models or not all(models):
         raise fail("model", f"expected a model name or a list of them, got {spec.model!r}")
-
-    configs: dict[str, RunConfig] = {}
-    names = list(axes)
-    for model in dict.fromkeys(models):
-        for combo in itertools.product(*(axes[a] for a in names)):
-            choice = dict(zip(names, combo, strict=True))
-            if any(all(choice.get(k) == v for k, v in rule.items()) for rule in exclusions):
-                continue
-            config = RunConfig(
-                experiment=name,
-                model=model,
-                include=tuple(sorted(set(spec.layers.include))),
-                exclude=tuple(sorted(set(spec.layers.exclude))),
-                data=spec.data,
-                eval=evaluation,
-                seed=spec.seed,
-                **choice,
-            )
-            try:
-                quant = config.quant_config()
-            except ValueError as exc:
-                combo_text = ", ".join(f"{k}={_shown(v)}" for k, v in choice.items())
-                raise fail(
-                    "grid", f"invalid combination ({combo_text}): {exc}; add it to `exclude`"
-                ) from None
-            assert quant is not None
-            # Defaults resolved: the format's own block size, else QLoRA's 64.
-            config = replace(
-                config, block_size=quant.block_size or quant.fmt.block_size or DEFAULT_BLOCK_SIZE
-            )
-            configs.setdefault(config.hash, config)
-    if not configs:
+    template = RunConfig(
+        experiment=name,
+        model=models[0],
+        include=tuple(sorted(set(spec.layers.include))),
+        exclude=tuple(sorted(set(spec.layers.exclude))),
+        data=spec.data,
+        eval=evaluation,
+        seed=spec.seed,
+    )
+    experiment = Experiment(
+        name, spec.description, path, axes, list(dict.fromkeys(models)), template, exclusions
+    )
+    count, _ = experiment.size
+    if count == 0:
         raise fail("exclude", "excludes every combination of the grid")
-    return Experiment(name, spec.description, path, tuple(configs.values()), axes)
+    if count <= COUNTED:
+        experiment.check_combinations()
+    return experiment
 
 
 def _resolved_eval(evaluation: EvalSettings, fail: Any) -> EvalSettings:

@@ -26,7 +26,14 @@ from harness import assets
 from harness.cache import cache_dir
 from harness.data import token_splits
 from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
-from harness.evaluate.perplexity import PerplexityProtocol, PerplexityResult, perplexity, text_counts
+from harness.evaluate.perplexity import (
+    NonFiniteError,
+    PerplexityProtocol,
+    PerplexityResult,
+    check_finite,
+    perplexity,
+    text_counts,
+)
 from harness.evaluate.tasks import run_tasks
 from harness.experiments import RunConfig
 from harness.metrics import aggregate
@@ -37,6 +44,7 @@ from harness.models import (
     apply,
     capture_inputs,
     discover_layers,
+    first_nonfinite_module,
     layer_table,
     restore,
     snapshot,
@@ -95,19 +103,20 @@ class ModelSession:
         text_bytes, text_words = text_counts(loaded.tokenizer, splits.evaluation)
         reference = None
         if config.eval.kld:
-            reference = BaseReference.build(
-                loaded.model,
-                splits.evaluation,
-                protocol,
-                cache_dir=cache_dir() / "reference",
-                key=f"{loaded.source}|{config.data.corpus}",
-                text_bytes=text_bytes,
-                text_words=text_words,
-                bos_token_id=loaded.tokenizer.bos_token_id if config.eval.bos else None,
-                storage=ReferenceStorage(config.eval.kld_reference, config.eval.kld_topk),  # type: ignore[arg-type]
-                batch_size=config.eval.batch_size,
-                progress=False,
-            )
+            with _located(loaded.model, splits.evaluation, protocol):
+                reference = BaseReference.build(
+                    loaded.model,
+                    splits.evaluation,
+                    protocol,
+                    cache_dir=cache_dir() / "reference",
+                    key=f"{loaded.source}|{config.data.corpus}",
+                    text_bytes=text_bytes,
+                    text_words=text_words,
+                    bos_token_id=loaded.tokenizer.bos_token_id if config.eval.bos else None,
+                    storage=ReferenceStorage(config.eval.kld_reference, config.eval.kld_topk),  # type: ignore[arg-type]
+                    batch_size=config.eval.batch_size,
+                    progress=False,
+                )
         params = {
             "text_bytes": text_bytes,
             "text_words": text_words,
@@ -135,7 +144,11 @@ def measure(session: ModelSession, config: RunConfig) -> Measurement:
         layers = layer_table(result) if result is not None else None
         metrics = _storage_and_error(session, layers)
         eval_start = time.perf_counter()
-        evaluated, per_token = _evaluate(session, config)
+        with _located(session.loaded.model, session.tokens, session.protocol):
+            evaluated, per_token = _evaluate(session, config)
+            for name in ("nll", "kld"):
+                if name in per_token:
+                    check_finite(per_token[name], f"{config.label} ({name})")
         metrics |= evaluated
         eval_s = time.perf_counter() - eval_start
     metrics |= {
@@ -162,6 +175,20 @@ def _applied(session: ModelSession, config: RunConfig) -> Iterator[ApplyResult |
         yield result
     finally:
         restore(session.pristine)
+
+
+@contextmanager
+def _located(model: torch.nn.Module, tokens: torch.Tensor, protocol: PerplexityProtocol) -> Iterator[None]:
+    """A NonFiniteError leaves with the first module whose output is non-finite on the first window."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        window = tokens[:, : protocol.context_length]
+        where = first_nonfinite_module(model, window)
+        found = (
+            f"first non-finite output: {where}" if where else "every module's output is finite on window 0"
+        )
+        raise NonFiniteError(f"{exc}; {found}") from None
 
 
 def _storage_and_error(session: ModelSession, layers: pd.DataFrame | None) -> dict[str, float]:

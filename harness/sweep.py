@@ -12,17 +12,23 @@ distributed executor would ship each group (model + configs + tracking URI) to a
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import signal
+import statistics
+import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import pandas as pd
+import torch
 from tqdm import tqdm
 
+from harness.evaluate.perplexity import NonFiniteError
 from harness.experiments import Experiment, RunConfig
 from harness.measure import ModelSession, measure
 from harness.models import load_model
@@ -35,6 +41,7 @@ class SweepOptions:
     limit: int | None = None  # run only the first N configs
     tracking_uri: str | None = None
     progress: bool = True
+    n_params: Mapping[str, int] = field(default_factory=dict)  # per model, for the time estimate
 
 
 @dataclass
@@ -101,6 +108,12 @@ def run_sweep(
     total = sum(len(g.configs) for g in groups)
     if not total:
         return summary
+    if options.progress:
+        eta = estimate(groups, tracker.runs(experiment.name), options.n_params)
+        print(
+            f"{experiment.name}: {total} configs to run, {len(summary.skipped)} FINISHED before; {eta}",
+            file=sys.stderr,
+        )
     start = time.perf_counter()
     with (
         _sigterm_as_interrupt(),
@@ -121,6 +134,41 @@ def run_sweep(
     return summary
 
 
+def estimate(groups: Sequence[ModelGroup], history: pd.DataFrame, n_params: Mapping[str, int]) -> str:
+    """The sweep's expected duration, in words that say where it comes from: the median time of this
+    experiment's earlier FINISHED runs of the same model, else the forward passes' FLOPs (2 × parameters ×
+    evaluation tokens per config, and one more pass for the base reference) at this CPU's matmul rate."""
+    seconds, sources = 0.0, set()
+    for group in groups:
+        done = pd.DataFrame()
+        if {"metrics.time_total_s", "params.model"} <= set(history.columns):
+            done = history[(history["status"] == "FINISHED") & (history["params.model"] == group.model)]
+        if len(done):
+            seconds += len(group.configs) * statistics.median(done["metrics.time_total_s"].dropna())
+            sources.add("the median time of this experiment's earlier runs")
+        elif group.model in n_params:
+            tokens = group.configs[0].eval.tokens
+            seconds += (len(group.configs) + 1) * 2 * n_params[group.model] * tokens / matmul_rate()
+            sources.add("2 × parameters × tokens FLOPs per config at this CPU's matmul rate")
+            if group.configs[0].eval.tasks:
+                sources.add("zero-shot tasks not included")
+    if not sources:
+        return "no estimate of its duration"
+    return f"estimated {seconds / 60:.0f} min ({'; '.join(sorted(sources))})"
+
+
+def matmul_rate() -> float:
+    """FLOP/s of a 1024² fp32 torch.mm on this machine, median of five."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * 1024**3 / statistics.median(times)
+
+
 class GroupRunner:
     """Everything done for one model: load once, prepare once, then one child run per config."""
 
@@ -138,7 +186,11 @@ class GroupRunner:
 
     def __call__(self, group: ModelGroup) -> None:
         self.bar.set_postfix_str(f"loading {group.model}")
-        session = ModelSession.prepare(load_model(group.model), group.configs[0])
+        try:
+            session = ModelSession.prepare(load_model(group.model), group.configs[0])
+        except NonFiniteError as exc:  # the base model itself: its first config's run says so, FAILED
+            self._failed_group(group, exc)
+            return
         shown: set[str] = set()  # source-precision warnings: each said once per model
         for config in group.configs:
             self.bar.set_postfix_str(config.label)
@@ -157,6 +209,20 @@ class GroupRunner:
             except Exception as exc:  # recorded as a FAILED run by tracker.run; the sweep goes on
                 self.summary.failed.append((config.label, f"{type(exc).__name__}: {exc}"))
             self.bar.update()
+
+    def _failed_group(self, group: ModelGroup, exc: Exception) -> None:
+        """The group's first config (the baseline, unless it is FINISHED already) becomes a FAILED run that
+        holds the error; the others are not run, for nothing can be measured against that base."""
+        first, *rest = group.configs
+        with (
+            contextlib.suppress(NonFiniteError),
+            self.tracker.run(self.experiment_id, first.label, config_tags(first), parent=self.parent) as run,
+        ):
+            run.log_params({**config_params(first), **self.provenance})
+            raise exc
+        self.summary.failed.append((first.label, f"{type(exc).__name__}: {exc}"))
+        self.summary.failed += [(c.label, f"not run: {group.model}'s base model failed") for c in rest]
+        self.bar.update(len(group.configs))
 
 
 @contextmanager

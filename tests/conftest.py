@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +62,28 @@ def tiny_llama(seed: int = 0, vocab: int = 256) -> torch.nn.Module:
         for p in model.parameters():
             p.mul_(8.0 if p.dim() == 2 else 1.0)
     return model
+
+
+def save_with_tokenizer(model: torch.nn.Module, directory: Path, vocab: int = 256) -> Path:
+    """``model`` saved as a transformers directory with a word-level tokenizer over the words t0..t{vocab-1}
+    (so a corpus of such words tokenizes one token per word)."""
+    import transformers
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    model.save_pretrained(directory)
+    backend = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0").save_pretrained(directory)
+    return directory
+
+
+def word_corpus(path: Path, documents: int = 64, words: int = 120, seed: int = 0) -> Path:
+    """A .txt corpus of ``documents`` paragraphs of random words t3..t255, one blank line apart."""
+    g = torch.Generator().manual_seed(seed)
+    paragraphs = [
+        " ".join(f"t{int(i)}" for i in torch.randint(3, 256, (words,), generator=g)) for _ in range(documents)
+    ]
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path

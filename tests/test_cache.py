@@ -103,7 +103,7 @@ def test_a_stale_entry_is_replaced_whole_and_kept_when_the_rebuild_fails(tmp_pat
     with building(entry, "done", stale=lambda path: (path / "done").read_text() == "old") as build:
         assert build is not None
         (build / "done").write_text("new")
-    assert sorted(p.name for p in entry.iterdir()) == ["done"]
+    assert sorted(p.name for p in entry.iterdir()) == [".checksums.json", "done"]
     assert (entry / "done").read_text() == "new" and temporaries(tmp_path) == []
 
 

@@ -15,7 +15,7 @@ from conftest import tiny_llama
 from torch import nn
 
 from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
-from harness.evaluate.perplexity import PerplexityProtocol, perplexity
+from harness.evaluate.perplexity import NonFiniteError, PerplexityProtocol, perplexity
 
 VOCAB, BOS = 256, 1
 EXACT16, EXACT32 = ReferenceStorage("exact", dtype="float16"), ReferenceStorage("exact", dtype="float32")
@@ -198,6 +198,7 @@ def test_cache_write_is_atomic(base: nn.Module, tmp_path: Path) -> None:
     assert entries(tmp_path) == []
     done = build(base, tokens, PROTOCOL, tmp_path, batch_size=2)
     stored = [
+        ".checksums.json",
         "meta.json",
         "stats.npz",
         "tail_index.npy",
@@ -208,6 +209,42 @@ def test_cache_write_is_atomic(base: nn.Module, tmp_path: Path) -> None:
     assert sorted(p.name for p in done.path.iterdir()) == stored
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     assert abs(evaluate_against(base, done, progress=False)[1].kld_mean) < 1e-6
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a bit", "delete"])
+def test_a_damaged_reference_is_rebuilt_once_with_the_same_numbers(
+    base: nn.Module, tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens, other = stream(300, seed=9), perturbed(base)
+    clean = build(base, tokens, PROTOCOL, tmp_path)
+    expected = evaluate_against(other, clean, progress=False)[1].kld
+    target = clean.path / "topk_logprob.npy"
+    if damage == "delete":  # while the reference is open: what was read stays readable, the entry is not
+        target.unlink()
+        assert np.isfinite(clean.arrays["topk_logprob"]).all()
+    else:  # a new file in place of the old, so that the open reference's memory map stays valid
+        data = bytearray(target.read_bytes())
+        damaged = data[:-100] if damage == "truncate" else data[:-8] + bytes([data[-8] ^ 1]) + data[-7:]
+        target.with_suffix(".new").write_bytes(damaged)
+        target.with_suffix(".new").replace(target)
+    capsys.readouterr()
+    rebuilt = build(base, tokens, PROTOCOL, tmp_path)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(warning) == 1 and f"cache entry {clean.path}" in warning[0] and "building it again" in warning[0]
+    )
+    np.testing.assert_array_equal(evaluate_against(other, rebuilt, progress=False)[1].kld, expected)
+    again = build(base, tokens, PROTOCOL, tmp_path)  # whole now: used as it is, without a word
+    assert again.path == rebuilt.path and capsys.readouterr().err == ""
+
+
+def test_a_non_finite_base_is_never_cached(base: nn.Module, tmp_path: Path) -> None:
+    broken = copy.deepcopy(base)
+    with torch.no_grad():
+        broken.model.norm.weight[3] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"the base model: 100\.00% of 124 scored positions"):
+        build(broken, stream(300, seed=10), PROTOCOL, tmp_path)
+    assert entries(tmp_path) == []
 
 
 def test_vocab_mismatch_is_an_error(base: nn.Module) -> None:

@@ -221,7 +221,7 @@ def test_hash_covers_the_numerics_version(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_show_takes_a_name_or_a_path(tmp_path: Path) -> None:
-    path = write(tmp_path, BASE, "mine")
+    path = write(tmp_path, BASE.replace("model: m", "model: smollm2-135m"), "mine")
     for spec in ("smoke", path):
         out = subprocess.run(
             [sys.executable, "-m", "harness.cli", "show", spec], capture_output=True, text=True, cwd=tmp_path

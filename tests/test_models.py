@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import save_with_tokenizer
 from huggingface_hub import constants as hub_constants
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
 from torch import nn
 
 from harness import assets
@@ -77,13 +75,7 @@ ARCHS: dict[str, tuple[Callable[[], nn.Module], bool, int]] = {
 def _save_tiny(arch: str, directory: Path, dtype: torch.dtype = torch.float32) -> Path:
     """A random tiny model plus a word-level tokenizer, saved as a transformers directory."""
     torch.manual_seed(0)
-    model = ARCHS[arch][0]().to(dtype)
-    model.save_pretrained(directory)
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    backend = Tokenizer(WordLevel(vocab, unk_token="t0"))
-    backend.pre_tokenizer = WhitespaceSplit()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0").save_pretrained(directory)
-    return directory
+    return save_with_tokenizer(ARCHS[arch][0]().to(dtype), directory, VOCAB)
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
@@ -163,7 +155,7 @@ def test_missing_paths_and_other_files_fail_clearly(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ModelError, match=r"not a \.gguf"):
         load_model(str(tmp_path / "weights.bin"))
-    with pytest.raises(ModelError, match="not a transformers model directory"):
+    with pytest.raises(ModelError, match="is not a transformers model"):
         load_model(str(tmp_path))
 
 
@@ -411,3 +403,24 @@ def test_gguf_path_loads_from_the_conversion_cache(smollm2: LoadedModel) -> None
     assert converted
     first = next(iter(loaded.model.state_dict()))
     assert torch.equal(loaded.model.state_dict()[first], smollm2.model.state_dict()[first])
+
+
+@pytest.mark.integration
+def test_a_truncated_conversion_is_rebuilt_with_the_same_weights(
+    smollm2: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (weights,) = (cache_dir() / "converted").glob(
+        f"{assets.asset_path('smollm2-135m').stem}-*/model.safetensors"
+    )
+    cut = weights.with_suffix(
+        ".cut"
+    )  # a new file in place of the old: the loaded model's memory map stays valid
+    with weights.open("rb") as source, cut.open("wb") as out:
+        out.write(source.read(weights.stat().st_size - 4096))
+    cut.replace(weights)
+    capsys.readouterr()
+    again = load_model("smollm2-135m")  # converts the GGUF again (about 35 s on 2 cores)
+    warning = capsys.readouterr().err
+    assert "has model.safetensors of" in warning and "building it again" in warning
+    for name, tensor in smollm2.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], tensor), name

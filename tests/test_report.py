@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from harness import plots
+from harness.cache import cache_dir
 from harness.report import ReportError, blocksize_table, select_runs, to_markdown, write_report
 from harness.tracking import BASELINE_ID_TAG, BASELINE_TAG, CONFIG_ID_TAG, HASH_TAG, KIND_TAG, Run, Tracker
 
@@ -454,3 +455,20 @@ def test_layer_error_plot(tmp_path: Path) -> None:
     (png, pdf) = plots.save(fig, tmp_path / "layers")
     assert png.stat().st_size > 0 and pdf.stat().st_size > 0
     assert fig.axes[0].get_yscale() == "log"
+
+
+def test_damaged_downloads_are_fetched_again(
+    store: str, report: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Per-token results are downloaded into the cache once; a damaged copy is replaced, not believed."""
+    (runs,) = select_runs(Tracker(store).runs("synthetic"), "synthetic")
+    damaged = []
+    for run_id in runs.quantized["run_id"]:
+        copy = cache_dir() / "artifacts" / str(run_id) / "tokens.npz" / "tokens.npz"
+        copy.write_bytes(copy.read_bytes()[: copy.stat().st_size // 2])
+        damaged.append(copy)
+    capsys.readouterr()
+    paths = {p.name: p for p in write_report("synthetic", store, out_dir=tmp_path, **PIVOT).paths}
+    assert capsys.readouterr().err.count("building it again") == len(damaged)
+    for name in ("datatypes.md", "blocksize-nmse.md", "doublequant.md"):
+        assert paths[name].read_text() == report[name].read_text()

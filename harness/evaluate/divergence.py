@@ -47,6 +47,7 @@ from harness.cache import building
 from harness.evaluate.perplexity import (
     PerplexityProtocol,
     PerplexityResult,
+    check_finite,
     check_tokens,
     make_windows,
     scored_logits,
@@ -329,6 +330,11 @@ def _compute(
                     arrays[name] = np.empty(shape, dtype=dtype)
                 else:  # the header and the file's size; rows are then written with plain file I/O
                     arrays[name] = np.lib.format.open_memmap(out / f"{name}.npy", "w+", dtype, shape)
+        finite = torch.isfinite(logits).all(dim=1).numpy()
+        stats["nll"][at : at + len(targets)] = np.where(finite, 0.0, np.nan)
+        if not finite.all():  # nothing of a non-finite model is stored; the pass goes on to count
+            at += len(targets)
+            continue
         # a few rows at a time: each step makes several vocabulary-wide temporaries (Gemma: 1 MiB a row)
         for first in range(0, len(targets), _BUILD_ROWS):
             part = slice(first, first + _BUILD_ROWS)
@@ -336,6 +342,7 @@ def _compute(
             _store(arrays, stats, rows, logits[part], targets[part], storage, generator)
         at += len(targets)
     assert arrays and at == n
+    check_finite(stats["nll"], "the base model")  # raised before the entry is complete: it is not kept
     seconds = time.perf_counter() - start
     if out is not None:
         np.savez(out / _STATS, **stats)

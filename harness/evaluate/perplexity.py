@@ -60,6 +60,20 @@ PROTOCOLS: tuple[str, ...] = ("disjoint", "sliding", "llamacpp")
 LOGIT_CHUNK_BYTES = 128 << 20  # fp32 logits at once; each chunk re-reads the head (Gemma: 670 MB)
 
 
+class NonFiniteError(ArithmeticError):
+    """A model's losses are not finite: the numbers it would give mean nothing, so it gives none."""
+
+
+def check_finite(nll: np.ndarray, what: str) -> None:
+    """NonFiniteError naming the share of scored positions whose loss is NaN or infinite, if any."""
+    bad = ~np.isfinite(nll)
+    if bad.any():
+        raise NonFiniteError(
+            f"{what}: {bad.mean():.2%} of {len(nll):,} scored positions have a non-finite loss "
+            f"(first at position {int(np.argmax(bad))})"
+        )
+
+
 @dataclass(frozen=True)
 class PerplexityProtocol:
     """How a stream is cut into windows; ``stride`` is for sliding only (default ``context_length // 2``)."""

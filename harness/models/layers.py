@@ -270,6 +270,32 @@ def _tie_warnings(results: list[LayerResult], config: QuantConfig) -> list[str]:
 
 
 @torch.inference_mode()
+def first_nonfinite_module(model: nn.Module, input_ids: torch.Tensor) -> str | None:
+    """The first module, in the order the forward pass runs them, whose output holds a NaN or an infinity
+    (forward hooks on every module; one pass over ``input_ids``); None if every output is finite."""
+    found: list[str] = []
+
+    def hook(name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            tensors = [output]
+        else:  # a tuple of outputs, or a ModelOutput (a mapping)
+            tensors = list(output.values() if isinstance(output, Mapping) else output or ())
+        if not found and any(
+            isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
+            for t in tensors
+        ):
+            found.append(name)
+
+    handles = [m.register_forward_hook(partial(hook, name)) for name, m in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
 def capture_inputs(
     model: nn.Module,
     layers: list[LayerInfo],

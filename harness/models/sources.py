@@ -46,16 +46,124 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         path = assets.ensure(spec)
         loaded = _load_gguf(path, dtype) if path.suffix == ".gguf" else _load_pretrained(path, dtype)
         return _renamed(loaded, name=spec, source=spec)
+    location = _local_path(spec)
+    if isinstance(location, Path) and location.suffix == ".gguf":
+        return _load_gguf(location, dtype)
+    return _load_pretrained(location, dtype)
+
+
+def _local_path(spec: str) -> Path | str:
+    """A model directory or .gguf file as a Path; a hub id as a string, only when the hub is reachable."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_pretrained(path, dtype)
+        return path
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(f"{spec} is a file but not a .gguf; pass a .gguf file or a model directory")
-        return _load_gguf(path, dtype)
+        return path
     if path.suffix == ".gguf" or spec.startswith(("/", ".", "~")):
         raise ModelError(f"{spec} does not exist")
-    return _load_pretrained(spec, dtype)
+    if not _hub_reachable():
+        raise ModelError(
+            f"{spec!r} is not an asset, a local directory or a .gguf file, and the Hugging Face hub is "
+            f"unreachable; pass a local model directory, a .gguf file or an asset name "
+            f"({', '.join(_model_assets())})"
+        )
+    return spec
+
+
+def _hub_reachable() -> bool:
+    """One TCP connection to the hub's endpoint (2 s at most); offline mode counts as unreachable."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def _config(folder: Path | str, gguf: str | None = None) -> transformers.PretrainedConfig:
+    """The transformers configuration of a model folder, a GGUF in it, or a hub id; ModelError if none."""
+    if isinstance(folder, Path) and gguf is None:
+        check_safetensors(folder)
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder), gguf_file=gguf)
+    except (OSError, ValueError) as exc:
+        what = folder / gguf if gguf and isinstance(folder, Path) else folder
+        raise ModelError(f"{what} is not a transformers model: {_first_line(exc)}") from exc
+
+
+def check_safetensors(folder: Path) -> None:
+    """Every .safetensors file in ``folder`` has a whole header and exactly the bytes its header promises;
+    a truncated or overwritten file is a ModelError naming it (reading it would fail deep in safetensors)."""
+    for file in sorted(folder.glob("*.safetensors")):
+        if problem := _safetensors_problem(file):
+            raise ModelError(f"{file} is truncated or corrupt: {problem}; download or copy it again")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            return f"its header is cut off ({size:,} bytes)"
+        try:
+            header = json.loads(f.read(length))
+            ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "its header is not valid"
+    promised = 8 + length + max(ends, default=0)
+    return None if promised == size else f"it holds {size:,} bytes where its header describes {promised:,}"
+
+
+@dataclass(frozen=True)
+class ModelOutline:
+    """What can be known of a model without loading its weights: its configuration, its tokenizer and its
+    module tree (built on the meta device, so it holds no memory)."""
+
+    name: str
+    config: Any
+    tokenizer: Any
+    module: nn.Module  # on the meta device: names and shapes only
+    n_params: int
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.config.get_text_config(), "max_position_embeddings", None)
+
+
+def outline_model(spec: str, fetch: bool = True) -> ModelOutline | None:
+    """The model's outline, resolving ``spec`` as ``load_model`` does; None when it is an asset that is not
+    fetched and ``fetch`` is false. A hub id is tried only when the hub answers (one quick connection)."""
+    if spec in assets.ASSETS:
+        if not fetch and not assets.is_fetched(spec):
+            return None
+        location = assets.ensure(spec)
+    else:
+        location = _local_path(spec)
+    if isinstance(location, Path) and location.suffix == ".gguf":
+        converted = _converted_dir(location)
+        if (converted / PRECISION_FILE).is_file():  # converted before: config and tokenizer are there
+            folder, gguf = converted, None
+        else:
+            folder, gguf = location.parent, location.name
+    else:
+        folder, gguf = location, None
+    config = _config(folder, gguf)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
+    auto = transformers.AutoModelForCausalLM if _is_causal_lm(config) else transformers.AutoModel
+    with torch.device("meta"):
+        module = auto.from_config(config)
+    n_params = sum(p.numel() for p in module.parameters())
+    return ModelOutline(spec, config, tokenizer, module, n_params)
 
 
 def source_bits(precision: str) -> float:
@@ -79,16 +187,7 @@ def _renamed(loaded: LoadedModel, *, name: str, source: str) -> LoadedModel:
 def _load_pretrained(location: Path | str, dtype: torch.dtype) -> LoadedModel:
     """A transformers checkpoint: a causal LM when its architecture is one, else the bare encoder."""
     local = isinstance(location, Path)
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(location))
-    except (OSError, ValueError) as exc:
-        if local:
-            raise ModelError(f"{location} is not a transformers model directory: {_first_line(exc)}") from exc
-        raise ModelError(
-            f"{location!r} is neither a local path nor an asset, and the Hugging Face hub is unreachable "
-            f"({_first_line(exc)}); pass a local model directory, a .gguf file or an asset name "
-            f"({', '.join(_model_assets())})"
-        ) from exc
+    config = _config(location)
     is_causal = _is_causal_lm(config)
     auto = transformers.AutoModelForCausalLM if is_causal else transformers.AutoModel
     model = auto.from_pretrained(str(location), dtype=dtype).eval()
@@ -149,13 +248,18 @@ def _per_parameter(model: nn.Module, stored: Mapping[str, str], default: str) ->
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     """Load the safetensors conversion of a GGUF from the cache, converting it first if it is not there."""
-    stat = path.stat()
-    key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}"
-    converted = cache_dir() / "converted" / key
-    with building(converted, PRECISION_FILE) as build:
+    converted = _converted_dir(path)
+    with building(converted, PRECISION_FILE, source=path) as build:
         if build is not None:
             _convert_gguf(path, build)
     return _renamed(_load_pretrained(converted, dtype), name=path.stem, source=str(path))
+
+
+def _converted_dir(path: Path) -> Path:
+    """The cache entry of a GGUF's conversion: the file's name, size and mtime, and transformers' version."""
+    stat = path.stat()
+    key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}"
+    return cache_dir() / "converted" / key
 
 
 def _convert_gguf(path: Path, dest: Path) -> None:

@@ -1,0 +1,88 @@
+"""Everything about an experiment that can be checked before any weight is loaded or any run is written.
+
+``harness show`` and ``harness sweep`` call ``check``: each model must resolve (an asset, a local directory or
+.gguf file, or a hub id while the hub answers), its configuration must admit the context length, the layer
+filters must match at least one of its Linear layers, and the corpus must hold the calibration and
+evaluation tokens under its tokenizer. Every problem found is reported, one line each, before anything
+starts; the schema (``experiments``) has already checked keys, types, formats, protocols and tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.data import DataError, token_splits
+from harness.experiments import Experiment, ExperimentError
+from harness.models import ModelError, discover_layers
+from harness.models.sources import ModelOutline, outline_model
+
+MAX_CONFIGS = 1000  # a grid above this runs only when asked twice (`--yes`)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """The outlines of the experiment's models that could be checked (assets not fetched are left out)."""
+
+    outlines: dict[str, ModelOutline]
+    unchecked: list[str]  # assets that are not fetched yet: `sweep` fetches and checks them
+
+
+class PreflightError(ExperimentError):
+    """One or more problems, one per line."""
+
+
+def check_size(experiment: Experiment, allowed: bool) -> None:
+    """Refuse a grid above ``MAX_CONFIGS`` configs unless ``allowed``; counts without expanding it."""
+    count, exact = experiment.size
+    if count > MAX_CONFIGS and not allowed:
+        shown = f"{count:,}" if exact else f"up to {count:,}"
+        axes = " × ".join(f"{axis} {len(values)}" for axis, values in experiment.axes.items())
+        raise PreflightError(
+            f"{experiment.path}: the grid has {shown} configs ({len(experiment.models)} model(s) × {axes}), "
+            f"more than {MAX_CONFIGS:,}; narrow the grid, or pass --yes to run it anyway"
+        )
+
+
+def check(experiment: Experiment, fetch: bool) -> Checked:
+    """Check every model against the experiment's settings; PreflightError listing every problem found.
+
+    With ``fetch`` false (``show``) an asset that is not in the cache is not downloaded: it is listed in
+    ``unchecked`` instead."""
+    settings = experiment.template
+    problems: list[str] = []
+    outlines: dict[str, ModelOutline] = {}
+    unchecked: list[str] = []
+    for model in experiment.models:
+        try:
+            outline = outline_model(model, fetch=fetch)
+        except ModelError as exc:
+            problems.append(f"model {model!r}: {exc}")
+            continue
+        if outline is None:
+            unchecked.append(model)
+            continue
+        outlines[model] = outline
+        context, limit = settings.eval.context_length, outline.max_positions
+        if limit is not None and context > limit:
+            problems.append(
+                f"eval.context_length: {context} exceeds {model}'s maximum of {limit} positions "
+                "(max_position_embeddings in its configuration)"
+            )
+        try:
+            discover_layers(outline.module, list(settings.include) or None, list(settings.exclude) or None)
+        except ModelError as exc:
+            problems.append(f"layers: {model}: {exc}")
+        try:
+            token_splits(
+                settings.data.corpus,
+                outline.tokenizer,
+                calibration_sequences=settings.data.calibration_sequences,
+                calibration_length=settings.data.calibration_length,
+                eval_tokens=settings.eval.tokens,
+                add_bos=settings.eval.bos,
+            )
+        except DataError as exc:
+            problems.append(f"data.corpus: {exc}")
+    if problems:
+        raise PreflightError("\n".join(f"{experiment.path}: {p}" for p in dict.fromkeys(problems)))
+    return Checked(outlines, unchecked)

@@ -1,0 +1,207 @@
+"""What a careless or hostile user can feed the CLI: each mistake gets one line on stderr and exit code 2, and
+nothing reaches the store; a model whose outputs are not finite gives a FAILED run, never a number."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_with_tokenizer, tiny_llama, word_corpus
+from test_experiments import MALFORMED
+
+from harness.cache import cache_dir
+from harness.cli import main
+from harness.tracking import ERROR_TAG, Tracker
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny Llama directory (512 positions), one whose final norm holds a NaN, and a word corpus."""
+    root = tmp_path_factory.mktemp("hostile")
+    model = tiny_llama()
+    paths = {"model": save_with_tokenizer(model, root / "tiny"), "corpus": word_corpus(root / "words.txt")}
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # outside every Linear layer a config quantizes
+    paths["nan"] = save_with_tokenizer(model, root / "tiny-nan")
+    truncated = save_with_tokenizer(tiny_llama(), root / "tiny-truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    paths["truncated"] = truncated
+    return paths
+
+
+def experiment(tiny: dict[str, Path], model: str = "model", **sections: str) -> str:
+    """A valid experiment on the tiny model, with whole sections replaced by ``sections``."""
+    parts = {
+        "model": str(tiny[model]),
+        "data": f"{{corpus: 'file:{tiny['corpus']}', calibration_sequences: 2, calibration_length: 64}}",
+        "eval": "{protocol: disjoint, context_length: 128, tokens: 512}",
+        "grid": "{format: [nf4, int4]}",
+    }
+    parts |= sections
+    return "".join(f"{key}: {value}\n" for key, value in parts.items())
+
+
+# (file text, or None for a minimal valid one; --set values; what the one line must say)
+Case = tuple[str | bytes | None, list[str], str]
+SCHEMA: list[Case] = [(text, [], message) for text, message in MALFORMED]
+INPUTS: list[Case] = [
+    (b"model: m\ngrid: {format: [nf4]}\n# \xff\xfe\n", [], "not UTF-8 text"),
+    ("", [], "expected a mapping of keys"),
+    ("model: m\ngrid: {format: [nf4]}\nmodel: n\n", [], "duplicate key 'model' (first given on line 1)"),
+    ("model: m\neval: {tokens: 1024, tokens: 2048}\ngrid: {format: [nf4]}\n", [], "duplicate key 'tokens'"),
+    ("model: m\ngrid:\n  format: [nf4]\n  format: [fp4]\n", [], "duplicate key 'format'"),
+    ("model: m\ngrid: {format: [nf4]}\nname: ''\n", [], "name: expected a non-empty string"),
+    ("model: 7\ngrid: {format: [nf4]}\n", [], "model: expected a model name"),
+    ("model: m\neval: {kld_reference: full}\ngrid: {format: [nf4]}\n", [], "eval.kld_reference: 'full'"),
+    ("model: m\neval: {kld_topk: 0}\ngrid: {format: [nf4]}\n", [], "eval.kld_topk: expected an integer >= 1"),
+    ("model: m\ndata: {calibration_sequences: -1}\ngrid: {format: [nf4]}\n", [], "calibration_sequences"),
+    ("model: m\ngrid: {format: [nf4], rounding: [up]}\n", [], "grid.rounding: 'up' is not allowed"),
+    ("model: m\neval: {context_length: 1e3}\ngrid: {format: [nf4]}\n", [], "eval.context_length: expected"),
+    (None, ["grid.format"], "--set 'grid.format': expected KEY=VALUE"),
+    (None, ["grid.format=[nf4"], "--set grid.format: '[nf4' is not a valid YAML value"),
+    (None, ["grid={format: [nf4], format: [fp4]}"], "duplicate key 'format'"),
+    (None, ["model.name=x"], "--set model.name: 'model' is not a mapping"),
+    (None, ["eval.tokenz=5"], "eval.tokenz: unknown key"),
+    (None, ["eval.tokens=many"], "eval.tokens: expected an integer, got 'many'"),
+    (None, ["grid.format=[nf4, nf17]"], "grid.format: unknown format 'nf17'"),
+    (None, ["eval.protocol=sliding", "eval.stride=4096"], "eval.stride: 4096 exceeds context_length 512"),
+]
+
+
+def preflight_cases(tiny: dict[str, Path]) -> list[Case]:
+    """Mistakes only the model or the corpus can reveal, caught before any weight loads."""
+    corpus = tiny["corpus"]
+    bad_jsonl = corpus.with_name("bad.jsonl")
+    bad_jsonl.write_text('{"text": "t5 t6"}\n{not json\n')
+    csv = corpus.with_suffix(".csv")
+    csv.write_text("text\nt5 t6\n")
+    data = "{{corpus: '{}', calibration_sequences: 2, calibration_length: 64}}"
+    return [
+        (experiment(tiny, model="model") + "", ["model=some-org/not-a-model"], "hub is unreachable"),
+        (experiment(tiny), [f"model={corpus.parent}"], "is not a transformers model"),
+        (experiment(tiny, model="truncated"), [], "model.safetensors is truncated or corrupt"),
+        (experiment(tiny), ["model=./nowhere/model.gguf"], "does not exist"),
+        (
+            experiment(tiny, eval="{protocol: disjoint, context_length: 1024, tokens: 2048}"),
+            [],
+            "eval.context_length: 1024 exceeds",
+        ),
+        (experiment(tiny), ["layers.include=[lm_head_x]"], "no Linear layer matches"),
+        (experiment(tiny), ["layers.exclude=['*']"], "no Linear layer matches"),
+        (experiment(tiny), ["eval.tokens=100000"], "evaluation tokens"),
+        (experiment(tiny), ["data.calibration_sequences=1000"], "calibration tokens"),
+        (experiment(tiny, data=data.format("file:/nonexistent/words.txt")), [], "does not exist"),
+        (experiment(tiny, data=data.format(f"file:{csv}")), [], "must end in .txt or .jsonl"),
+        (experiment(tiny, data=data.format(f"file:{bad_jsonl}")), [], "bad.jsonl:2: not valid JSON"),
+    ]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    code = main(args)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def check_cases(
+    cases: list[Case],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "store.db"
+    for i, (text, sets, message) in enumerate(cases):
+        path = tmp_path / f"case{i:02d}.yaml"
+        content = "model: m\ngrid: {format: [nf4]}\n" if text is None else text
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        overrides = [arg for value in sets for arg in ("--set", value)]
+        for command in ("show", "sweep"):
+            extra = ["--tracking-uri", f"sqlite:///{store}"] if command == "sweep" else []
+            code, lines = run_cli([command, str(path), *overrides, *extra], capsys)
+            assert (code, len(lines)) == (2, 1), (command, text, sets, lines)
+            assert lines[0].startswith("harness: error: ") and message in lines[0], (command, message, lines)
+    assert not store.exists()  # no sweep got as far as opening the store
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("case")) == []
+
+
+def test_malformed_inputs_each_give_one_line_and_leave_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cases = SCHEMA + INPUTS
+    assert len(cases) >= 40
+    check_cases(cases, tmp_path, capsys, monkeypatch)
+
+
+def test_what_only_the_model_and_corpus_reveal_is_caught_before_work(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "valid.yaml"
+    path.write_text(experiment(tiny))
+    code, _ = run_cli(["show", str(path)], capsys)
+    assert code == 0  # the base of every case below is valid
+    (tmp_path / "cases").mkdir()
+    start = time.perf_counter()
+    check_cases(preflight_cases(tiny), tmp_path / "cases", capsys, monkeypatch)
+    assert time.perf_counter() - start < 120  # nothing was loaded, tokenised or retried for long
+
+
+def test_every_problem_is_said_before_anything_starts(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "two.yaml"
+    path.write_text(experiment(tiny, eval="{protocol: disjoint, context_length: 1024, tokens: 100000}"))
+    code, lines = run_cli(["sweep", str(path), "--set", "layers.include=[nothing]"], capsys)
+    assert code == 2 and len(lines) == 3, lines
+    assert ["exceeds" in lines[0], "no Linear layer" in lines[1], "evaluation tokens" in lines[2]] == [
+        True
+    ] * 3
+
+
+def test_a_million_configs_are_refused_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    formats = "nf4, fp4, int4, nf3, nf5, int8, fp4_e2m1, int4_asym, nf2, int3"
+    blocks = ", ".join(str(16 * (i + 1)) for i in range(25_000))
+    path = tmp_path / "huge.yaml"
+    path.write_text(
+        "model: smollm2-135m\n"
+        f"grid: {{format: [{formats}], block_size: [{blocks}], rounding: [ties_down, ties_even],"
+        " double_quant: [off, on]}\n"
+    )
+    start = time.perf_counter()
+    code, lines = run_cli(["sweep", str(path), "--tracking-uri", f"sqlite:///{tmp_path / 's.db'}"], capsys)
+    assert time.perf_counter() - start < 2
+    assert code == 2 and len(lines) == 1
+    assert "up to 1,000,000 configs" in lines[0] and "more than 1,000" in lines[0] and "--yes" in lines[0]
+    assert not (tmp_path / "s.db").exists()
+    assert main(["show", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "up to 1,000,000 configs" in shown and "999,980 more (--all lists them)" in shown
+    assert len(shown.splitlines()) < 40
+
+
+def test_a_non_finite_model_fails_and_is_never_tabulated(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "nan.yaml"
+    path.write_text(experiment(tiny, model="nan"))
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    assert main(["sweep", str(path), "--tracking-uri", store]) == 1
+    runs = Tracker(store).runs("nan")
+    configs = runs[runs["tags.harness.kind"] == "config"]
+    assert list(configs["status"]) == ["FAILED"]  # the baseline; nothing was measured against it
+    error = configs[f"tags.{ERROR_TAG}"].iloc[0]
+    assert "NonFiniteError: the base model: 100.00% of" in error
+    assert "first non-finite output: model.norm" in error
+    assert not any((cache_dir() / "reference").glob("*/*.json"))  # no base reference was kept
+    assert not any(s == "RUNNING" for s in runs["status"])
+    capsys.readouterr()
+    code, lines = run_cli(["tables", "nan", "--tracking-uri", store], capsys)
+    assert code == 2 and "no FINISHED config runs (1 FAILED)" in lines[0]
