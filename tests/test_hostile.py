@@ -78,12 +78,18 @@ def preflight_cases(tiny: dict[str, Path]) -> list[Case]:
     bad_jsonl.write_text('{"text": "t5 t6"}\n{not json\n')
     csv = corpus.with_suffix(".csv")
     csv.write_text("text\nt5 t6\n")
+    cut = corpus.with_name("cut.gguf")  # a GGUF header cut off after its magic and version
+    cut.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 3)
+    text = corpus.with_name("notes.gguf")
+    text.write_text("not a model\n")
     data = "{{corpus: '{}', calibration_sequences: 2, calibration_length: 64}}"
     return [
         (experiment(tiny, model="model") + "", ["model=some-org/not-a-model"], "hub is unreachable"),
         (experiment(tiny), [f"model={corpus.parent}"], "is not a transformers model"),
         (experiment(tiny, model="truncated"), [], "model.safetensors is truncated or corrupt"),
         (experiment(tiny), ["model=./nowhere/model.gguf"], "does not exist"),
+        (experiment(tiny), [f"model={cut}"], "cut.gguf cannot be read as a GGUF model"),
+        (experiment(tiny), [f"model={text}"], "notes.gguf cannot be read as a GGUF model"),
         (
             experiment(tiny, eval="{protocol: disjoint, context_length: 1024, tokens: 2048}"),
             [],

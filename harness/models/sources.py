@@ -96,8 +96,18 @@ def _config(folder: Path | str, gguf: str | None = None) -> transformers.Pretrai
     try:
         return transformers.AutoConfig.from_pretrained(str(folder), gguf_file=gguf)
     except (OSError, ValueError) as exc:
-        what = folder / gguf if gguf and isinstance(folder, Path) else folder
-        raise ModelError(f"{what} is not a transformers model: {_first_line(exc)}") from exc
+        if gguf is None:
+            raise ModelError(f"{folder} is not a transformers model: {_first_line(exc)}") from exc
+        error: Exception = exc
+    except Exception as exc:  # the GGUF parser fails in many ways on a cut-off or foreign file
+        if gguf is None:
+            raise
+        error = exc
+    problem = f"{type(error).__name__}: {_first_line(error)}"
+    raise ModelError(
+        f"{Path(folder) / gguf} cannot be read as a GGUF model ({problem}); it may be truncated or another "
+        "kind of file: download or copy it again"
+    ) from error
 
 
 def check_safetensors(folder: Path) -> None:
