@@ -12,6 +12,7 @@ folder to delete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -26,7 +27,6 @@ import xxhash
 from filelock import FileLock
 
 CHECKSUMS = ".checksums.json"
-_CHUNK = 1 << 24
 
 
 class CacheError(RuntimeError):
@@ -107,11 +107,8 @@ def _problem(final: Path, marker: str, stale: Callable[[Path], bool] | None) -> 
 
 
 def _digest(path: Path) -> str:
-    digest = xxhash.xxh3_64()
     with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, xxhash.xxh3_64).hexdigest()
 
 
 def _files(folder: Path) -> list[Path]:

@@ -165,8 +165,8 @@ def _show(args: argparse.Namespace) -> int:
     print(f"grid: {axes} → {size} (+1 baseline per model)")
     for model, outline in checked.outlines.items():
         print(f"checked: {model} ({outline.n_params / 1e6:.0f} M parameters): context, layers and corpus fit")
-    for model in checked.unchecked:
-        print(f"not checked: {model} is not fetched (`harness fetch {model}`; `harness sweep` fetches it)")
+    for name in checked.unchecked:
+        print(f"not checked: {name} is not fetched (`harness sweep` fetches it; so does `harness fetch`)")
     configs = exp.iter_configs() if args.all else itertools.islice(exp.iter_configs(), SHOWN)
     print(f"\n{'#':>4}  {'hash':<16}  {'label':<28} model")
     shown = 0

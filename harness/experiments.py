@@ -39,7 +39,7 @@ from pydantic import (
 
 from harness import NUMERICS_VERSION
 from harness.codebook import ROUNDING_RULES
-from harness.data import CORPORA, CORPUS_PREFIXES
+from harness.data import CORPORA, CORPUS_PREFIXES, TokenSplits, token_splits
 from harness.double_quant import DOUBLE_QUANT_CODES, DoubleQuantConfig
 from harness.evaluate.perplexity import PROTOCOLS
 from harness.formats import get_format
@@ -294,6 +294,17 @@ class RunConfig:
     def variant(self) -> str:
         """The label without its block size (``nf4-b64-dq`` → ``nf4-dq``): a block-size table column."""
         return "-".join(text for axis, text in self._label_parts() if axis != "block_size")
+
+    def token_splits(self, tokenizer: Any) -> TokenSplits:
+        """The calibration and evaluation tokens of this config's corpus under ``tokenizer``."""
+        return token_splits(
+            self.data.corpus,
+            tokenizer,
+            calibration_sequences=self.data.calibration_sequences,
+            calibration_length=self.data.calibration_length,
+            eval_tokens=self.eval.tokens,
+            add_bos=self.eval.bos,
+        )
 
     def baseline(self) -> RunConfig:
         """The unquantized config this one is compared against (same model, data and evaluation)."""

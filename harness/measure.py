@@ -24,7 +24,6 @@ from matplotlib.figure import Figure
 
 from harness import assets
 from harness.cache import cache_dir
-from harness.data import token_splits
 from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
 from harness.evaluate.perplexity import (
     NonFiniteError,
@@ -86,14 +85,7 @@ class ModelSession:
     def prepare(cls, loaded: LoadedModel, config: RunConfig) -> ModelSession:
         torch.manual_seed(config.seed)
         layers = discover_layers(loaded, list(config.include) or None, list(config.exclude) or None)
-        splits = token_splits(
-            config.data.corpus,
-            loaded.tokenizer,
-            calibration_sequences=config.data.calibration_sequences,
-            calibration_length=config.data.calibration_length,
-            eval_tokens=config.eval.tokens,
-            add_bos=config.eval.bos,
-        )
+        splits = config.token_splits(loaded.tokenizer)
         calibration = (
             capture_inputs(loaded.model, layers, splits.calibration, seed=config.seed)
             if config.data.calibration_sequences

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.data import DataError, token_splits
+from harness import assets
+from harness.data import CORPORA, DataError
 from harness.experiments import Experiment, ExperimentError
 from harness.models import ModelError, discover_layers
 from harness.models.sources import ModelOutline, outline_model
@@ -24,7 +25,7 @@ class Checked:
     """The outlines of the experiment's models that could be checked (assets not fetched are left out)."""
 
     outlines: dict[str, ModelOutline]
-    unchecked: list[str]  # assets that are not fetched yet: `sweep` fetches and checks them
+    unchecked: list[str]  # models and corpora not fetched yet: `sweep` fetches and checks them
 
 
 class PreflightError(ExperimentError):
@@ -72,15 +73,12 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
             discover_layers(outline.module, list(settings.include) or None, list(settings.exclude) or None)
         except ModelError as exc:
             problems.append(f"layers: {model}: {exc}")
+        corpus = CORPORA.get(settings.data.corpus)
+        if corpus is not None and not fetch and not assets.is_fetched(corpus.asset):
+            unchecked.append(settings.data.corpus)  # `show` downloads nothing
+            continue
         try:
-            token_splits(
-                settings.data.corpus,
-                outline.tokenizer,
-                calibration_sequences=settings.data.calibration_sequences,
-                calibration_length=settings.data.calibration_length,
-                eval_tokens=settings.eval.tokens,
-                add_bos=settings.eval.bos,
-            )
+            settings.token_splits(outline.tokenizer)
         except DataError as exc:
             problems.append(f"data.corpus: {exc}")
     if problems:
