@@ -127,13 +127,14 @@ def _log_traceback(exc: BaseException) -> Path:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input (bad experiment, unknown format, missing asset): one line, no traceback."""
     from harness.assets import AssetError
+    from harness.cache import CacheError
     from harness.data import DataError
     from harness.experiments import ExperimentError
     from harness.models import ModelError
     from harness.quantize import QuantizationError
     from harness.report import ReportError
 
-    return (AssetError, DataError, ExperimentError, ModelError, QuantizationError, ReportError)
+    return (AssetError, CacheError, DataError, ExperimentError, ModelError, QuantizationError, ReportError)
 
 
 def _list(args: argparse.Namespace) -> int:

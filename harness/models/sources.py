@@ -160,7 +160,7 @@ def outline_model(spec: str, fetch: bool = True) -> ModelOutline | None:
     else:
         location = _local_path(spec)
     if isinstance(location, Path) and location.suffix == ".gguf":
-        converted = _converted_dir(location)
+        converted = converted_dir(location)
         if (converted / PRECISION_FILE).is_file():  # converted before: config and tokenizer are there
             folder, gguf = converted, None
         else:
@@ -258,14 +258,14 @@ def _per_parameter(model: nn.Module, stored: Mapping[str, str], default: str) ->
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     """Load the safetensors conversion of a GGUF from the cache, converting it first if it is not there."""
-    converted = _converted_dir(path)
+    converted = converted_dir(path)
     with building(converted, PRECISION_FILE, source=path) as build:
         if build is not None:
             _convert_gguf(path, build)
     return _renamed(_load_pretrained(converted, dtype), name=path.stem, source=str(path))
 
 
-def _converted_dir(path: Path) -> Path:
+def converted_dir(path: Path) -> Path:
     """The cache entry of a GGUF's conversion: the file's name, size and mtime, and transformers' version."""
     stat = path.stat()
     key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}"
