@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from harness.cache import building
+from harness.cache import CacheError, building, entries, verify
+from harness.cli import main
 
 # Builds ENTRY unless it is complete, logging each build and holding it open until the file GO exists, then
 # prints what the entry holds.
 CHILD = """
 import sys, time
 from pathlib import Path
-from harness.cache import building
+from harness.cache import CacheError, building, entries, verify
+from harness.cli import main
 
 entry, log, go = map(Path, sys.argv[1:])
 with building(entry, "done") as build:
@@ -116,3 +118,77 @@ def test_temporaries_of_a_killed_builder_are_removed(tmp_path: Path) -> None:
         assert build is not None
         (build / "done").write_text("")
     assert temporaries(tmp_path) == [other.name]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a bit", "delete", "add"])
+def test_a_damaged_entry_is_rebuilt_once(
+    tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entry = tmp_path / "entry"
+    with building(entry, "done") as build:
+        assert build is not None
+        (build / "data").write_bytes(bytes(range(256)) * 64)
+        (build / "done").write_text("")
+    assert verify(entry) is None
+    data = entry / "data"
+    if damage == "truncate":
+        data.write_bytes(data.read_bytes()[:-1])
+    elif damage == "flip a bit":
+        flipped = bytearray(data.read_bytes())
+        flipped[5000] ^= 0x10
+        data.write_bytes(bytes(flipped))
+    elif damage == "delete":
+        data.unlink()
+    else:
+        (entry / "stray").write_text("")
+    problem = verify(entry)
+    assert problem is not None
+    with building(entry, "done") as build:  # found damaged: built again
+        assert build is not None
+        (build / "data").write_bytes(bytes(range(256)) * 64)
+        (build / "done").write_text("")
+    assert capsys.readouterr().err == f"harness: warning: cache entry {entry} {problem}; building it again\n"
+    assert verify(entry) is None
+    with building(entry, "done") as build:  # whole: used as it is
+        assert build is None
+
+
+def test_a_failed_rebuild_names_the_folder_to_delete(tmp_path: Path) -> None:
+    entry = tmp_path / "entry"
+    with building(entry, "done") as build:
+        assert build is not None
+        (build / "done").write_text("")
+    (entry / "done").write_text("changed")
+    with (
+        pytest.raises(
+            CacheError, match=rf"rebuilding the corrupt cache entry {entry} failed .*delete {entry}"
+        ),
+        building(entry, "done") as build,
+    ):
+        raise OSError("no space left on device")
+    assert (entry / "done").read_text() == "changed"  # left as it was, for the user to inspect or delete
+
+
+def test_verify_and_clean_find_what_is_broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    source = tmp_path / "model.gguf"
+    source.write_text("weights")
+    for name in ("whole", "broken", "outlived"):
+        with building(
+            tmp_path / "kind" / name, "done", source=source if name == "outlived" else None
+        ) as build:
+            assert build is not None
+            (build / "done").write_text(name)
+    (tmp_path / "kind" / "broken" / "done").write_text("BROKEN")  # the same size, other bytes
+    source.write_text("other weights")  # the conversion of the old file has outlived it
+    (tmp_path / "kind" / ".half.4242.abc_1.tmp").mkdir()  # a killed build's folder
+    found = {e.path.name: e for e in entries(tmp_path)}
+    assert found["whole"].problem is None and not found["whole"].unused
+    assert "checksum mismatch" in str(found["broken"].problem)
+    assert found["outlived"].problem is None and found["outlived"].unused
+    assert found[".half.4242.abc_1.tmp"].problem == "is an unfinished build"
+    assert main(["cache", "verify"]) == 1
+    assert main(["cache", "clean"]) == 0
+    assert sorted(p.name for p in (tmp_path / "kind").iterdir() if not p.name.endswith(".lock")) == ["whole"]
+    assert main(["cache", "verify"]) == 0
+    assert main(["cache", "clean", "--all"]) == 0 and not tmp_path.exists()
