@@ -15,16 +15,17 @@ from harness import assets
 from harness.data import CORPORA, DataError
 from harness.experiments import Experiment, ExperimentError
 from harness.models import ModelError, discover_layers
-from harness.models.sources import ModelOutline, outline_model
+from harness.models.sources import outline_model
 
 MAX_CONFIGS = 1000  # a grid above this runs only when asked twice (`--yes`)
 
 
 @dataclass(frozen=True)
 class Checked:
-    """The outlines of the experiment's models that could be checked (assets not fetched are left out)."""
+    """What the checks learnt: each checked model's parameter count (a model's outline is let go once checked:
+    Gemma's tokenizer alone holds about 330 MB)."""
 
-    outlines: dict[str, ModelOutline]
+    n_params: dict[str, int]
     unchecked: list[str]  # models and corpora not fetched yet: `sweep` fetches and checks them
 
 
@@ -51,7 +52,7 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
     ``unchecked`` instead."""
     settings = experiment.template
     problems: list[str] = []
-    outlines: dict[str, ModelOutline] = {}
+    n_params: dict[str, int] = {}
     unchecked: list[str] = []
     for model in experiment.models:
         try:
@@ -62,7 +63,7 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
         if outline is None:
             unchecked.append(model)
             continue
-        outlines[model] = outline
+        n_params[model] = outline.n_params
         context, limit = settings.eval.context_length, outline.max_positions
         if limit is not None and context > limit:
             problems.append(
@@ -83,4 +84,4 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
             problems.append(f"data.corpus: {exc}")
     if problems:
         raise PreflightError("\n".join(f"{experiment.path}: {p}" for p in dict.fromkeys(problems)))
-    return Checked(outlines, unchecked)
+    return Checked(n_params, unchecked)

@@ -154,7 +154,8 @@ def estimate(groups: Sequence[ModelGroup], history: pd.DataFrame, n_params: Mapp
                 sources.add("zero-shot tasks not included")
     if not sources:
         return "no estimate of its duration"
-    return f"estimated {seconds / 60:.0f} min ({'; '.join(sorted(sources))})"
+    shown = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    return f"estimated {shown} ({'; '.join(sorted(sources))})"
 
 
 def matmul_rate() -> float:

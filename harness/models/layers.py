@@ -288,14 +288,14 @@ def first_nonfinite_module(model: nn.Module, input_ids: torch.Tensor) -> str | N
 
     handles = [m.register_forward_hook(partial(hook, name)) for name, m in model.named_modules() if name]
     try:
-        with torch.no_grad():
-            model(input_ids)
+        model(input_ids)
     finally:
         for handle in handles:
             handle.remove()
     return found[0] if found else None
 
 
+@torch.inference_mode()
 def capture_inputs(
     model: nn.Module,
     layers: list[LayerInfo],
