@@ -112,13 +112,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _log_traceback(exc: BaseException) -> Path:
     """Write the traceback under the cache's logs/ folder and return the file (stderr says where)."""
+    import tempfile
     import time
     import traceback
 
     from harness.cache import cache_dir
 
     folder = cache_dir() / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # the cache itself may be what failed
+        folder = Path(tempfile.gettempdir()) / "harness-logs"
+        folder.mkdir(exist_ok=True)
     log = folder / f"harness-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log.write_text(f"harness {' '.join(sys.argv[1:])}\n" + "".join(traceback.format_exception(exc)))
     return log

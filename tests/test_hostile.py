@@ -211,3 +211,19 @@ def test_a_non_finite_model_fails_and_is_never_tabulated(
     capsys.readouterr()
     code, lines = run_cli(["tables", "nan", "--tracking-uri", store], capsys)
     assert code == 2 and "no FINISHED config runs (1 FAILED)" in lines[0]
+
+
+def test_an_error_of_the_machine_is_one_line_and_a_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache that cannot be created (its parent is a file): not the user's mistake in the experiment, not a
+    bug either; one line, and the traceback in a log."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("HARNESS_CACHE", str(blocker / "cache"))
+    code, lines = run_cli(["sweep", "smoke", "--tracking-uri", f"sqlite:///{tmp_path / 's.db'}"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("harness: error: NotADirectoryError") and "traceback in " in lines[0]
+    log = Path(lines[0].rsplit("traceback in ", 1)[1].rstrip(")"))
+    assert "Traceback (most recent call last)" in log.read_text()
+    assert not (tmp_path / "s.db").exists()
