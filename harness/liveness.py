@@ -1,8 +1,13 @@
-"""Is a process still alive? Used to recognise work left behind by a killed process (kill -9)."""
+"""Process lifetimes: is a process still alive (to recognise work left behind by kill -9), and SIGTERM treated
+as Ctrl-C (so what a process started is cleaned up either way)."""
 
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 
 def pid_alive(pid: int) -> bool:
@@ -13,3 +18,17 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # it exists, but belongs to someone else
         return True
     return True
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so ``finally`` and ``except`` blocks run."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -15,13 +15,13 @@ import hashlib
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.cache import cache_dir
+from harness.liveness import sigterm_as_interrupt
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DATABASE = "harness"  # the role and the database
@@ -117,26 +117,17 @@ def serve(port: int) -> int:
     uri = f"http://{HOST}:{port}"
     artifacts = cache_dir() / "server" / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with cluster.running():
-            process = subprocess.Popen(server_command(cluster.uri, artifacts, HOST, port))
-            try:
-                wait_until_serving(uri, process)
-                print(f"{uri}\nruns in PostgreSQL at {cluster.data}; Ctrl-C to stop", flush=True)
-                process.wait()
-            except KeyboardInterrupt:
-                return 0
-            except RuntimeError as exc:  # it exited (the port taken?) or did not answer
-                raise ServerError(str(exc)) from None
-            finally:
-                process.terminate()
-                process.wait(timeout=60)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_as_interrupt(), cluster.running():
+        process = subprocess.Popen(server_command(cluster.uri, artifacts, HOST, port))
+        try:
+            wait_until_serving(uri, process)
+            print(f"{uri}\nruns in PostgreSQL at {cluster.data}; Ctrl-C to stop", flush=True)
+            process.wait()
+        except KeyboardInterrupt:
+            return 0
+        except RuntimeError as exc:  # it exited (the port taken?) or did not answer
+            raise ServerError(str(exc)) from None
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
     return process.returncode
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM stops the server like Ctrl-C does: the MLflow server, then the database."""
-    raise KeyboardInterrupt(f"signal {signum}")

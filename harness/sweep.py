@@ -15,15 +15,12 @@ runs, so two sweeps of one experiment at once never both run it. The bar counts 
 from __future__ import annotations
 
 import resource
-import signal
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import pandas as pd
 import torch
@@ -31,6 +28,7 @@ from tqdm import tqdm
 
 from harness.executors import Executor, LocalExecutor, Outcome, Shard, SweepContext
 from harness.experiments import Experiment
+from harness.liveness import sigterm_as_interrupt
 from harness.tracking import NOTE_TAG, Tracker, provenance, sweep_tags
 
 
@@ -105,7 +103,7 @@ def run_sweep(
     shards = [Shard(g.model, g.configs[i::n]) for g in groups for i in range(n) if g.configs[i::n]]
     start = time.perf_counter()
     with (
-        _sigterm_as_interrupt(),
+        sigterm_as_interrupt(),
         tracker.run(experiment_id, f"sweep {experiment.name}", sweep_tags()) as parent,
     ):
         versions = provenance()
@@ -178,17 +176,3 @@ def matmul_rate() -> float:
         torch.mm(a, b)
         times.append(time.perf_counter() - start)
     return 2 * 1024**3 / statistics.median(times)
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C, so the run in progress is marked KILLED rather than left RUNNING."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

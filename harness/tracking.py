@@ -44,7 +44,7 @@ from filelock import FileLock
 import harness
 from harness import NUMERICS_VERSION
 from harness.cache import building, cache_dir
-from harness.liveness import pid_alive
+from harness.liveness import pid_alive, sigterm_as_interrupt
 from harness.metrics import metric
 
 if TYPE_CHECKING:
@@ -75,8 +75,8 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # a view of the runs table the UI r
 VIEW_KEY = "harness-runs"
 UI_METRICS = ("bits_per_param", "ppl", "delta_ppl", "kld_mean", "top1_agreement")
 UI_CLICKS = (
-    "If the page shows something else: click Runs in the left bar, then the + beside a sweep run to "
-    "list its configs (their metrics are the Metrics columns)."
+    "Click the + beside a sweep run to list its configs (MLflow cannot be told by a URL to expand it); on "
+    "another page: Runs in the experiment's left bar, then that +."
 )
 COMMIT_PARAM = "git_commit"
 LAYERS_ARTIFACT = "layers.csv"
@@ -319,14 +319,15 @@ class Tracker:
 
         self.uri = tracking_uri or default_tracking_uri()
         mlflow.set_tracking_uri(self.uri)
-        self._client = MlflowClient(self.uri)
         if self.uri.startswith("sqlite:///"):
-            # MLflow creates a fresh sqlite store's tables on first use; two processes doing it at once
-            # collide ("table ... already exists"), so the first use happens under a lock beside the file.
+            # MLflow creates a fresh sqlite store's tables when its client is made; two processes doing it
+            # at once collide ("table ... already exists"), so that happens under a lock beside the file.
             database = Path(self.uri.removeprefix("sqlite:///"))
             database.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(f"{database}.lock"):
-                self._client.search_experiments(max_results=1)
+                self._client = MlflowClient(self.uri)
+        else:
+            self._client = MlflowClient(self.uri)
 
     def experiment_id(self, name: str) -> str:
         """The experiment's id, created if missing; of two processes creating it at once, the one that
@@ -531,7 +532,8 @@ class Tracker:
         }
         key = VIEW_KEY
         self._client.set_experiment_tag(found.experiment_id, f"{VIEW_TAG_PREFIX}{key}", json.dumps(view))
-        return f"{ui_uri}/#/experiments/{found.experiment_id}/runs?viewStateShareKey={key}"
+        query = f"viewStateShareKey={key}&workflowType=machine_learning"  # the sidebar in model-training mode
+        return f"{ui_uri}/#/experiments/{found.experiment_id}/runs?{query}"
 
     def ui_command(self, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
         return [
@@ -558,12 +560,14 @@ def serve_ui(
         print(f"{tracker.landing_view(experiment, tracker.uri.rstrip('/'))}\n{UI_CLICKS}", flush=True)
         return 0
     ui_uri = f"http://{host}:{port}"
-    with subprocess.Popen(tracker.ui_command(host, port)) as process:
+    with sigterm_as_interrupt(), subprocess.Popen(tracker.ui_command(host, port)) as process:
         try:
             wait_until_serving(ui_uri, process)
             url = tracker.landing_view(experiment, ui_uri)
             print(f"MLflow UI (store: {tracker.uri}), Ctrl-C to stop:\n{url}\n{UI_CLICKS}", flush=True)
             return process.wait()
+        except KeyboardInterrupt:
+            return 0
         finally:
             process.terminate()
 
