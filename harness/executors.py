@@ -113,7 +113,8 @@ def run_shard(
             tags[TASK_TAG] = task
         try:
             with tracker.run(context.experiment_id, config.label, tags, parent=parent) as run:
-                run.log_params({**config_params(config), **session.params, **context.provenance})
+                threads = {"torch_threads": torch.get_num_threads()}  # BLAS sums depend on it
+                run.log_params({**config_params(config), **session.params, **context.provenance, **threads})
                 measurement = measure(session, config)
                 run.log_measurement(measurement)
         except Exception as exc:  # recorded as a FAILED run by tracker.run; the shard goes on
