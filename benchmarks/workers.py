@@ -46,6 +46,7 @@ def main() -> None:
     }
     results: dict[str, tuple[list[float], list[float]]] = {}
     metrics: dict[str, pd.DataFrame] = {}
+    per_config: dict[str, pd.DataFrame] = {}  # time per config and the driver's peak RSS
     for _ in range(args.repeats):
         for name, layout in layouts.items():
             with tempfile.TemporaryDirectory() as folder:
@@ -55,6 +56,9 @@ def main() -> None:
             results[name][1].append(float(parent["metrics.sweep_wall_s"].item()))
             child = frame[frame["tags.harness.kind"] == "config"].set_index("tags.harness.config_hash")
             metrics[name] = child[sorted(c for c in child if c.startswith("metrics.") and "time_" not in c)]
+            quantized = child[child["tags.harness.baseline"] == "false"]
+            per_config[name] = quantized[[f"metrics.time_{t}_s" for t in ("quantize", "eval", "total")]]
+            per_config[name] = per_config[name].assign(peak_rss_gb=parent["metrics.peak_rss_gb"].item())
     n_configs = len(next(iter(metrics.values())))
     print(f"{args.experiment}: {n_configs} configs, median of {args.repeats} ({cores} cores)")
     print("| layout | command wall s | sweep wall s | runs (command s) |\n|:--|--:|--:|:--|")
@@ -65,6 +69,10 @@ def main() -> None:
     print(
         f"ratio (1 worker × {cores} threads) / ({cores} workers × 1 thread), command wall: {one / many:.2f}"
     )
+    print("median per config (s), quantized configs only; the driver's peak RSS (GB):")
+    for name, frame in per_config.items():
+        medians = frame.median()
+        print(f"  {name}: " + ", ".join(f"{k.removeprefix('metrics.')} {v:.2f}" for k, v in medians.items()))
     first, *others = metrics
     for name in others:
         differing = [
