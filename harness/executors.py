@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
+import numba
 import torch
 
 from harness.evaluate.perplexity import NonFiniteError
@@ -81,6 +82,13 @@ class Executor(Protocol):
     def run(self, shards: Sequence[Shard], context: SweepContext, report: Report) -> None: ...
 
 
+def set_threads(threads: int) -> None:
+    """Threads for torch and for the numba kernels. Both run on OpenMP here, and a numba parallel kernel sets
+    the calling thread's OpenMP thread count to numba's own, which torch then uses too."""
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
 def run_shard(
     context: SweepContext,
     shard: Shard,
@@ -90,7 +98,7 @@ def run_shard(
 ) -> None:
     """Claim, measure and log each config of the shard; the model loads on the first config claimed."""
     if context.threads:
-        torch.set_num_threads(context.threads)
+        set_threads(context.threads)
     tracker = Tracker(context.tracking_uri)
     parent = tracker.attach(context.parent)
     owner = Owner.here(context.parent, task)

@@ -3,8 +3,10 @@ as Ctrl-C (so what a process started is cleaned up either way)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,3 +34,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stop_group(process: subprocess.Popen[Any], grace_s: float = 10) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it started (a server's workers):
+    SIGTERM to its group, then SIGKILL after ``grace_s`` (a server waiting on open client connections)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.cache import cache_dir
-from harness.liveness import sigterm_as_interrupt
+from harness.liveness import sigterm_as_interrupt, stop_group
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DATABASE = "harness"  # the role and the database
@@ -118,7 +118,7 @@ def serve(port: int) -> int:
     artifacts = cache_dir() / "server" / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     with sigterm_as_interrupt(), cluster.running():
-        process = subprocess.Popen(server_command(cluster.uri, artifacts, HOST, port))
+        process = subprocess.Popen(server_command(cluster.uri, artifacts, HOST, port), start_new_session=True)
         try:
             wait_until_serving(uri, process)
             print(f"{uri}\nruns in PostgreSQL at {cluster.data}; Ctrl-C to stop", flush=True)
@@ -128,6 +128,5 @@ def serve(port: int) -> int:
         except RuntimeError as exc:  # it exited (the port taken?) or did not answer
             raise ServerError(str(exc)) from None
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            stop_group(process)
     return process.returncode

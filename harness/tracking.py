@@ -44,7 +44,7 @@ from filelock import FileLock
 import harness
 from harness import NUMERICS_VERSION
 from harness.cache import building, cache_dir
-from harness.liveness import pid_alive, sigterm_as_interrupt
+from harness.liveness import pid_alive, sigterm_as_interrupt, stop_group
 from harness.metrics import metric
 
 if TYPE_CHECKING:
@@ -560,7 +560,10 @@ def serve_ui(
         print(f"{tracker.landing_view(experiment, tracker.uri.rstrip('/'))}\n{UI_CLICKS}", flush=True)
         return 0
     ui_uri = f"http://{host}:{port}"
-    with sigterm_as_interrupt(), subprocess.Popen(tracker.ui_command(host, port)) as process:
+    with (
+        sigterm_as_interrupt(),
+        subprocess.Popen(tracker.ui_command(host, port), start_new_session=True) as process,
+    ):
         try:
             wait_until_serving(ui_uri, process)
             url = tracker.landing_view(experiment, ui_uri)
@@ -569,7 +572,7 @@ def serve_ui(
         except KeyboardInterrupt:
             return 0
         finally:
-            process.terminate()
+            stop_group(process)
 
 
 def wait_until_serving(uri: str, process: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
