@@ -267,12 +267,15 @@ def test_the_ui_lands_on_the_runs_with_their_metrics_and_plots(local_store: tupl
                 expect(page.get_by_role("link", name=label, exact=True)).to_be_visible(timeout=30_000)
             for value in sorted({f"{v:g}" for v in child["metrics.bits_per_param"]}):  # 4.5 and 32
                 expect(page.get_by_role("gridcell", name=value, exact=True).first).to_be_visible()
+            for name in ("ppl", "kld_mean"):  # the table shows a metric's full value
+                value = repr(child.loc["nf4-b64", f"metrics.{name}"])
+                expect(page.get_by_role("gridcell", name=value, exact=True)).to_be_visible()
             run_id = child.loc["nf4-b64", "run_id"]
             experiment_id = child.loc["nf4-b64", "experiment_id"]
             page.goto(
                 f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/layer_nmse.png"
             )
-            plot = page.locator("img[src*='layer_nmse.png']").first
+            plot = page.get_by_role("img", name="layer_nmse.png")
             expect(plot).to_be_visible(timeout=60_000)
             assert plot.evaluate("image => image.naturalWidth") > 100  # the plot itself, not a broken icon
             browser.close()
