@@ -85,8 +85,8 @@ class Executor(Protocol):
 def set_threads(threads: int) -> None:
     """Threads for torch and for the numba kernels. Both run on OpenMP here, and a numba parallel kernel sets
     the calling thread's OpenMP thread count to numba's own, which torch then uses too."""
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # first: it starts numba's OpenMP
     torch.set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
 def run_shard(

@@ -75,7 +75,8 @@ class Server:
 
     def stop(self) -> None:
         assert self.process is not None
-        self.process.send_signal(signal.SIGINT)  # Ctrl-C
+        # SIGTERM stops it as Ctrl-C does; SIGINT itself is ignored by processes started in the background
+        self.process.send_signal(signal.SIGTERM)
         assert self.process.wait(timeout=60) == 0
 
 
@@ -268,7 +269,7 @@ def test_the_ui_lands_on_the_runs_with_their_metrics_and_plots(local_store: tupl
             for value in sorted({f"{v:g}" for v in child["metrics.bits_per_param"]}):  # 4.5 and 32
                 expect(page.get_by_role("gridcell", name=value, exact=True).first).to_be_visible()
             for name in ("ppl", "kld_mean"):  # the table shows a metric's full value
-                value = repr(child.loc["nf4-b64", f"metrics.{name}"])
+                value = repr(float(child.loc["nf4-b64", f"metrics.{name}"]))
                 expect(page.get_by_role("gridcell", name=value, exact=True)).to_be_visible()
             run_id = child.loc["nf4-b64", "run_id"]
             experiment_id = child.loc["nf4-b64", "experiment_id"]
@@ -280,5 +281,5 @@ def test_the_ui_lands_on_the_runs_with_their_metrics_and_plots(local_store: tupl
             assert plot.evaluate("image => image.naturalWidth") > 100  # the plot itself, not a broken icon
             browser.close()
     finally:
-        ui.send_signal(signal.SIGINT)
+        ui.send_signal(signal.SIGTERM)
         ui.wait(timeout=60)
