@@ -6,13 +6,13 @@ EXP     ?= default
 ARGS    ?=
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install fetch sweep ui tables test lint bench clean
+.PHONY: install fetch sweep ui server tables test lint bench clean
 
 $(BIN)/harness: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,peers]'
+	$(BIN)/pip install -q -e '.[dev,peers,ray,server]'
 	touch $@
 
 install: $(BIN)/harness
@@ -25,7 +25,12 @@ sweep: install
 	$(BIN)/harness sweep $(EXP) $(ARGS)
 
 ui: $(BIN)/harness
-	$(BIN)/harness ui
+	$(BIN)/harness ui $(EXP) $(ARGS)
+
+# Debian's PostgreSQL 15 when missing (apt-get needs root), then the tracking server on 127.0.0.1.
+server: $(BIN)/harness
+	@test -x /usr/lib/postgresql/15/bin/initdb || { apt-get update -qq && apt-get install -y -qq postgresql-15; }
+	$(BIN)/harness server $(ARGS)
 
 tables: $(BIN)/harness
 	$(BIN)/harness tables $(EXP) $(ARGS)

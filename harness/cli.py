@@ -49,6 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="redo configs that already have a FINISHED run")
     p.add_argument("--yes", action="store_true", help="run a grid of more than 1,000 configs")
     p.add_argument("--tracking-uri", help=STORE_HELP)
+    p.add_argument(
+        "--executor", choices=["local", "ray"], default="local", help="where configs run (default: local)"
+    )
+    p.add_argument(
+        "--address",
+        help="Ray cluster: auto or ray://HOST:PORT (default: a local Ray started for the sweep)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="Ray tasks per model, each with cores/N torch threads (default 2)",
+    )
     p.set_defaults(run=_sweep)
 
     p = commands.add_parser("fetch", help="download the pinned offline assets into the cache")
@@ -70,10 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="drop layers matching")
     p.set_defaults(run=_layers)
 
-    p = commands.add_parser("ui", help="serve the MLflow UI on 127.0.0.1:5000")
+    p = commands.add_parser("ui", help="serve the MLflow UI on 127.0.0.1:5000, opened on the runs table")
+    p.add_argument("experiment", nargs="?", default="default", help="experiment to open (default: default)")
     p.add_argument("--tracking-uri", help=STORE_HELP)
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     p.set_defaults(run=_ui)
+
+    p = commands.add_parser(
+        "server", help="serve an MLflow tracking server on 127.0.0.1 backed by PostgreSQL, for a team"
+    )
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    p.set_defaults(run=_server)
 
     p = commands.add_parser("tables", help="write paper-ready tables and plots of an experiment")
     p.add_argument("experiment", help="experiment to tabulate (into ./results/EXPERIMENT/)")
@@ -138,8 +158,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from harness.models import ModelError
     from harness.quantize import QuantizationError
     from harness.report import ReportError
+    from harness.server import ServerError
 
-    return (AssetError, CacheError, DataError, ExperimentError, ModelError, QuantizationError, ReportError)
+    return (
+        AssetError,
+        CacheError,
+        DataError,
+        ExperimentError,
+        ModelError,
+        QuantizationError,
+        ReportError,
+        ServerError,
+    )
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -185,10 +215,15 @@ def _show(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from harness import preflight
-    from harness.experiments import load_experiment
+    from harness.executors import LocalExecutor, RayExecutor
+    from harness.experiments import ExperimentError, load_experiment
     from harness.sweep import SweepOptions, run_sweep
 
     exp = load_experiment(args.experiment, args.overrides)
+    if args.workers < 1:
+        raise ExperimentError(f"--workers must be at least 1, not {args.workers}")
+    if args.address and args.executor != "ray":
+        raise ExperimentError("--address is for --executor ray")
     preflight.check_size(exp, allowed=args.yes)
     checked = preflight.check(exp, fetch=True)
     options = SweepOptions(
@@ -197,7 +232,8 @@ def _sweep(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         n_params=checked.n_params,
     )
-    summary = run_sweep(exp, options)
+    executor = RayExecutor(args.address, args.workers) if args.executor == "ray" else LocalExecutor()
+    summary = run_sweep(exp, options, executor)
     print(summary.describe())
     return 0 if not summary.failed else 1
 
@@ -256,7 +292,15 @@ def _layers(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     from harness.tracking import serve_ui
 
-    return serve_ui(args.tracking_uri, port=args.port)
+    return serve_ui(args.experiment, args.tracking_uri, port=args.port)
+
+
+def _server(args: argparse.Namespace) -> int:
+    from harness.server import serve
+
+    status = serve(args.port)
+    print("tracking server stopped", file=sys.stderr)
+    return status
 
 
 def _tables(args: argparse.Namespace) -> int:

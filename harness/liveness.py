@@ -1,8 +1,15 @@
-"""Is a process still alive? Used to recognise work left behind by a killed process (kill -9)."""
+"""Process lifetimes: is a process still alive (to recognise work left behind by kill -9), and SIGTERM treated
+as Ctrl-C (so what a process started is cleaned up either way)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 
 def pid_alive(pid: int) -> bool:
@@ -13,3 +20,30 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # it exists, but belongs to someone else
         return True
     return True
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so ``finally`` and ``except`` blocks run."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_group(process: subprocess.Popen[Any], grace_s: float = 10) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it started (a server's workers):
+    SIGTERM to its group, then SIGKILL after ``grace_s`` (a server waiting on open client connections)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

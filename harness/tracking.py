@@ -13,6 +13,12 @@ metrics are declared in ``harness.metrics``, and nothing undeclared is logged.
 Every run ends in a terminal state: FINISHED, FAILED (the exception is recorded in the ``harness.error``
 tag) or KILLED (Ctrl-C / SIGTERM). A run left RUNNING by a process that died (kill -9) is recognised by
 its ``harness.pid``/``harness.host`` tags and marked FAILED by the next sweep (``reap_stale``).
+
+Claims: before a config runs, its runner claims it in the experiment's ledger, a bookkeeping run in the
+experiment ``NAME.claims`` whose params are the claims (``claim.HASH.N`` = the owner). MLflow params are
+write-once, so of two runners logging the same key one wins, whatever the store (sqlite, a server), and only
+the winner runs the config. A claim whose run FINISHED means done; a claim whose owner (host, pid, Ray task)
+died, or whose run FAILED or was KILLED, is superseded by the next generation ``N+1``.
 """
 
 from __future__ import annotations
@@ -24,18 +30,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
 import harness
 from harness import NUMERICS_VERSION
 from harness.cache import building, cache_dir
-from harness.liveness import pid_alive
+from harness.liveness import pid_alive, sigterm_as_interrupt, stop_group
 from harness.metrics import metric
 
 if TYPE_CHECKING:
@@ -55,6 +64,20 @@ BASELINE_ID_TAG = "harness.baseline_id"  # the config id of the baseline a confi
 ERROR_TAG = "harness.error"
 PID_TAG = "harness.pid"
 HOST_TAG = "harness.host"
+TASK_TAG = "harness.ray_task"  # the Ray task a run was made by (retries of a task keep its id)
+CLAIM_TAG = "harness.claim"  # the ledger key a config's run was claimed under
+LEDGER_TAG = "harness.ledger_run"  # on the claims experiment: the id of its ledger run
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI opens the runs table, not the GenAI overview
+CLAIMS_SUFFIX = ".claims"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # a view of the runs table the UI restores from a URL
+VIEW_KEY = "harness-runs"
+UI_METRICS = ("bits_per_param", "ppl", "delta_ppl", "kld_mean", "top1_agreement")
+UI_CLICKS = (
+    "Click the + beside a sweep run to list its configs (MLflow cannot be told by a URL to expand it); on "
+    "another page: Runs in the experiment's left bar, then that +."
+)
 COMMIT_PARAM = "git_commit"
 LAYERS_ARTIFACT = "layers.csv"
 TOKENS_ARTIFACT = "tokens.npz"  # per scored token: nll, base_nll, kld (float32), top1_match (bool)
@@ -137,6 +160,24 @@ def config_tags(config: RunConfig) -> dict[str, str]:
         "block_size": str(config.block_size if config.block_size is not None else "none"),
         "double_quant": dq,
     }
+
+
+def config_note(config: RunConfig) -> str:
+    """The one line a child run's description says about its config."""
+    if config.is_baseline:
+        quant = "unquantized baseline"
+    else:
+        dq = config.double_quant
+        quant = (
+            f"{config.format} block {config.block_size}, double quant "
+            f"{f'{dq.code}/{dq.block_size}' if dq else 'off'}, constants {config.constant_dtype}, "
+            f"compute {config.compute_dtype}, rounding {config.rounding}"
+        )
+    kld = f", KLD vs base ({config.eval.kld_reference})" if config.eval.kld else ""
+    return (
+        f"{config.model}: {quant}; {config.data.corpus}, {config.eval.protocol} context "
+        f"{config.eval.context_length}, {config.eval.tokens} tokens{kld}; hash {config.hash}"
+    )
 
 
 def sweep_tags() -> dict[str, str]:
@@ -235,6 +276,41 @@ def read_tokens(path: Path) -> dict[str, np.ndarray]:
         return {name: stored[name] for name in stored.files}
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a claim: a process on a host, in a Ray task when run by one, for one sweep (its parent run).
+
+    ``nonce`` tells two attempts of one Ray task apart even when a retry reuses the pid."""
+
+    host: str
+    pid: int
+    task: str  # "" outside Ray
+    sweep: str
+    nonce: str
+
+    @classmethod
+    def here(cls, sweep: str, task: str = "") -> Owner:
+        return cls(socket.gethostname(), os.getpid(), task, sweep, uuid.uuid4().hex[:8])
+
+    def encode(self) -> str:
+        return " ".join((self.host, str(self.pid), self.task or "-", self.sweep, self.nonce))
+
+    @classmethod
+    def decode(cls, value: str) -> Owner:
+        host, pid, task, sweep, nonce = value.split(" ")
+        return cls(host, int(pid), "" if task == "-" else task, sweep, nonce)
+
+    def describe(self) -> str:
+        task = f"Ray task {self.task} " if self.task else ""
+        return f"{task}process {self.pid} on {self.host}"
+
+
+def process_alive(owner: Owner) -> bool:
+    """Whether the owner may still be running: dead only when it is a process of this host that is gone.
+    An owner on another host is presumed alive (a distributed executor knows more, see ``executors``)."""
+    return owner.host != socket.gethostname() or pid_alive(owner.pid)
+
+
 class Tracker:
     def __init__(self, tracking_uri: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own bar shows progress
@@ -243,19 +319,118 @@ class Tracker:
 
         self.uri = tracking_uri or default_tracking_uri()
         mlflow.set_tracking_uri(self.uri)
-        self._client = MlflowClient(self.uri)
+        if self.uri.startswith("sqlite:///"):
+            # MLflow creates a fresh sqlite store's tables when its client is made; two processes doing it
+            # at once collide ("table ... already exists"), so that happens under a lock beside the file.
+            database = Path(self.uri.removeprefix("sqlite:///"))
+            database.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(f"{database}.lock"):
+                self._client = MlflowClient(self.uri)
+        else:
+            self._client = MlflowClient(self.uri)
 
     def experiment_id(self, name: str) -> str:
+        """The experiment's id, created if missing; of two processes creating it at once, the one that
+        loses the race uses the winner's."""
+        from mlflow.exceptions import MlflowException
+
         found = self._client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:///"):
-            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
-        return self._client.create_experiment(name, artifact_location=location)
+        if found is None:
+            try:
+                return self._client.create_experiment(
+                    name, self._artifact_location(name), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
+            except MlflowException:
+                found = self._client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the tag was set
+            self._client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return found.experiment_id
+
+    def _artifact_location(self, name: str) -> str | None:
+        if not self.uri.startswith("sqlite:///"):
+            return None  # the server decides
+        return (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
+
+    def ledger(self, name: str) -> str:
+        """The id of the claims ledger of experiment ``name``, made once whatever the races: it is built in
+        an experiment of a unique temporary name and appears under ``NAME.claims`` by a rename, which only
+        one process can win (names are unique); a loser deletes its copy and uses the winner's."""
+        from mlflow.exceptions import MlflowException
+
+        claims = name + CLAIMS_SUFFIX
+        found = self._client.get_experiment_by_name(claims)
+        if found is None:
+            staging = f"{claims}.{uuid.uuid4().hex}"
+            staging_id = self._client.create_experiment(staging, self._artifact_location(staging))
+            ledger = self._client.create_run(staging_id, run_name="claims", tags={KIND_TAG: "claims"})
+            self._client.set_experiment_tag(staging_id, LEDGER_TAG, ledger.info.run_id)
+            try:
+                self._client.rename_experiment(staging_id, claims)
+            except MlflowException:
+                self._client.delete_experiment(staging_id)
+            found = self._client.get_experiment_by_name(claims)
+            if found is None:
+                raise RuntimeError(f"the claims experiment {claims!r} could not be created")
+        return found.tags[LEDGER_TAG]
+
+    def claim(
+        self,
+        ledger: str,
+        experiment_id: str,
+        config_hash: str,
+        owner: Owner,
+        alive: Callable[[Owner], bool] = process_alive,
+        redo_finished: bool = False,
+    ) -> str | None:
+        """Claim a config for ``owner``: the claim's key, or None when the config is done (a FINISHED run;
+        with ``redo_finished``, one of this same sweep) or held by an owner that is alive.
+
+        A claim's RUNNING run whose owner died is marked FAILED on the way, with the reason."""
+        from mlflow.exceptions import MlflowException
+
+        prefix = f"claim.{config_hash}."
+        while True:
+            claims = {
+                int(k.removeprefix(prefix)): v
+                for k, v in self._client.get_run(ledger).data.params.items()
+                if k.startswith(prefix)
+            }
+            generation = max(claims, default=-1)
+            if generation >= 0:
+                key, holder = f"{prefix}{generation}", Owner.decode(claims[generation])
+                made = self._search(experiment_id, f"tags.`{CLAIM_TAG}` = '{key}'")
+                statuses = {r.info.status: r.info.run_id for r in made}
+                if "FINISHED" in statuses:
+                    if not redo_finished or holder.sweep == owner.sweep:
+                        return None
+                elif "RUNNING" in statuses or not statuses:  # at work, or about to make its run
+                    if alive(holder):
+                        return None
+                    if "RUNNING" in statuses:
+                        self._fail(statuses["RUNNING"], f"worker died: {holder.describe()}")
+            key = f"{prefix}{generation + 1}"
+            with contextlib.suppress(MlflowException):  # lost the race: the key holds the winner
+                self._client.log_param(ledger, key, owner.encode())
+            if self._client.get_run(ledger).data.params.get(key) == owner.encode():
+                return key
+
+    def attach(self, run_id: str) -> Run:
+        """A handle on an existing run, e.g. a sweep's parent run in a worker process."""
+        return Run(self._client, run_id)
+
+    def _fail(self, run_id: str, reason: str) -> None:
+        self._client.set_tag(run_id, ERROR_TAG, reason)
+        self._client.set_terminated(run_id, "FAILED")
 
     def finished_hashes(self, experiment_id: str) -> set[str]:
         runs = self._search(experiment_id, f"attributes.status = 'FINISHED' and tags.`{KIND_TAG}` = 'config'")
+        return {r.data.tags.get(HASH_TAG) for r in runs}
+
+    def running_hashes(self, experiment_id: str) -> set[str]:
+        """Config hashes with a RUNNING run (after ``reap_stale``: held by a live owner)."""
+        runs = self._search(experiment_id, f"attributes.status = 'RUNNING' and tags.`{KIND_TAG}` = 'config'")
         return {r.data.tags.get(HASH_TAG) for r in runs}
 
     def _search(self, experiment_id: str, filter_string: str) -> list[Any]:
@@ -271,8 +446,7 @@ class Tracker:
             tags = run.data.tags
             pid = tags.get(PID_TAG, "")
             if tags.get(HOST_TAG) == host and pid.isdigit() and not pid_alive(int(pid)):
-                self._client.set_tag(run.info.run_id, ERROR_TAG, f"stale: process {pid} died while running")
-                self._client.set_terminated(run.info.run_id, "FAILED")
+                self._fail(run.info.run_id, f"stale: process {pid} died while running")
                 reaped.append(run.info.run_id)
         return reaped
 
@@ -294,8 +468,7 @@ class Tracker:
             self._client.set_terminated(run.id, "KILLED")
             raise
         except BaseException as exc:
-            run.set_tags({ERROR_TAG: f"{type(exc).__name__}: {exc}"[:5000]})
-            self._client.set_terminated(run.id, "FAILED")
+            self._fail(run.id, f"{type(exc).__name__}: {exc}"[:5000])
             raise
         self._client.set_terminated(run.id, "FINISHED")
 
@@ -337,6 +510,31 @@ class Tracker:
                 fetched.replace(build / Path(path).name)
         return entry / Path(path).name
 
+    def landing_view(self, experiment_name: str, ui_uri: str) -> str:
+        """The URL of the experiment's runs table with the sweeps expanded and the key metrics as columns.
+
+        MLflow's UI restores a view shared as the experiment tag ``mlflow.sharedViewState.KEY`` (its Share
+        button), so the view is written there and the URL names its key."""
+        import json
+
+        found = self._client.get_experiment_by_name(experiment_name)
+        if found is None:
+            raise ValueError(f"no experiment {experiment_name!r} in {self.uri}: run `harness sweep` first")
+        sweeps = self._search(found.experiment_id, f"tags.`{KIND_TAG}` = 'sweep'")
+        view = {
+            "runsExpanded": {run.info.run_id: True for run in sweeps},
+            "selectedColumns": [
+                "attributes.`Description`",
+                *(f"metrics.`{name}`" for name in UI_METRICS),
+            ],
+            "orderByKey": "attributes.start_time",
+            "orderByAsc": False,
+        }
+        key = VIEW_KEY
+        self._client.set_experiment_tag(found.experiment_id, f"{VIEW_TAG_PREFIX}{key}", json.dumps(view))
+        query = f"viewStateShareKey={key}&workflowType=machine_learning"  # the sidebar in model-training mode
+        return f"{ui_uri}/#/experiments/{found.experiment_id}/runs?{query}"
+
     def ui_command(self, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
         return [
             sys.executable,
@@ -352,7 +550,64 @@ class Tracker:
         ]
 
 
-def serve_ui(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> int:
-    command = Tracker(tracking_uri).ui_command(host, port)
-    print(f"MLflow UI on http://{host}:{port}  (store: {command[4]}); Ctrl-C to stop", flush=True)
-    return subprocess.call(command)
+def serve_ui(
+    experiment: str, tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000
+) -> int:
+    """Open the experiment's runs: on the tracking server itself for an http(s) store, else on an MLflow UI
+    started here over the local store (until Ctrl-C)."""
+    tracker = Tracker(tracking_uri)
+    if tracker.uri.startswith(("http://", "https://")):
+        print(f"{tracker.landing_view(experiment, tracker.uri.rstrip('/'))}\n{UI_CLICKS}", flush=True)
+        return 0
+    ui_uri = f"http://{host}:{port}"
+    with (
+        sigterm_as_interrupt(),
+        subprocess.Popen(tracker.ui_command(host, port), start_new_session=True) as process,
+    ):
+        try:
+            wait_until_serving(ui_uri, process)
+            url = tracker.landing_view(experiment, ui_uri)
+            print(f"MLflow UI (store: {tracker.uri}), Ctrl-C to stop:\n{url}\n{UI_CLICKS}", flush=True)
+            return process.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            stop_group(process)
+
+
+def wait_until_serving(uri: str, process: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    """Wait for an MLflow server's ``/health``; RuntimeError if its process ends or it does not answer."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the MLflow server for {uri} exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the MLflow server for {uri} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def server_command(backend_store_uri: str, artifacts: Path, host: str, port: int) -> list[str]:
+    """An MLflow tracking server that also serves the artifacts, stored under ``artifacts``."""
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]

@@ -40,12 +40,14 @@ NOT_NUMERICAL = [
     "cache.py",
     "cli.py",
     "evaluate/__init__.py",
+    "executors.py",  # where measure runs; the torch threads it sets are logged with each run
     "experiments.py",  # what it resolves is part of the config, and so of the hash already
     "liveness.py",
     "models/__init__.py",
     "plots.py",
     "preflight.py",  # checks inputs; measures nothing
     "report.py",
+    "server.py",
     "sweep.py",
     "tracking.py",
 ]
