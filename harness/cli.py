@@ -199,8 +199,8 @@ def _show(args: argparse.Namespace) -> int:
     axes = " × ".join(f"{axis} ({len(values)})" for axis, values in exp.axes.items())
     size = f"{count:,} configs" if exact else f"up to {count:,} configs"
     print(f"grid: {axes} → {size} (+1 baseline per model)")
-    for model, count in checked.n_params.items():
-        print(f"checked: {model} ({count / 1e6:.0f} M parameters): context, layers and corpus fit")
+    for model, params in checked.n_params.items():
+        print(f"checked: {model} ({params / 1e6:.0f} M parameters): context, layers and corpus fit")
     for name in checked.unchecked:
         print(f"not checked: {name} is not fetched (`harness sweep` fetches it; so does `harness fetch`)")
     configs = exp.iter_configs() if args.all else itertools.islice(exp.iter_configs(), SHOWN)
