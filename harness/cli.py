@@ -64,6 +64,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(run=_sweep)
 
+    p = commands.add_parser(
+        "sensitivity", help="quantize each unit alone (see the `sensitivity:` section) and rank by ΔKLD"
+    )
+    p.add_argument("experiment", help="experiment name (see `harness list`) or a path to a YAML file")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+    )
+    p.add_argument(
+        "--no-prefix-cache", action="store_true", help="evaluate each probe by full forward passes"
+    )
+    p.add_argument("--tracking-uri", help=STORE_HELP)
+    p.add_argument("--out", type=Path, help="folder to write into (default: ./results/EXPERIMENT)")
+    p.set_defaults(run=_sensitivity)
+
+    p = commands.add_parser(
+        "allocate", help="choose a menu entry per layer under a bits/param budget, then validate it"
+    )
+    p.add_argument("experiment", help="experiment name (see `harness list`) or a path to a YAML file")
+    p.add_argument(
+        "--budget",
+        type=float,
+        action="append",
+        required=True,
+        metavar="BITS",
+        help="bits/param over the quantized layers (repeat for several budgets)",
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+    )
+    p.add_argument("--tracking-uri", help=STORE_HELP)
+    p.add_argument("--out", type=Path, help="folder to write into (default: ./results/EXPERIMENT)")
+    p.set_defaults(run=_allocate)
+
     p = commands.add_parser("fetch", help="download the pinned offline assets into the cache")
     p.add_argument("assets", nargs="*", help="asset names (default: all)")
     p.add_argument("--for-experiment", metavar="EXP", help="fetch what an experiment needs")
@@ -151,6 +184,7 @@ def _log_traceback(exc: BaseException) -> Path:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input (bad experiment, unknown format, missing asset): one line, no traceback."""
+    from harness.allocation import BudgetError
     from harness.assets import AssetError
     from harness.cache import CacheError
     from harness.data import DataError
@@ -158,16 +192,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from harness.models import ModelError
     from harness.quantize import QuantizationError
     from harness.report import ReportError
+    from harness.sensitivity import SensitivityError
     from harness.server import ServerError
 
     return (
         AssetError,
+        BudgetError,
         CacheError,
         DataError,
         ExperimentError,
         ModelError,
         QuantizationError,
         ReportError,
+        SensitivityError,
         ServerError,
     )
 
@@ -236,6 +273,30 @@ def _sweep(args: argparse.Namespace) -> int:
     summary = run_sweep(exp, options, executor)
     print(summary.describe())
     return 0 if not summary.failed else 1
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from harness.experiments import load_experiment
+    from harness.sensitivity import run_sensitivity
+
+    exp = load_experiment(args.experiment, args.overrides)
+    report = run_sensitivity(exp, args.tracking_uri, args.out, prefix=not args.no_prefix_cache)
+    shown = report.table.head(10)[["model", "unit", "probe", "delta_kld", "delta_kld_se", "nmse"]]
+    print(shown.to_string(index=False))
+    print(", ".join(f"{name} {value:+.3f}" for name, value in report.correlations.items()))
+    for path in report.paths:
+        print(path)
+    return 0
+
+
+def _allocate(args: argparse.Namespace) -> int:
+    from harness.experiments import load_experiment
+    from harness.sensitivity import run_allocation
+
+    exp = load_experiment(args.experiment, args.overrides)
+    for path in run_allocation(exp, args.budget, args.tracking_uri, args.out):
+        print(path)
+    return 0
 
 
 def _fetch(args: argparse.Namespace) -> int:

@@ -194,6 +194,55 @@ class FixedAxes(_Strict):
 AXES = tuple(GridAxes.model_fields)
 
 
+class LayerRule(_Strict):
+    """One per-layer override: layers whose name matches the glob take this format, block size and double
+    quantization instead of the config's own."""
+
+    layers: StrictStr = Field(min_length=1, description="a glob over layer names, e.g. '*.v_proj'")
+    format: FormatName
+    block_size: BlockSizeValue = None
+    double_quant: DoubleQuantValue = None
+
+
+class MixedSettings(_Strict):
+    """Per-layer overrides applied to every config of the grid, in order: the last matching rule wins."""
+
+    name: StrictStr | None = Field(None, min_length=1, description="a short name for the mixed config")
+    rules: list[LayerRule] = Field(min_length=1, description="a non-empty list of {layers, format, ...}")
+
+
+class Choice(_Strict):
+    """One quantization a layer may take in a sensitivity probe or an allocation menu."""
+
+    format: FormatName
+    block_size: BlockSizeValue = None
+    double_quant: DoubleQuantValue = None
+
+
+UNIT_KINDS = ("layer", "block", "projection")
+DEFAULT_PROBES = (Choice(format="nf4", block_size=64),)
+DEFAULT_MENU = (
+    Choice(format="nf3", block_size=64),
+    Choice(format="nf4", block_size=128),
+    Choice(format="nf4", block_size=64),
+    Choice(format="nf4", block_size=32, double_quant={}),
+    Choice(format="nf5", block_size=64),
+    Choice(format="int8", block_size=128),
+)
+
+
+class SensitivitySettings(_Strict):
+    """What ``harness sensitivity`` probes and what ``harness allocate`` may choose from."""
+
+    units: list[Annotated[StrictStr, _one_of(UNIT_KINDS)]] = Field(
+        default_factory=lambda: ["layer"], min_length=1, description=f"a list of {', '.join(UNIT_KINDS)}"
+    )
+    probes: list[Choice] = Field(default_factory=lambda: list(DEFAULT_PROBES), min_length=1)
+    menu: list[Choice] = Field(default_factory=lambda: list(DEFAULT_MENU), min_length=2)
+    cache_memory_mb: PositiveInt = 1024  # prefix cache above this goes to a file on disk
+    seed: StrictInt = 0  # of the random allocation it is compared with
+
+
 class ExperimentFile(_Strict):
     name: StrictStr | None = Field(None, min_length=1, description="a non-empty string")
     description: StrictStr = ""
@@ -206,6 +255,8 @@ class ExperimentFile(_Strict):
     exclude: list[FixedAxes] = Field(
         default_factory=list, description="a list of mappings like {format: int4_asym}"
     )
+    mixed: MixedSettings | None = None
+    sensitivity: SensitivitySettings = SensitivitySettings()
     seed: StrictInt = 0
 
 
@@ -229,6 +280,8 @@ class RunConfig:
     compute_dtype: str = "float32"
     rounding: str = "ties_down"  # the tie rule between two levels; bitsandbytes' by default
     seed: int = 0
+    overrides: tuple[LayerOverride, ...] = ()  # per-layer rules, in order: the last match wins
+    mix_name: str | None = None  # the short name of a mixed config (else mixed-<hash6>)
 
     @property
     def is_baseline(self) -> bool:
@@ -241,10 +294,22 @@ class RunConfig:
             self.format, self.block_size, self.double_quant, self.constant_dtype, self.rounding
         )  # type: ignore[arg-type]
 
+    def layer_rules(self) -> list[tuple[str, QuantConfig]]:
+        """The overrides as (glob, quantization), with this config's constant dtype and tie rule."""
+        return [
+            (
+                o.layers,
+                QuantConfig(o.format, o.block_size, o.double_quant, self.constant_dtype, self.rounding),
+            )  # type: ignore[arg-type]
+            for o in self.overrides
+        ]
+
     def content(self) -> dict[str, Any]:
-        """Everything that determines the result, in canonical form (the experiment's name left out)."""
+        """Everything that determines the result, in canonical form (the experiment's name left out; the
+        overrides only when there are some, so a uniform config keeps its hash)."""
         dq = self.double_quant
-        return {
+        mixed = {"overrides": [o.content() for o in self.overrides]} if self.overrides else {}
+        return mixed | {
             "model": self.model,
             "include": list(self.include),
             "exclude": list(self.exclude),
@@ -272,6 +337,8 @@ class RunConfig:
     def _label_parts(self) -> list[tuple[str, str]]:
         if self.format is None:
             return [("format", "baseline")]
+        if self.overrides:
+            return [("mixed", self.mix_name or f"mixed-{self.hash[:6]}")]
         parts = [("format", self.format), ("block_size", f"b{self.block_size}")]
         if (dq := self.double_quant) is not None:
             parts.append(
@@ -316,7 +383,34 @@ class RunConfig:
             constant_dtype="float32",
             compute_dtype="float32",
             rounding="ties_down",
+            overrides=(),
+            mix_name=None,
         )
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """A resolved per-layer rule: layers matching ``layers`` take this format, block size and DQ."""
+
+    layers: str
+    format: str
+    block_size: BlockSize
+    double_quant: DoubleQuantConfig | None = None
+
+    @classmethod
+    def of(cls, layers: str, choice: Choice | LayerRule) -> LayerOverride:
+        dq = _axis_value("double_quant", choice.double_quant)
+        fmt = get_format(choice.format)
+        return cls(layers, choice.format, choice.block_size or fmt.block_size or DEFAULT_BLOCK_SIZE, dq)
+
+    def content(self) -> dict[str, Any]:
+        dq = self.double_quant
+        return {
+            "layers": self.layers,
+            "format": self.format,
+            "block_size": self.block_size,
+            "double_quant": None if dq is None else {"block_size": dq.block_size, "code": dq.code},
+        }
 
 
 def _digest(content: dict[str, Any]) -> str:
@@ -336,6 +430,7 @@ class Experiment:
     models: list[str]
     template: RunConfig  # what every config shares; the model and the axes are filled in
     exclusions: list[dict[str, Any]]
+    sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
 
     def combinations(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """(model, axis values) of every grid point that no ``exclude`` rule removes, in grid order."""
@@ -374,6 +469,7 @@ class Experiment:
         config = replace(self.template, model=model, **choice)
         try:
             quant = config.quant_config()
+            config.layer_rules()
         except ValueError as exc:
             combo_text = ", ".join(f"{k}={_shown(v)}" for k, v in choice.items())
             raise ExperimentError(
@@ -575,6 +671,10 @@ def _expand(spec: ExperimentFile, path: Path) -> Experiment:
     models = [spec.model] if isinstance(spec.model, str) else spec.model
     if not models or not all(models):
         raise fail("model", f"expected a model name or a list of them, got {spec.model!r}")
+    overrides, mix_name = (), None
+    if spec.mixed is not None:
+        overrides = tuple(LayerOverride.of(rule.layers, rule) for rule in spec.mixed.rules)
+        mix_name = spec.mixed.name
     template = RunConfig(
         experiment=name,
         model=models[0],
@@ -583,9 +683,18 @@ def _expand(spec: ExperimentFile, path: Path) -> Experiment:
         data=spec.data,
         eval=evaluation,
         seed=spec.seed,
+        overrides=overrides,
+        mix_name=mix_name,
     )
     experiment = Experiment(
-        name, spec.description, path, axes, list(dict.fromkeys(models)), template, exclusions
+        name,
+        spec.description,
+        path,
+        axes,
+        list(dict.fromkeys(models)),
+        template,
+        exclusions,
+        spec.sensitivity,
     )
     count, _ = experiment.size
     if count == 0:

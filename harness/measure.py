@@ -44,6 +44,7 @@ from harness.models import (
     capture_inputs,
     discover_layers,
     first_nonfinite_module,
+    layer_plan,
     layer_table,
     restore,
     snapshot,
@@ -162,7 +163,12 @@ def _applied(session: ModelSession, config: RunConfig) -> Iterator[ApplyResult |
         return
     with warnings.catch_warnings():  # returned in the Measurement instead, so a sweep says each once
         warnings.simplefilter("ignore", UserWarning)
-        result = apply(session.pristine, quant, COMPUTE_DTYPES[config.compute_dtype], session.calibration)
+        plan = None
+        if config.overrides:
+            names = [info.name for info in session.pristine.layers]
+            plan = layer_plan(names, quant, config.layer_rules())
+        dtype = COMPUTE_DTYPES[config.compute_dtype]
+        result = apply(session.pristine, quant, dtype, session.calibration, plan)
     try:
         yield result
     finally:

@@ -100,6 +100,26 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) ->
     return error / reference if reference else math.nan
 
 
+def activation_weighted_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
+    """Σ_j E[x_j²]·‖W[:, j] − Ŵ[:, j]‖²: the rounding error of each input column weighted by its mean
+    squared activation (llama.cpp's importance matrix), = E‖x (W − Ŵ)ᵀ‖² with the cross terms dropped."""
+    importance = x.detach().float().pow(2).mean(dim=0)
+    column_error = (weight.detach().float() - approx.detach().float()).pow(2).sum(dim=0)
+    return float(torch.dot(importance, column_error))
+
+
+def weight_statistics(weight: torch.Tensor) -> dict[str, float]:
+    """Shape of the weight distribution: Pearson kurtosis (3 for a Gaussian) and max |w| / RMS(w)."""
+    w = weight.detach().reshape(-1).double()
+    centred = w - w.mean()
+    variance = float(centred.pow(2).mean())
+    rms = math.sqrt(float(w.pow(2).mean()))
+    return {
+        "kurtosis": float(centred.pow(4).mean()) / variance**2 if variance else math.nan,
+        "max_over_rms": float(w.abs().max()) / rms if rms else math.nan,
+    }
+
+
 # ---- the metric registry ----------------------------------------------------------------------------------
 #
 # One declaration per metric, as lm-eval's ``register_metric``: name, unit, direction, how per-layer values
@@ -400,6 +420,62 @@ register_metric(
 register_metric(
     "acc_avg_stderr", "Avg acc SE", "%", None, "model", "sqrt(Σ se²) / n, the tasks taken as independent",
     decimals=1, scale=100,
+)  # fmt: skip
+# Weight shape and activation-weighted error (sensitivity proxies)
+register_metric(
+    "kurtosis", "Kurtosis", "", None, "numel_weighted",
+    "Pearson kurtosis E[(w − μ)⁴] / σ⁴ of the pristine weight (3 for a Gaussian)", sig=3,
+)  # fmt: skip
+register_metric(
+    "max_over_rms", "Max/RMS", "", None, "numel_weighted", "max |w| / RMS(w) of the pristine weight", sig=3
+)
+register_metric(
+    "act_weighted_err", "Act.-weighted err.", "", "lower", "sum",
+    "Σ_j E[x_j²]·‖W[:, j] − Ŵ[:, j]‖² on the calibration inputs (llama.cpp's importance-matrix weighting)",
+)  # fmt: skip
+# Sensitivity: one unit quantized alone, against the base on the evaluation tokens
+register_metric(
+    "delta_kld", "ΔKLD", "nats", "lower", "model",
+    "KLD to the base with only the unit quantized, minus the base's own (≈ 0)", signed=True,
+    stderr="delta_kld_se",
+)  # fmt: skip
+register_metric(
+    "delta_kld_se", "ΔKLD SE", "nats", None, "model", f"paired standard error of delta_kld ({METHOD})"
+)
+register_metric(
+    "delta_nll", "ΔNLL", "nats", "lower", "model", "mean NLL with the unit quantized minus the base's",
+    signed=True, stderr="delta_nll_se",
+)  # fmt: skip
+register_metric(
+    "delta_nll_se", "ΔNLL SE", "nats", None, "model", f"paired standard error of delta_nll ({METHOD})"
+)
+for _proxy, _label in (
+    ("nmse", "weight nMSE"),
+    ("output_rel_err", "output error"),
+    ("kurtosis", "kurtosis"),
+    ("max_over_rms", "max/RMS"),
+    ("act_weighted_err", "activation-weighted error"),
+):
+    register_metric(
+        f"spearman_{_proxy}", f"ρ({_label}, ΔKLD)", "", "higher", "model",
+        f"Spearman rank correlation over the probed units of the {_label} with ΔKLD", decimals=3,
+        scope="sweep",
+    )  # fmt: skip
+register_metric(
+    "probes_per_min", "Probes/min", "1/min", "higher", "model",
+    "sensitivity probes per minute of wall time (quantize one unit, evaluate, restore)", scope="sweep",
+)  # fmt: skip
+register_metric(
+    "prefix_speedup", "Prefix speed-up", "×", "higher", "model",
+    "time of a probe by full forward passes / by prefix-cached passes, on the same unit", scope="sweep",
+)  # fmt: skip
+# Allocation under a bit budget
+register_metric(
+    "budget_bits", "Budget", "bits/param", None, "model", "the bits/param an allocation may spend", decimals=3
+)
+register_metric(
+    "predicted_delta_kld", "Predicted ΔKLD", "nats", "lower", "model",
+    "Σ over layers of each layer's probed ΔKLD at its chosen quantization (additivity assumed)",
 )  # fmt: skip
 # Cost
 register_metric(

@@ -17,7 +17,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.colors import LogNorm
+from matplotlib.colors import LogNorm, SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -257,3 +257,60 @@ def _block_starts(names: list[str]) -> list[tuple[int, str]]:
             starts.append((i, block))
         last = block
     return starts
+
+
+def sensitivity_heatmap(table: pd.DataFrame, title: str) -> Figure:
+    """ΔKLD of each layer quantized alone, blocks × projection types (columns ``block``, ``part``,
+    ``delta_kld``); a symmetric-log colour scale, since noise makes some values dip below 0."""
+    grid = table.pivot_table(index="part", columns="block", values="delta_kld", aggfunc="first")
+    values = grid.to_numpy(dtype=float)
+    finite = np.abs(values[np.isfinite(values)])
+    with style():
+        fig = Figure(figsize=(2.5 + 0.22 * grid.shape[1], 1.4 + 0.3 * grid.shape[0]), layout="constrained")
+        ax = fig.add_subplot()
+        limit = float(finite.max()) if finite.size else 1.0
+        threshold = max(float(np.percentile(finite, 10)), limit * 1e-3) if finite.size else 1e-6
+        norm = SymLogNorm(threshold, vmin=-limit, vmax=limit)
+        image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap="RdBu_r", norm=norm)
+        ax.grid(False)
+        ax.set_xticks(range(grid.shape[1]), [str(int(b)) for b in grid.columns], fontsize=7)
+        ax.set_yticks(range(grid.shape[0]), list(grid.index))
+        ax.set_xlabel("block")
+        ax.set_ylabel("projection")
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, label="ΔKLD (nats, symlog)")
+    return fig
+
+
+def allocation_pareto(points: pd.DataFrame, title: str) -> Figure:
+    """KLD to the base against stored bits/param (columns ``method``, ``bits_per_param``, ``kld_mean``,
+    ``kld_mean_se``): uniform configs joined as a line, each allocation method its own marker, ±1 SE bars."""
+    methods = list(dict.fromkeys(points["method"]))
+    styles = format_styles(methods)
+    with style():
+        fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+        ax = fig.add_subplot()
+        for method in methods:
+            group = points[points["method"] == method].sort_values("bits_per_param")
+            color, marker = styles[method]
+            ax.errorbar(
+                group["bits_per_param"],
+                group["kld_mean"],
+                yerr=group["kld_mean_se"],
+                fmt=f"{marker}-" if method == "uniform" else marker,
+                color=color,
+                label=method,
+                capsize=2,
+                markersize=5,
+                linewidth=1,
+            )
+            if method == "uniform":
+                for _, row in group.iterrows():
+                    ax.annotate(row["label"], (row["bits_per_param"], row["kld_mean"]), fontsize=6,
+                                xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("bits/param (stored bytes of the quantized layers)")
+        ax.set_ylabel("KLD to the base (nats, log scale)\nerror bars: ±1 SE, 64-token block bootstrap")
+        ax.set_title(title)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig

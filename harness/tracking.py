@@ -55,12 +55,14 @@ if TYPE_CHECKING:
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
-KIND_TAG = "harness.kind"  # "sweep" (parent) or "config" (child)
+KIND_TAG = "harness.kind"  # "sweep" (parent) or "config" (child); "sensitivity", "allocate" and "allocation"
 HASH_TAG = "harness.config_hash"
 CONFIG_ID_TAG = "harness.config_id"
 NUMERICS_TAG = "harness.numerics_version"
 BASELINE_TAG = "harness.baseline"
 BASELINE_ID_TAG = "harness.baseline_id"  # the config id of the baseline a config is compared with
+ALLOCATION_METHOD_TAG = "harness.allocation_method"  # allocated, uniform, use_more_bits, random
+BUDGET_TAG = "harness.budget_bits"
 ERROR_TAG = "harness.error"
 PID_TAG = "harness.pid"
 HOST_TAG = "harness.host"
@@ -125,6 +127,7 @@ def config_params(config: RunConfig) -> dict[str, Any]:
         "constant_dtype": config.constant_dtype,
         "compute_dtype": config.compute_dtype,
         "rounding": config.rounding,
+        "overrides": "; ".join(_rule_text(o) for o in config.overrides) or "(none)",
         "layers_include": ",".join(config.include) or "(all Linear in blocks)",
         "layers_exclude": ",".join(config.exclude) or "(none)",
         "corpus": config.data.corpus,
@@ -145,11 +148,28 @@ def config_params(config: RunConfig) -> dict[str, Any]:
     }
 
 
+def _rule_text(rule: Any) -> str:
+    dq = rule.double_quant
+    return f"{rule.layers}={rule.format}-b{rule.block_size}{'-dq' if dq else ''}"
+
+
 def config_tags(config: RunConfig) -> dict[str, str]:
     """Tags a config's run is searched by: hash (resume), id (supersede), numerics version, the axes."""
+    return _config_tags(config) | {KIND_TAG: "config"}
+
+
+def allocation_tags(config: RunConfig, method: str, budget: float) -> dict[str, str]:
+    """A config evaluated by ``harness allocate``: kept apart from the sweep's configs by its kind."""
+    return _config_tags(config) | {
+        KIND_TAG: "allocation",
+        ALLOCATION_METHOD_TAG: method,
+        BUDGET_TAG: str(budget),
+    }
+
+
+def _config_tags(config: RunConfig) -> dict[str, str]:
     dq = "on" if config.double_quant else "off"
     return {
-        KIND_TAG: "config",
         HASH_TAG: config.hash,
         CONFIG_ID_TAG: config.config_id,
         NUMERICS_TAG: NUMERICS_VERSION,
@@ -248,6 +268,9 @@ class Run:
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self._client.log_artifact(self.id, str(path), folder)
+
+    def log_text(self, text: str, name: str) -> None:
+        self._client.log_text(self.id, text, name)
 
     def log_figure(self, figure: Figure, name: str) -> None:
         self._client.log_figure(self.id, figure, name)
@@ -425,8 +448,15 @@ class Tracker:
         self._client.set_terminated(run_id, "FAILED")
 
     def finished_hashes(self, experiment_id: str) -> set[str]:
-        runs = self._search(experiment_id, f"attributes.status = 'FINISHED' and tags.`{KIND_TAG}` = 'config'")
-        return {r.data.tags.get(HASH_TAG) for r in runs}
+        return set(self.finished_runs(experiment_id))
+
+    def finished_runs(
+        self, experiment_id: str, kind: str = "config"
+    ) -> dict[str, tuple[str, dict[str, float]]]:
+        """FINISHED runs of one kind by config hash: (run id, metrics), the latest where there are several."""
+        runs = self._search(experiment_id, f"attributes.status = 'FINISHED' and tags.`{KIND_TAG}` = '{kind}'")
+        runs.sort(key=lambda r: r.info.start_time)
+        return {r.data.tags.get(HASH_TAG): (r.info.run_id, dict(r.data.metrics)) for r in runs}
 
     def running_hashes(self, experiment_id: str) -> set[str]:
         """Config hashes with a RUNNING run (after ``reap_stale``: held by a live owner)."""

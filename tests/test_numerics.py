@@ -17,6 +17,7 @@ import harness
 
 PACKAGE = Path(harness.__file__).parent
 NUMERICAL = [
+    "allocation.py",
     "assets.py",  # which model and corpus files are pinned
     "codebook.py",
     "cpu_kernels.py",
@@ -27,6 +28,7 @@ NUMERICAL = [
     "metrics.py",
     "packing.py",
     "quantize.py",
+    "sensitivity.py",
     "stats.py",
     "evaluate/divergence.py",
     "evaluate/perplexity.py",

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -427,12 +428,7 @@ def evaluate_against(
     ``batch_size`` defaults to the reference's, so that the base against itself runs the very same GEMMs and
     agrees exactly on top-1.
     """
-    n = reference.n_tokens
-    kld = np.empty(n, np.float64)
-    nll = np.empty(n, np.float64)
-    same_top = np.empty(n, bool)
-    at = 0
-    for logits, targets in scored_logits(
+    chunks = scored_logits(
         model,
         reference.tokens,
         reference.protocol,
@@ -440,7 +436,21 @@ def evaluate_against(
         batch_size=batch_size or reference.batch_size,
         progress=progress,
         desc=f"kld {reference.protocol.name}",
-    ):
+    )
+    return divergence_of(reference, chunks)
+
+
+def divergence_of(
+    reference: BaseReference, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[PerplexityResult, DivergenceResult]:
+    """Perplexity and divergence from a model's fp32 logits and targets at the reference's scored positions,
+    in order (``scored_logits``, or a sensitivity probe's prefix-cached passes)."""
+    n = reference.n_tokens
+    kld = np.empty(n, np.float64)
+    nll = np.empty(n, np.float64)
+    same_top = np.empty(n, bool)
+    at = 0
+    for logits, targets in chunks:
         if logits.shape[1] != reference.vocab_size:
             raise ValueError(f"model has {logits.shape[1]} logits, the base reference {reference.vocab_size}")
         rows = slice(at, at + len(targets))

@@ -280,38 +280,62 @@ def scored_logits(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (fp32 logits (C, V), targets (C,)) for every scored position, in window order, a chunk at a time.
 
-    Windows are batched ``batch_size`` at a time, right-padded: attention is causal, so padding after a row's
-    last token cannot change its logits. Under llamacpp, when the stream starts with BOS, each window's first
-    input token becomes BOS, as ``llama-perplexity`` re-seeds every chunk. The caller holds
-    torch.inference_mode (a context manager inside a generator would leak to the caller).
+    The windows come batched as ``window_batches`` makes them. The caller holds torch.inference_mode (a
+    context manager inside a generator would leak to the caller).
     """
+    batches = window_batches(tokens, protocol, bos_token_id=bos_token_id, batch_size=batch_size)
+    stream = tokens[0]
+    head = LogitHead(model, logit_split(model), stream[: min(16, len(stream))])
+    bar = tqdm(
+        total=sum(b.n_tokens for b in batches), unit="tok", desc=desc, disable=not progress, leave=False
+    )
+    device = _device(model)
+    try:
+        for batch in batches:
+            done = 0
+            for logits in head(batch.ids.to(device), batch.mask.to(device)):
+                yield logits.cpu(), batch.targets[done : done + len(logits)]
+                done += len(logits)
+            bar.update(batch.n_tokens)
+    finally:
+        bar.close()
+
+
+@dataclass(frozen=True)
+class WindowBatch:
+    """Windows fed together: input ids (B, L) right-padded, the scored positions (B, L), their targets."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor
+    n_tokens: int  # input tokens of its windows (padding not counted)
+
+
+def window_batches(
+    tokens: torch.Tensor, protocol: PerplexityProtocol, *, bos_token_id: int | None, batch_size: int
+) -> list[WindowBatch]:
+    """A protocol's windows, ``batch_size`` at a time, right-padded: attention is causal, so padding after a
+    row's last token cannot change its logits. Under llamacpp, when the stream starts with BOS, each window's
+    first input token becomes BOS, as ``llama-perplexity`` re-seeds every chunk."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     windows = make_windows(protocol, tokens.shape[1])
     reseed = protocol.name == "llamacpp" and starts_with_bos(tokens, bos_token_id)
     stream = tokens[0]
-    head = LogitHead(model, logit_split(model), stream[: min(16, len(stream))])
-    bar = tqdm(total=sum(w.length for w in windows), unit="tok", desc=desc, disable=not progress, leave=False)
-    device = _device(model)
-    try:
-        for i in range(0, len(windows), batch_size):
-            batch = windows[i : i + batch_size]
-            width = max(w.length for w in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.int64)
-            mask = torch.zeros(len(batch), width, dtype=torch.bool)
-            for row, w in enumerate(batch):
-                ids[row, : w.length] = stream[w.start : w.end]
-                if reseed:
-                    ids[row, 0] = bos_token_id
-                mask[row, w.length - w.n_scored : w.length] = True
-            targets = torch.cat([stream[w.end - w.n_scored + 1 : w.end + 1] for w in batch])
-            done = 0
-            for logits in head(ids.to(device), mask.to(device)):
-                yield logits.cpu(), targets[done : done + len(logits)]
-                done += len(logits)
-            bar.update(sum(w.length for w in batch))
-    finally:
-        bar.close()
+    batches = []
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size]
+        width = max(w.length for w in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.int64)
+        mask = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, w in enumerate(batch):
+            ids[row, : w.length] = stream[w.start : w.end]
+            if reseed:
+                ids[row, 0] = bos_token_id
+            mask[row, w.length - w.n_scored : w.length] = True
+        targets = torch.cat([stream[w.end - w.n_scored + 1 : w.end + 1] for w in batch])
+        batches.append(WindowBatch(ids, mask, targets, sum(w.length for w in batch)))
+    return batches
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -4,7 +4,7 @@ This package is the only part of the harness that knows transformers' model clas
 receives what it needs from here (``sources`` loads, ``layers`` quantizes and restores, ``anatomy`` splits).
 """
 
-from harness.models.anatomy import LogitSplit, logit_split
+from harness.models.anatomy import Blocks, LogitSplit, blocks, logit_split
 from harness.models.layers import (
     ApplyResult,
     LayerInfo,
@@ -15,6 +15,7 @@ from harness.models.layers import (
     discover_layers,
     first_nonfinite_module,
     format_layers,
+    layer_plan,
     layer_table,
     quantized,
     restore,
@@ -24,6 +25,7 @@ from harness.models.sources import LoadedModel, ModelError, load_model, source_b
 
 __all__ = [
     "ApplyResult",
+    "Blocks",
     "LayerInfo",
     "LayerResult",
     "LoadedModel",
@@ -31,10 +33,12 @@ __all__ = [
     "ModelError",
     "Pristine",
     "apply",
+    "blocks",
     "capture_inputs",
     "discover_layers",
     "first_nonfinite_module",
     "format_layers",
+    "layer_plan",
     "layer_table",
     "load_model",
     "logit_split",

@@ -6,7 +6,11 @@ logits for every position of a window cost more than the rest of the forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,3 +61,84 @@ def body(model: nn.Module, names: list[str]) -> nn.Module:
     if base is not model and all(name.startswith(prefix) for name in names):
         return base
     return model
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A model's transformer blocks: the ModuleList of decoder layers, its dotted name, and how to run the
+    model from block ``b`` on with the hidden states that enter it supplied from outside (a prefix cache)."""
+
+    name: str
+    layers: nn.ModuleList
+
+    def index(self, layer_name: str) -> int | None:
+        """The block a (sub)module lies in, or None outside the blocks (lm_head, embeddings)."""
+        head, found, rest = layer_name.partition(f"{self.name}.")
+        if found and not head and rest.split(".", 1)[0].isdigit():
+            return int(rest.split(".", 1)[0])
+        return None
+
+    def part(self, layer_name: str) -> str:
+        """A layer's path inside its block, e.g. ``self_attn.v_proj``: the same part of every block."""
+        return layer_name.removeprefix(f"{self.name}.").split(".", 1)[-1]
+
+    @contextmanager
+    def recording(self, sink: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+        """Hand ``sink`` the hidden states entering each block, on every forward pass of the model."""
+
+        def record(index: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            sink(index, _hidden_states(args, kwargs))
+
+        handles = [
+            block.register_forward_pre_hook(partial(record, i), with_kwargs=True)
+            for i, block in enumerate(self.layers)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def starting_at(self, first: int, hidden: Callable[[], torch.Tensor]) -> Iterator[None]:
+        """Forward passes skip blocks before ``first`` and feed it ``hidden()`` instead of what they would
+        have computed. The embedding, masks and rotary tables are still made by the model's own forward (they
+        are cheap), so the blocks from ``first`` on see exactly what a full pass gives them."""
+
+        def substitute(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            if args:
+                return (hidden(), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden()}
+
+        skipped = list(self.layers)[:first]
+        for block in skipped:
+            block.forward = _pass_through  # an instance attribute: the class's forward is untouched
+        handle = self.layers[first].register_forward_pre_hook(substitute, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            for block in skipped:
+                del block.forward
+
+
+def blocks(model: nn.Module) -> Blocks:
+    """The model's transformer blocks: the first nn.ModuleList of modules that all hold a Linear."""
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module)
+            and all(any(isinstance(m, nn.Linear) for m in block.modules()) for block in module)
+        ):
+            return Blocks(name, module)
+    raise ValueError(f"{type(model).__name__} has no list of transformer blocks")
+
+
+def _hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _pass_through(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return _hidden_states(args, kwargs)

@@ -19,7 +19,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from harness.metrics import error_metrics, output_error, stored_bytes
+from harness.metrics import (
+    activation_weighted_error,
+    error_metrics,
+    output_error,
+    stored_bytes,
+    weight_statistics,
+)
 from harness.models.anatomy import body
 from harness.models.sources import LoadedModel, ModelError, source_bits
 from harness.quantize import QuantConfig, dequantize, quantize, tie_fraction
@@ -48,9 +54,11 @@ class LayerResult:
     shape: tuple[int, int]
     numel: int
     source_precision: str
+    config: QuantConfig  # what this layer was quantized to (a mixed config gives layers different ones)
     stored_bytes: int
     metrics: dict[str, float]  # harness.metrics.error_metrics against the pristine weight
     output_rel_err: float  # ‖XWᵀ − XŴᵀ‖ / ‖XWᵀ‖ on captured inputs; NaN when none were given
+    act_weighted_err: float  # Σ_j E[x_j²]·‖ΔW[:, j]‖² on captured inputs; NaN when none were given
     tie_fraction: float  # share of weights exactly on a midpoint of the format: decided by the tie rule
     warning: bool  # the source precision is at or below the target's bits
 
@@ -145,27 +153,46 @@ def snapshot(model: nn.Module, layers: list[LayerInfo]) -> Pristine:
     )
 
 
+def layer_plan(
+    names: list[str], base: QuantConfig, rules: list[tuple[str, QuantConfig]] = ()
+) -> dict[str, QuantConfig]:
+    """Each layer's quantization: that of the last rule whose glob matches its name, else ``base``."""
+    plan = {}
+    for name in names:
+        plan[name] = base
+        for pattern, config in rules:
+            if fnmatchcase(name, pattern):
+                plan[name] = config
+    return plan
+
+
 def apply(
     pristine: Pristine,
     config: QuantConfig,
     compute_dtype: torch.dtype = torch.float32,
     inputs: Mapping[str, torch.Tensor] | None = None,
+    plan: Mapping[str, QuantConfig] | None = None,
 ) -> ApplyResult:
     """Replace each layer's weight by its fake-quantized pristine weight and make the layer compute in
     ``compute_dtype`` (QLoRA casts the dequantized weight to bf16/fp16 before the matmul).
 
-    Always quantizes the pristine weights: a quantization already applied is restored first. Weight and output
-    errors compare the fp32 dequantized weight with the pristine one, so they measure the format alone; the
-    compute dtype's rounding shows in end-to-end metrics. ``inputs`` come from ``capture_inputs``.
+    ``plan`` (``layer_plan``) gives each layer its own quantization; then only the layers it names are
+    quantized (a sensitivity probe quantizes one). Always quantizes the pristine weights: a quantization
+    already applied is restored first. Weight and output errors compare the fp32 dequantized weight with the
+    pristine one, so they measure the format alone; the compute dtype's rounding shows in end-to-end metrics.
+    ``inputs`` come from ``capture_inputs``.
     """
     restore(pristine)
-    target_bits = config.fmt.bits
+    chosen = plan if plan is not None else {info.name: config for info in pristine.layers}
     results = []
     try:
         for info in pristine.layers:
+            if info.name not in chosen:
+                continue
+            layer_config = chosen[info.name]
             module = pristine.modules[info.name]
             weight, bias = pristine.weights[info.name], pristine.biases[info.name]
-            qt = quantize(weight.detach(), config, name=info.name)
+            qt = quantize(weight.detach(), layer_config, name=info.name)
             reference = weight.detach().float()
             approx = dequantize(qt, torch.float32)
             x = inputs.get(info.name) if inputs else None
@@ -175,11 +202,15 @@ def apply(
                     shape=info.shape,
                     numel=info.numel,
                     source_precision=info.source_precision,
+                    config=layer_config,
                     stored_bytes=stored_bytes(qt),
-                    metrics=error_metrics(reference, approx),
+                    metrics=error_metrics(reference, approx) | weight_statistics(reference),
                     output_rel_err=output_error(reference, approx, x) if x is not None else math.nan,
-                    tie_fraction=tie_fraction(weight.detach(), config, name=info.name),
-                    warning=source_bits(info.source_precision) <= target_bits,
+                    act_weighted_err=(
+                        activation_weighted_error(reference, approx, x) if x is not None else math.nan
+                    ),
+                    tie_fraction=tie_fraction(weight.detach(), layer_config, name=info.name),
+                    warning=source_bits(info.source_precision) <= layer_config.fmt.bits,
                 )
             )
             module.weight = nn.Parameter(approx.to(compute_dtype), requires_grad=False)
@@ -217,10 +248,11 @@ def quantized(
     config: QuantConfig,
     compute_dtype: torch.dtype = torch.float32,
     inputs: Mapping[str, torch.Tensor] | None = None,
+    plan: Mapping[str, QuantConfig] | None = None,
 ) -> Iterator[ApplyResult]:
     """``apply`` for the duration of a block, restoring even when the block raises."""
     try:
-        yield apply(pristine, config, compute_dtype, inputs)
+        yield apply(pristine, config, compute_dtype, inputs, plan)
     finally:
         restore(pristine)
 
@@ -346,8 +378,12 @@ def layer_table(result: ApplyResult) -> pd.DataFrame:
                 "source_precision": r.source_precision,
                 "stored_bytes": r.stored_bytes,
                 "bits_per_param": 8 * r.stored_bytes / r.numel,
+                "format": r.config.format,
+                "block_size": r.config.block_size,
+                "double_quant": r.config.double_quant is not None,
                 **r.metrics,
                 "output_rel_err": r.output_rel_err,
+                "act_weighted_err": r.act_weighted_err,
                 "tie_fraction": r.tie_fraction,
                 "warning": r.warning,
             }
