@@ -551,10 +551,11 @@ def _uniform(base: RunConfig, config: QuantConfig) -> RunConfig:
 
 
 def _nearest_uniform(budget: float, base: RunConfig) -> QuantConfig:
-    """nf4 (nf3 below 4 bits) at the power-of-two block size whose stored bits (k + 32/B) are nearest."""
+    """nf4 (nf3 below 4 bits) at the power-of-two block size whose stored bits (k + 32/B) are nearest the
+    budget, the one under it on a tie."""
     bits = 4 if budget >= 4 else 3
     sizes = [2**k for k in range(4, 13)]
-    size = min(sizes, key=lambda b: abs(bits + 32 / b - budget))
+    size = min(sizes, key=lambda b: (abs(bits + 32 / b - budget), bits + 32 / b > budget))  # ties: under
     return QuantConfig(f"nf{bits}", size, None, base.constant_dtype, base.rounding)  # type: ignore[arg-type]
 
 
