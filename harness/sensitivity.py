@@ -146,9 +146,8 @@ class PrefixCache:
         decoder = self.head.split
         windows = sum(len(b.ids) for b in self.batches)
         width = max(b.ids.shape[1] for b in self.batches)
-        hidden = int(model.get_input_embeddings().embedding_dim)
         dtype = next(model.parameters()).dtype
-        shape = (len(self.structure.layers), windows, width, hidden)
+        shape = (len(self.structure.layers), windows, width, self.structure.hidden_size)
         self.nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         self._folder: tempfile.TemporaryDirectory[str] | None = None
         if self.nbytes <= memory_bytes:

@@ -70,6 +70,7 @@ class Blocks:
 
     name: str
     layers: nn.ModuleList
+    hidden_size: int  # the width of the hidden states between blocks
 
     def index(self, layer_name: str) -> int | None:
         """The block a (sub)module lies in, or None outside the blocks (lm_head, embeddings)."""
@@ -132,7 +133,7 @@ def blocks(model: nn.Module) -> Blocks:
             and len(module)
             and all(any(isinstance(m, nn.Linear) for m in block.modules()) for block in module)
         ):
-            return Blocks(name, module)
+            return Blocks(name, module, int(model.get_input_embeddings().embedding_dim))
     raise ValueError(f"{type(model).__name__} has no list of transformer blocks")
 
 
