@@ -378,6 +378,7 @@ def run_sensitivity(
             try:
                 run.log_params(_sensitivity_params(prober, experiment.sensitivity))
                 choices = [choice_config(c, prober.config) for c in experiment.sensitivity.probes]
+                first_probe = choice_label(choices[0])
                 table = prober.run(
                     prober.units(experiment.sensitivity.units), choices, f"sensitivity {model}"
                 )
@@ -385,9 +386,9 @@ def run_sensitivity(
                 prober.close()
             table = table.sort_values("delta_kld", ascending=False, kind="stable").reset_index(drop=True)
             table.insert(0, "model", model)
-            found = correlations(
-                table[(table["kind"] == table["kind"].iloc[0]) & (table["probe"] == table["probe"].iloc[0])]
-            )
+            # over one kind of unit at one probe: single layers where probed, they are the most units
+            kind = "layer" if "layer" in experiment.sensitivity.units else experiment.sensitivity.units[0]
+            found = correlations(table[(table["kind"] == kind) & (table["probe"] == first_probe)])
             run.log_metrics(found | ({"probes_per_min": prober.probes_per_min} if prober.measured else {}))
             run.log_text(table.to_csv(index=False), TABLE)
             (out / f"sensitivity{suffix}.csv").write_text(table.to_csv(index=False))
