@@ -261,7 +261,8 @@ def _block_starts(names: list[str]) -> list[tuple[int, str]]:
 
 def sensitivity_heatmap(table: pd.DataFrame, title: str) -> Figure:
     """ΔKLD of each layer quantized alone, blocks × projection types (columns ``block``, ``part``,
-    ``delta_kld``); a symmetric-log colour scale, since noise makes some values dip below 0."""
+    ``delta_kld``, ``delta_kld_se``); a symmetric-log colour scale, since noise makes some values dip below 0;
+    a dot marks a cell whose ΔKLD is within 2 SE of 0."""
     grid = table.pivot_table(index="part", columns="block", values="delta_kld", aggfunc="first")
     values = grid.to_numpy(dtype=float)
     finite = np.abs(values[np.isfinite(values)])
@@ -275,7 +276,10 @@ def sensitivity_heatmap(table: pd.DataFrame, title: str) -> Figure:
         ax.grid(False)
         ax.set_xticks(range(grid.shape[1]), [str(int(b)) for b in grid.columns], fontsize=7)
         ax.set_yticks(range(grid.shape[0]), list(grid.index))
-        ax.set_xlabel("block")
+        se = table.pivot_table(index="part", columns="block", values="delta_kld_se", aggfunc="first")
+        unresolved = np.argwhere(np.abs(values) < 2 * se.reindex_like(grid).to_numpy(dtype=float))
+        ax.scatter(unresolved[:, 1], unresolved[:, 0], s=8, c="k", marker="o", linewidths=0)
+        ax.set_xlabel("block   (dot: |ΔKLD| < 2 SE, not resolved from 0)")
         ax.set_ylabel("projection")
         ax.set_title(title)
         fig.colorbar(image, ax=ax, label="ΔKLD (nats, symlog)")
