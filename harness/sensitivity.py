@@ -512,7 +512,7 @@ def _allocations(
         plans.append(("allocated", budget, allocate(costs, losses, total), base))
         plans.append(("use_more_bits", budget, more_bits_allocation(costs, boosted, total), base))
         plans.append(("random", budget, random_allocation(costs, total, settings.seed), base))
-        plans.append(("uniform nf4", budget, None, _uniform(base, _nearest_uniform(budget, base))))
+        plans.append(("nearest uniform", budget, None, _uniform(base, _nearest_uniform(budget, base))))
     stored = tracker.finished_runs(experiment_id, kind="allocation")
     evaluated: list[Evaluated] = []
     seen: dict[str, Evaluated] = {}
