@@ -8,9 +8,9 @@ is.
 ``allocate`` solves the multiple-choice knapsack by the greedy on each layer's lower convex hull: every layer
 starts at its cheapest choice, and the upgrade steps of all layers are taken in order of ΔKLD saved per bit
 spent, each step that still fits the budget taken. On the hull a layer's steps come in falling order of
-efficiency, so the greedy is exact whenever the budget is spent to the bit; otherwise its loss exceeds the
-optimum by at most the one step that did not fit (the LP-relaxation bound). A choice off its layer's hull
-(costlier and not better, or not worth its bits against its neighbours) is never taken.
+efficiency, so up to the first step that does not fit the greedy follows the LP relaxation's optimum; its loss
+exceeds the true optimum by at most that step's saving. A choice off its layer's hull (costlier and not
+better, or not worth its bits against its neighbours) is never taken.
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ def test_the_greedy_matches_brute_force_on_random_menus() -> None:
         best = min(losses[np.arange(4), g].sum() for g in feasible)
         chosen = allocate(costs, losses, budget)
         assert costs[np.arange(4), chosen].sum() <= budget
-        step = (losses[:, :-1] - losses[:, 1:]).max()  # the LP bound: at most one step from the optimum
+        step = (losses[:, :-1] - losses[:, 1:]).max()  # the LP bound: at most one step's saving above
         assert losses[np.arange(4), chosen].sum() <= best + step + 1e-12
 
 
