@@ -150,19 +150,24 @@ SWEEP_OVERHEAD = 3.0
 def estimate(groups: Sequence[Shard], history: pd.DataFrame, n_params: Mapping[str, int]) -> str:
     """The sweep's expected duration, in words that say where it comes from: the median time of this
     experiment's earlier FINISHED runs of the same model, else the forward passes' FLOPs (2 × parameters ×
-    evaluation tokens per config, and one more pass for the base reference) at this CPU's matmul rate."""
-    seconds, sources = 0.0, set()
+    evaluation tokens per config, and one more pass per model for the base reference) at this CPU's matmul
+    rate, measured once."""
+    timed = pd.Series(dtype=float)
+    if {"metrics.time_total_s", "params.model"} <= set(history.columns):
+        finished = history[history["status"] == "FINISHED"].dropna(subset=["metrics.time_total_s"])
+        timed = finished.groupby("params.model")["metrics.time_total_s"].median()
+    seconds, sources, rate, referenced = 0.0, set(), 0.0, set()
     for group in groups:
-        done = pd.DataFrame()
-        if {"metrics.time_total_s", "params.model"} <= set(history.columns):
-            done = history[(history["status"] == "FINISHED") & (history["params.model"] == group.model)]
-        if len(done):
-            seconds += len(group.configs) * statistics.median(done["metrics.time_total_s"].dropna())
+        if group.model in timed:
+            seconds += len(group.configs) * float(timed[group.model])
             sources.add("the median time of this experiment's earlier runs")
         elif group.model in n_params:
-            tokens = group.configs[0].eval.tokens
-            flops = (len(group.configs) + 1) * 2 * n_params[group.model] * tokens
-            seconds += SWEEP_OVERHEAD * flops / matmul_rate()
+            passes = len(group.configs) + (group.model not in referenced)
+            referenced.add(group.model)
+            rate = rate or matmul_rate()
+            seconds += (
+                SWEEP_OVERHEAD * passes * 2 * n_params[group.model] * group.configs[0].eval.tokens / rate
+            )
             sources.add(
                 f"{SWEEP_OVERHEAD:g} × the time of 2 × parameters × tokens FLOPs per config at this CPU's "
                 "matmul rate"

@@ -6,13 +6,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import save_with_tokenizer, tiny_llama, word_corpus
 from test_experiments import MALFORMED
 
+from harness import sweep
 from harness.cache import cache_dir
 from harness.cli import main
+from harness.executors import Shard
+from harness.experiments import load_experiment
+from harness.sweep import estimate
 from harness.tracking import ERROR_TAG, Tracker
 
 
@@ -227,3 +232,24 @@ def test_an_error_of_the_machine_is_one_line_and_a_log(
     log = Path(lines[0].rsplit("traceback in ", 1)[1].rstrip(")"))
     assert "Traceback (most recent call last)" in log.read_text()
     assert not (tmp_path / "s.db").exists()
+
+
+def test_the_estimate_says_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Earlier runs of the model when the store has them, else FLOPs at the measured matmul rate (measured
+    once), the base reference counted once per model however many shards it has."""
+    configs = load_experiment("smoke").configs
+    shards = [Shard("smollm2-135m", configs[:1]), Shard("smollm2-135m", configs[1:2])]
+    history = pd.DataFrame(
+        {"status": ["FINISHED", "FINISHED", "FAILED"], "params.model": ["smollm2-135m"] * 3,
+         "metrics.time_total_s": [10.0, 30.0, 1000.0]}
+    )  # fmt: skip
+    assert (
+        estimate(shards, history, {}) == "estimated 40 s (the median time of this experiment's earlier runs)"
+    )
+    calls = []
+    monkeypatch.setattr(sweep, "matmul_rate", lambda: calls.append(1) or 1e12)
+    text = estimate(shards, pd.DataFrame(), {"smollm2-135m": 10**8})
+    tokens = configs[0].eval.tokens
+    expected = sweep.SWEEP_OVERHEAD * 3 * 2 * 10**8 * tokens / 1e12  # two configs and one base pass
+    assert text.startswith(f"estimated {expected:.0f} s (") and "matmul rate" in text and calls == [1]
+    assert estimate(shards, pd.DataFrame(), {}) == "no estimate of its duration"
