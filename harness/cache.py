@@ -27,6 +27,8 @@ import xxhash
 from filelock import FileLock
 
 CHECKSUMS = ".checksums.json"
+# A build's temporary folder, as ``building`` names it with mkdtemp: ``.NAME.PID.RANDOM.tmp``
+_TEMPORARY = re.compile(r"\.(?P<entry>.+)\.\d+\.[a-z0-9_]+\.tmp")
 
 
 class CacheError(RuntimeError):
@@ -124,14 +126,22 @@ def _seal(folder: Path, source: Path | None) -> None:
     (folder / CHECKSUMS).write_text(json.dumps(record, indent=1) + "\n")
 
 
+def _record(entry: Path) -> dict | None:
+    """The entry's checksums file, parsed; None when it is missing or unreadable."""
+    try:
+        record = json.loads((entry / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+
+
 def verify(entry: Path) -> str | None:
     """None when every file of the entry has its recorded size and digest and no file is missing or extra;
     else what is wrong, in a few words."""
-    try:
-        record = json.loads((entry / CHECKSUMS).read_text())
-        files = record["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+    record = _record(entry)
+    if record is None:
         return f"has no valid {CHECKSUMS} (written by an older harness, or damaged)"
+    files = record["files"]
     present = {str(p.relative_to(entry)) for p in _files(entry)}
     for name, (size, digest) in files.items():
         path = entry / name
@@ -166,30 +176,29 @@ def entries(root: Path | None = None) -> list[Entry]:
         entry = lock.with_name(lock.name[1 : -len(".lock")])
         if entry.is_dir():
             found.append(Entry(entry, verify(entry), _outlived(entry)))
-    with_lock = {e.path.parent for e in found}
-    for folder in with_lock:
+    for folder in {e.path.parent for e in found}:
         for leftover in folder.glob(".*.tmp"):
-            if re.fullmatch(r"\..+\.\d+\.[a-z0-9_]+\.tmp", leftover.name) and not _locked(leftover):
+            built = _TEMPORARY.fullmatch(leftover.name)
+            if built and not _locked(folder / built["entry"]):
                 found.append(Entry(leftover, "is an unfinished build", False))
     return found
 
 
 def _outlived(entry: Path) -> bool:
+    source = (_record(entry) or {}).get("source")
     try:
-        source = json.loads((entry / CHECKSUMS).read_text())["source"]
-    except (OSError, ValueError, KeyError, TypeError):
+        path, recorded = Path(source["path"]), (source["size"], source["mtime_ns"])  # type: ignore[index]
+    except (KeyError, TypeError):  # no source recorded, or not in this form
         return False
-    path = Path(source["path"])
     if not path.is_file():
         return True
     stat = path.stat()
-    return (stat.st_size, stat.st_mtime_ns) != (source["size"], source["mtime_ns"])
+    return (stat.st_size, stat.st_mtime_ns) != recorded
 
 
-def _locked(leftover: Path) -> bool:
-    """Whether the build that left ``leftover`` may still run: its entry's lock is held."""
-    name = re.sub(r"\.\d+\.[a-z0-9_]+\.tmp$", "", leftover.name)[1:]
-    lock = FileLock(leftover.parent / f".{name}.lock")
+def _locked(entry: Path) -> bool:
+    """Whether a build of ``entry`` may still run: its lock is held."""
+    lock = FileLock(entry.parent / f".{entry.name}.lock")
     try:
         lock.acquire(timeout=0)
     except TimeoutError:
@@ -199,8 +208,8 @@ def _locked(leftover: Path) -> bool:
 
 
 def _remove_abandoned(final: Path) -> None:
-    """Delete the temporary folders of ``final`` (``.NAME.PID.RANDOM.tmp``); call while holding its lock."""
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.\d+\.[a-z0-9_]+\.tmp")
+    """Delete the temporary folders of ``final``; call while holding its lock."""
     for path in final.parent.iterdir():
-        if pattern.fullmatch(path.name):
+        built = _TEMPORARY.fullmatch(path.name)
+        if built and built["entry"] == final.name:
             shutil.rmtree(path, ignore_errors=True)
