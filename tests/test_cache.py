@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,18 @@ def temporaries(root: Path) -> list[str]:
     return [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
 
 
+DATA = bytes(range(256)) * 64
+
+
+def built(entry: Path, files: dict[str, str | bytes], **options: Any) -> None:
+    """Build ``entry`` (it must not be complete) holding ``files``, its marker ``done`` among them."""
+    with building(entry, "done", **options) as folder:
+        assert folder is not None
+        for name, content in files.items():
+            path = folder / name
+            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+
+
 def test_two_processes_build_an_entry_once(tmp_path: Path) -> None:
     entry, log, go = tmp_path / "cache" / "entry", tmp_path / "log", tmp_path / "go"
     children = [
@@ -67,9 +80,7 @@ def test_two_processes_build_an_entry_once(tmp_path: Path) -> None:
 
 def test_a_complete_entry_is_not_built_again(tmp_path: Path) -> None:
     entry = tmp_path / "entry"
-    with building(entry, "done") as build:
-        assert build is not None
-        (build / "done").write_text("first")
+    built(entry, {"done": "first"})
     with building(entry, "done") as build:
         assert build is None
     assert (entry / "done").read_text() == "first"
@@ -95,10 +106,7 @@ def test_a_build_without_its_marker_is_discarded(tmp_path: Path) -> None:
 
 def test_a_stale_entry_is_replaced_whole_and_kept_when_the_rebuild_fails(tmp_path: Path) -> None:
     entry = tmp_path / "entry"
-    with building(entry, "done") as build:
-        assert build is not None
-        (build / "old-only").write_text("")
-        (build / "done").write_text("old")
+    built(entry, {"old-only": "", "done": "old"})
     with pytest.raises(RuntimeError), building(entry, "done", stale=lambda _: True) as build:
         raise RuntimeError("boom")
     assert (entry / "done").read_text() == "old"
@@ -114,9 +122,7 @@ def test_temporaries_of_a_killed_builder_are_removed(tmp_path: Path) -> None:
     (left / "entry").mkdir(parents=True)
     other = tmp_path / ".entry.x.4242.abc_12.tmp"  # another entry's
     other.mkdir()
-    with building(tmp_path / "entry", "done") as build:
-        assert build is not None
-        (build / "done").write_text("")
+    built(tmp_path / "entry", {"done": ""})
     assert temporaries(tmp_path) == [other.name]
 
 
@@ -125,10 +131,7 @@ def test_a_damaged_entry_is_rebuilt_once(
     tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     entry = tmp_path / "entry"
-    with building(entry, "done") as build:
-        assert build is not None
-        (build / "data").write_bytes(bytes(range(256)) * 64)
-        (build / "done").write_text("")
+    built(entry, {"data": DATA, "done": ""})
     assert verify(entry) is None
     data = entry / "data"
     if damage == "truncate":
@@ -143,10 +146,7 @@ def test_a_damaged_entry_is_rebuilt_once(
         (entry / "stray").write_text("")
     problem = verify(entry)
     assert problem is not None
-    with building(entry, "done") as build:  # found damaged: built again
-        assert build is not None
-        (build / "data").write_bytes(bytes(range(256)) * 64)
-        (build / "done").write_text("")
+    built(entry, {"data": DATA, "done": ""})  # found damaged: built again
     assert capsys.readouterr().err == f"harness: warning: cache entry {entry} {problem}; building it again\n"
     assert verify(entry) is None
     with building(entry, "done") as build:  # whole: used as it is
@@ -155,15 +155,13 @@ def test_a_damaged_entry_is_rebuilt_once(
 
 def test_a_failed_rebuild_names_the_folder_to_delete(tmp_path: Path) -> None:
     entry = tmp_path / "entry"
-    with building(entry, "done") as build:
-        assert build is not None
-        (build / "done").write_text("")
+    built(entry, {"done": ""})
     (entry / "done").write_text("changed")
     with (
         pytest.raises(
             CacheError, match=rf"rebuilding the corrupt cache entry {entry} failed .*delete {entry}"
         ),
-        building(entry, "done") as build,
+        building(entry, "done"),
     ):
         raise OSError("no space left on device")
     assert (entry / "done").read_text() == "changed"  # left as it was, for the user to inspect or delete
@@ -174,11 +172,7 @@ def test_verify_and_clean_find_what_is_broken(tmp_path: Path, monkeypatch: pytes
     source = tmp_path / "model.gguf"
     source.write_text("weights")
     for name in ("whole", "broken", "outlived"):
-        with building(
-            tmp_path / "kind" / name, "done", source=source if name == "outlived" else None
-        ) as build:
-            assert build is not None
-            (build / "done").write_text(name)
+        built(tmp_path / "kind" / name, {"done": name}, source=source if name == "outlived" else None)
     (tmp_path / "kind" / "broken" / "done").write_text("BROKEN")  # the same size, other bytes
     source.write_text("other weights")  # the conversion of the old file has outlived it
     (tmp_path / "kind" / ".half.4242.abc_1.tmp").mkdir()  # a killed build's folder
