@@ -432,23 +432,23 @@ class Experiment:
     exclusions: list[dict[str, Any]]
     sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
 
-    def combinations(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(model, axis values) of every grid point that no ``exclude`` rule removes, in grid order."""
+    def choices(self) -> Iterator[dict[str, Any]]:
+        """The axis values of every grid point that no ``exclude`` rule removes, in grid order; the same for
+        every model (a rule names axes only)."""
         names = list(self.axes)
-        for model in self.models:
-            for combo in itertools.product(*(self.axes[a] for a in names)):
-                choice = dict(zip(names, combo, strict=True))
-                if not any(all(choice.get(k) == v for k, v in rule.items()) for rule in self.exclusions):
-                    yield model, choice
+        for combo in itertools.product(*(self.axes[a] for a in names)):
+            choice = dict(zip(names, combo, strict=True))
+            if not any(all(choice.get(k) == v for k, v in rule.items()) for rule in self.exclusions):
+                yield choice
 
     @property
     def size(self) -> tuple[int, bool]:
         """The number of configs and whether it is exact; above ``COUNTED`` grid points, the grid's product
         (exclusions not applied) is returned as a bound instead of counting."""
-        bound = len(self.models) * math.prod(len(v) for v in self.axes.values())
-        if bound > COUNTED:
-            return bound, False
-        return sum(1 for _ in self.combinations()), not self._collapsing
+        points = math.prod(len(v) for v in self.axes.values())
+        if len(self.models) * points > COUNTED:
+            return len(self.models) * points, False
+        return len(self.models) * sum(1 for _ in self.choices()), not self._collapsing
 
     @property
     def _collapsing(self) -> bool:
@@ -459,11 +459,12 @@ class Experiment:
     def iter_configs(self) -> Iterator[RunConfig]:
         """The configs in grid order, defaults resolved, each hash once."""
         seen: set[str] = set()
-        for model, choice in self.combinations():
-            config = self._config(model, choice)
-            if config.hash not in seen:
-                seen.add(config.hash)
-                yield config
+        for model in self.models:  # loops, not itertools.product, which would list every point first
+            for choice in self.choices():
+                config = self._config(model, choice)
+                if config.hash not in seen:
+                    seen.add(config.hash)
+                    yield config
 
     def _config(self, model: str, choice: dict[str, Any]) -> RunConfig:
         config = replace(self.template, model=model, **choice)
@@ -481,9 +482,8 @@ class Experiment:
 
     def check_combinations(self) -> None:
         """Raise the one-line error of the first grid point no format accepts (the model plays no part)."""
-        for model, choice in self.combinations():
-            if model == self.models[0]:
-                self._config(model, choice)
+        for choice in self.choices():
+            self._config(self.models[0], choice)
 
     @cached_property
     def configs(self) -> tuple[RunConfig, ...]:
