@@ -21,6 +21,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import xxhash
@@ -162,8 +163,8 @@ class Entry:
     problem: str | None  # None: the entry is whole
     unused: bool  # its recorded source file is gone or changed
 
-    @property
-    def size(self) -> int:
+    @cached_property
+    def size(self) -> int:  # walked once: `harness cache clean` prints it and sums it
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
 
