@@ -40,8 +40,8 @@ from tqdm import tqdm
 from harness import NUMERICS_VERSION
 from harness.allocation import allocate, more_bits_allocation, random_allocation, use_more_bits
 from harness.cache import cache_dir
-from harness.evaluate.divergence import BaseReference, divergence_of
-from harness.evaluate.perplexity import LogitHead, WindowBatch, window_batches
+from harness.evaluate.divergence import BaseReference, divergence_of, whole_rows
+from harness.evaluate.perplexity import LogitHead, ScoredRows, WindowBatch, window_batches
 from harness.experiments import (
     Choice,
     Experiment,
@@ -185,8 +185,8 @@ class PrefixCache:
             self._folder.cleanup()
             self._folder = None
 
-    def chunks(self, first_block: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(fp32 logits, targets) at the scored positions, from block ``first_block`` on (None: all)."""
+    def passes(self, first_block: int | None) -> Iterator[ScoredRows]:
+        """The scored positions' hidden states, from block ``first_block`` on (None: all)."""
         split = self.head.split
         assert split is not None
         for rows, batch in zip(self.rows, self.batches, strict=True):
@@ -196,16 +196,12 @@ class PrefixCache:
                 entering = self.states[first_block, rows, : batch.ids.shape[1]]
                 with self.structure.starting_at(first_block, lambda: entering):  # noqa: B023 (used at once)
                     picked = split.hidden_states(batch.ids)[batch.mask]
-            done = 0
-            for c in range(0, len(picked), self.head.chunk):
-                logits = split.logits(picked[c : c + self.head.chunk]).float()
-                yield logits, batch.targets[done : done + len(logits)]
-                done += len(logits)
+            yield from self.head.rows_of(picked, batch.targets, whole_rows(self.reference))
 
     def evaluate(self, first_block: int | None) -> dict[str, np.ndarray]:
         """Per scored token against the base reference: nll, kld, top1_match."""
         with torch.inference_mode():
-            ppl, divergence = divergence_of(self.reference, self.chunks(first_block))
+            ppl, divergence = divergence_of(self.reference, self.head, self.passes(first_block))
         return {"nll": ppl.nll, "kld": divergence.kld, "top1_match": divergence.top1_match}
 
 

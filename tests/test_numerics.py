@@ -53,7 +53,7 @@ NOT_NUMERICAL = [
     "sweep.py",
     "tracking.py",
 ]
-PINNED = {"2": "ca2796fae81788a8854cbec9b7b8add18ea2c0f964b08aeffba6d7e562f8cf47"}
+PINNED = {"3": "87f79e85560affbcfdf93ffd05c84125e58e7b8f9f92425dac8c9ddba6655ed2"}
 
 
 def _code(path: Path) -> bytes:

@@ -12,10 +12,13 @@ from conftest import tiny_llama
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from transformers import LlamaForCausalLM
 
+import harness.evaluate.perplexity as perplexity_module
+from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
 from harness.evaluate.perplexity import (
     PerplexityProtocol,
     make_windows,
     perplexity,
+    reduce_logits,
     text_counts,
 )
 
@@ -285,6 +288,67 @@ def test_fallback_when_split_does_not_reproduce_forward() -> None:
         lp = torch.log_softmax(logits, -1)[first:63]
         scale_ref -= float(lp.gather(1, tokens[0, i * 64 + first + 1 : (i + 1) * 64, None]).sum())
     assert result.nll_sum == pytest.approx(scale_ref, rel=1e-4)
+
+
+def test_reduce_logits_matches_whole_row_reductions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiles of 512 columns over 2,500 (a ragged last tile), with the largest logit tied across two tiles:
+    log-sum-exp, first argmax, picked logits and the dot product equal whole-row computations."""
+    monkeypatch.setattr(perplexity_module, "VOCAB_SLICE", 512)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 2500, generator=g) * 6
+    logits[3, [100, 1900]] = logits[3].max() + 1.0  # a tie: the first one is the argmax
+    targets = torch.randint(0, 2500, (37,), generator=g)
+    index = torch.randint(0, 2500, (37, 9), generator=g)
+    weights = torch.rand(37, 2500, generator=g)
+    scores = reduce_logits(perplexity_module.column_tiles(logits.clone()), targets, index, weights)
+    whole = logits.double()
+    assert torch.allclose(scores.lse, torch.logsumexp(whole, dim=1), rtol=0, atol=1e-6)
+    assert torch.equal(scores.argmax, logits.argmax(dim=1)) and int(scores.argmax[3]) == 100
+    assert torch.equal(scores.picked[:, 0], logits.gather(1, targets[:, None])[:, 0])
+    assert torch.equal(scores.picked[:, 1:], logits.gather(1, index))
+    assert scores.dot is not None
+    assert torch.allclose(scores.dot, (weights.double() * whole).sum(dim=1), rtol=1e-12, atol=0)
+    expected = torch.log_softmax(whole, dim=1)
+    assert torch.allclose(scores.nll, -expected.gather(1, targets[:, None])[:, 0], atol=1e-6)
+    assert torch.allclose(scores.log_probs(), expected.gather(1, index), atol=1e-6)
+
+
+@pytest.mark.parametrize("hooked_head", [False, True])
+def test_vocabulary_slices_and_passes_do_not_change_the_numbers(
+    monkeypatch: pytest.MonkeyPatch, hooked_head: bool
+) -> None:
+    """Perplexity, KLD and top-1 through the head's weight in slices of 7 columns and passes of 5 rows (or,
+    with a hook on the head, through its output rows) equal those of one slice and one pass per batch."""
+    model = tiny_llama(seed=3)
+    tokens = stream(300, seed=7)
+    protocol = PerplexityProtocol("disjoint", 64)
+    kw = {"text_bytes": 1, "text_words": 1, "bos_token_id": BOS, "progress": False}
+    reference = BaseReference.build(model, tokens, protocol, storage=ReferenceStorage(k=16, samples=8), **kw)
+    quantized = tiny_llama(seed=3)
+    with torch.no_grad():
+        for param in quantized.model.layers.parameters():
+            param.copy_(param.half().float() + 0.01 * torch.randn_like(param))
+
+    def numbers() -> tuple[torch.Tensor, ...]:
+        ppl = perplexity(quantized, tokens, protocol, **kw)
+        against, divergence = evaluate_against(quantized, reference, progress=False)
+        return (
+            torch.from_numpy(ppl.nll),
+            torch.from_numpy(against.nll),
+            torch.from_numpy(divergence.kld),
+            torch.from_numpy(divergence.top1_match),
+        )
+
+    whole = numbers()
+    if hooked_head:
+        quantized.lm_head.register_forward_hook(lambda module, args, out: out)
+    monkeypatch.setattr(perplexity_module, "VOCAB_SLICE", 7)
+    monkeypatch.setattr(perplexity_module, "ROWS_PER_PASS", 5)
+    sliced = numbers()
+    assert torch.allclose(sliced[0], whole[0], rtol=0, atol=1e-6)
+    assert torch.allclose(sliced[1], whole[1], rtol=0, atol=1e-6)
+    assert torch.allclose(sliced[2], whole[2], rtol=0, atol=1e-6)
+    assert torch.equal(sliced[3], whole[3]) and not bool(whole[3].all())
 
 
 def test_text_counts_per_document() -> None:

@@ -122,15 +122,16 @@ def test_prefix_cached_probe_gives_the_full_forward_logits(memory_bytes: int) ->
     assert cache.structure.index(layer) == 1 and cache.structure.part(layer) == "mlp.down_proj"
     config = QuantConfig("nf3", 64)
     apply(session.pristine, config, plan={layer: config})
-    try:
+
+    def logits(first_block: int | None) -> torch.Tensor:
         with torch.inference_mode():
-            full = torch.cat([logits for logits, _ in cache.chunks(None)])
-            cached = torch.cat([logits for logits, _ in cache.chunks(1)])
-            from_zero = torch.cat([logits for logits, _ in cache.chunks(0)])
+            return torch.cat([cache.head.full(rows) for rows in cache.passes(first_block)])
+
+    try:
+        full, cached, from_zero = logits(None), logits(1), logits(0)
     finally:
         restore(session.pristine)
-    with torch.inference_mode():
-        base_full = torch.cat([logits for logits, _ in cache.chunks(None)])
+    base_full = logits(None)
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)  # fp32
     torch.testing.assert_close(from_zero, full, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(full, base_full, atol=1e-3)  # the probe did change the model

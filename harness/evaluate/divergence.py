@@ -46,17 +46,22 @@ from torch import nn
 
 from harness.cache import building
 from harness.evaluate.perplexity import (
+    LogitHead,
     PerplexityProtocol,
     PerplexityResult,
+    ScoredRows,
+    Scores,
     check_finite,
     check_tokens,
+    column_tiles,
     make_windows,
-    scored_logits,
+    reduce_logits,
+    scored_rows,
     starts_with_bos,
     summarize,
 )
 
-FORMAT = 3  # bump when the cache layout or its meaning changes
+FORMAT = 4  # bump when the cache layout or its meaning changes
 STORAGE_DTYPES = ("float16", "float32")
 TAIL_SEED = 0  # the tail samples are part of the reference: drawn once, reproducibly
 _BUILD_ROWS = 32
@@ -308,10 +313,9 @@ def _compute(
     stats["top1"] = np.empty(n, np.int64)
     if storage.kind == "exact":
         stats["neg_entropy"] = np.empty(n, np.float64)
-    vocab = 0
     at = 0
     generator = torch.Generator().manual_seed(TAIL_SEED)
-    for logits, targets in scored_logits(
+    head, passes = scored_rows(
         model,
         tokens,
         protocol,
@@ -319,29 +323,33 @@ def _compute(
         batch_size=batch_size,
         progress=progress,
         desc=f"base reference {protocol.name}",
-    ):
-        vocab = logits.shape[1]
-        if not arrays:
-            head, tail = min(storage.k, vocab), storage.samples
-            widths = {"logprobs": vocab, "topk_index": head, "topk_logprob": head}
-            widths |= {"tail_index": tail, "tail_logprob": tail}
-            for name, dtype in storage.arrays.items():
-                shape = (n, widths[name])
-                if out is None:
-                    arrays[name] = np.empty(shape, dtype=dtype)
-                else:  # the header and the file's size; rows are then written with plain file I/O
-                    arrays[name] = np.lib.format.open_memmap(out / f"{name}.npy", "w+", dtype, shape)
+        whole_rows=True,  # the top k and the tail draws need the full distribution
+    )
+    vocab = head.vocab
+    head_width, tail = min(storage.k, vocab), storage.samples
+    widths = {"logprobs": vocab, "topk_index": head_width, "topk_logprob": head_width}
+    widths |= {"tail_index": tail, "tail_logprob": tail}
+    for name, dtype in storage.arrays.items():
+        shape = (n, widths[name])
+        if out is None:
+            arrays[name] = np.empty(shape, dtype=dtype)
+        else:  # the header and the file's size; rows are then written with plain file I/O
+            arrays[name] = np.lib.format.open_memmap(out / f"{name}.npy", "w+", dtype, shape)
+    for rows in passes:
+        logits = head.full(rows)
+        scores = reduce_logits(column_tiles(logits), rows.targets)  # as every evaluation reduces them
         finite = torch.isfinite(logits).all(dim=1).numpy()
-        stats["nll"][at : at + len(targets)] = np.where(finite, 0.0, np.nan)
+        stats["nll"][at : at + len(rows)] = np.where(finite, scores.nll.numpy(), np.nan)
+        stats["top1"][at : at + len(rows)] = scores.argmax.numpy()
         if not finite.all():  # nothing of a non-finite model is stored; the pass goes on to count
-            at += len(targets)
+            at += len(rows)
             continue
-        # a few rows at a time: each step makes several vocabulary-wide temporaries (Gemma: 1 MiB a row)
-        for first in range(0, len(targets), _BUILD_ROWS):
+        # a few rows at a time: each step makes vocabulary-wide temporaries (Gemma: 1-2 MiB a row)
+        for first in range(0, len(rows), _BUILD_ROWS):
             part = slice(first, first + _BUILD_ROWS)
-            rows = slice(at + first, at + min(first + _BUILD_ROWS, len(targets)))
-            _store(arrays, stats, rows, logits[part], targets[part], storage, generator)
-        at += len(targets)
+            where = slice(at + first, at + min(first + _BUILD_ROWS, len(rows)))
+            _store(arrays, stats, where, logits[part], scores.lse[part], storage, generator)
+        at += len(rows)
     assert arrays and at == n
     check_finite(stats["nll"], "the base model")  # raised before the entry is complete: it is not kept
     seconds = time.perf_counter() - start
@@ -366,15 +374,14 @@ def _store(
     stats: dict[str, np.ndarray],
     rows: slice,
     logits: torch.Tensor,
-    targets: torch.Tensor,
+    lse: torch.Tensor,
     storage: ReferenceStorage,
     generator: torch.Generator,
 ) -> None:
-    """The reference's arrays and statistics for the positions ``rows``, from the base's fp32 logits."""
-    lp = torch.log_softmax(logits, dim=-1)
-    stats["nll"][rows] = (-lp.gather(1, targets[:, None])[:, 0]).double().numpy()
-    stats["top1"][rows] = logits.argmax(dim=-1).numpy()
+    """The reference's arrays and its mass statistic for the positions ``rows``, from the base's fp32 logits
+    and their float64 log-sum-exp (``reduce_logits``)."""
     if storage.kind == "exact":
+        lp = logits.double() - lse[:, None]
         # ~ -65504 (finite) for float16 instead of -inf, so that 0 * l stays 0 below
         stored = lp.clamp(min=float(np.finfo(storage.dtype).min)).to(getattr(torch, storage.dtype))
         _write_rows(arrays["logprobs"], rows, stored.numpy())
@@ -383,16 +390,17 @@ def _store(
         mass = weights.sum(dim=-1)
         stats["neg_entropy"][rows] = (weights.mul_(exact).sum(dim=-1) / mass - mass.log()).numpy()
     else:
-        head_lp, head_index = lp.topk(arrays["topk_index"].shape[1], dim=-1)
+        head_z, head_index = logits.topk(arrays["topk_index"].shape[1], dim=-1)
         _write_rows(arrays["topk_index"], rows, head_index.to(torch.int32).numpy())
-        _write_rows(arrays["topk_logprob"], rows, head_lp.numpy())
-        # the tail's mass from its own logsumexp: 1 − Σ head is all rounding when the tail is tiny
-        mass = _log_outside(lp, head_index).double().exp()
-        tail = lp.exp().scatter_(1, head_index, 0.0)
+        _write_rows(arrays["topk_logprob"], rows, (head_z.double() - lse[:, None]).float().numpy())
+        # the tail's mass summed from its own probabilities: 1 − Σ head is all rounding when the tail is tiny
+        tail = (logits - lse[:, None].float()).exp_().scatter_(1, head_index, 0.0)
+        mass = tail.sum(dim=-1, dtype=torch.float64)
         tail[mass == 0, 0] = 1.0  # no tail to draw from: any index, weighted by r = 0 below
         drawn = torch.multinomial(tail, storage.samples, replacement=True, generator=generator)
         _write_rows(arrays["tail_index"], rows, drawn.to(torch.int32).numpy())
-        _write_rows(arrays["tail_logprob"], rows, lp.gather(1, drawn).numpy())
+        drawn_lp = logits.gather(1, drawn).double() - lse[:, None]
+        _write_rows(arrays["tail_logprob"], rows, drawn_lp.float().numpy())
     stats["mass"][rows] = mass.numpy()
 
 
@@ -428,7 +436,7 @@ def evaluate_against(
     ``batch_size`` defaults to the reference's, so that the base against itself runs the very same GEMMs and
     agrees exactly on top-1.
     """
-    chunks = scored_logits(
+    head, passes = scored_rows(
         model,
         reference.tokens,
         reference.protocol,
@@ -436,31 +444,34 @@ def evaluate_against(
         batch_size=batch_size or reference.batch_size,
         progress=progress,
         desc=f"kld {reference.protocol.name}",
+        whole_rows=whole_rows(reference),
     )
-    return divergence_of(reference, chunks)
+    return divergence_of(reference, head, passes)
+
+
+def whole_rows(reference: BaseReference) -> bool:
+    """Whether a pass against ``reference`` holds vocabulary-wide data per row: an exact reference's rows."""
+    return reference.storage.kind == "exact"
 
 
 def divergence_of(
-    reference: BaseReference, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    reference: BaseReference, head: LogitHead, passes: Iterable[ScoredRows]
 ) -> tuple[PerplexityResult, DivergenceResult]:
-    """Perplexity and divergence from a model's fp32 logits and targets at the reference's scored positions,
-    in order (``scored_logits``, or a sensitivity probe's prefix-cached passes)."""
+    """Perplexity and divergence from a model's scored positions, in the reference's order (``scored_rows``,
+    or a sensitivity probe's prefix-cached passes)."""
+    if head.vocab != reference.vocab_size:
+        raise ValueError(f"model has {head.vocab} logits, the base reference {reference.vocab_size}")
     n = reference.n_tokens
     kld = np.empty(n, np.float64)
     nll = np.empty(n, np.float64)
     same_top = np.empty(n, bool)
     at = 0
-    for logits, targets in chunks:
-        if logits.shape[1] != reference.vocab_size:
-            raise ValueError(f"model has {logits.shape[1]} logits, the base reference {reference.vocab_size}")
-        rows = slice(at, at + len(targets))
-        top, argmax = logits.max(dim=-1)
-        logits -= top[:, None]  # z <= 0: better conditioned sums below
-        lse = torch.logsumexp(logits, dim=-1)
-        nll[rows] = (lse - logits.gather(1, targets[:, None])[:, 0]).double().numpy()
-        kld[rows] = _kld(reference, rows, logits, lse)
-        same_top[rows] = argmax.numpy() == reference.top1[rows]
-        at += len(targets)
+    for part in passes:
+        rows = slice(at, at + len(part))
+        scores, kld[rows] = _kld(reference, rows, head, part)
+        nll[rows] = scores.nll.numpy()
+        same_top[rows] = scores.argmax.numpy() == reference.top1[rows]
+        at += len(part)
     assert at == n
     divergence = DivergenceResult(
         kld, same_top, reference.nll, reference.storage.label, reference.protocol.name
@@ -476,28 +487,22 @@ def divergence_of(
     return ppl, divergence
 
 
-def _kld(reference: BaseReference, rows: slice, logits: torch.Tensor, lse: torch.Tensor) -> np.ndarray:
-    """KL(base ‖ quantized) at ``rows`` from the quantized logits z (shifted so that max z = 0)."""
+def _kld(
+    reference: BaseReference, rows: slice, head: LogitHead, part: ScoredRows
+) -> tuple[Scores, np.ndarray]:
+    """The quantized logits' scores at ``rows`` and KL(base ‖ quantized) there."""
     stored = reference.rows(rows)
     mass = reference.mass[rows]
     if reference.storage.kind == "exact":
         weights = torch.from_numpy(stored["logprobs"]).to(torch.float32, copy=True).exp_()
-        # sum() reduces pairwise; a bmm/matmul dot product here was off by 5e-4 at a 49k vocabulary
-        dot = weights.mul_(logits).sum(dim=-1).double().numpy()
-        return reference.stats["neg_entropy"][rows] - dot / mass + lse.double().numpy()
-
-    def log_ratio(part: str) -> torch.Tensor:  # log p − log q at the stored tokens, in float64
-        log_q = (
-            logits.gather(1, torch.from_numpy(stored[f"{part}_index"]).long()).double()
-            - lse.double()[:, None]
-        )
-        return torch.from_numpy(stored[f"{part}_logprob"]).double() - log_q
-
-    p = torch.from_numpy(stored["topk_logprob"]).double().exp()
-    head = (p * log_ratio("topk")).sum(dim=-1).numpy()
-    return head + mass * log_ratio("tail").mean(dim=-1).numpy()  # the tail: r · mean log(p/q) of samples
-
-
-def _log_outside(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log Σ exp(logits) over each row's entries not in ``index`` (−inf when ``index`` covers the row)."""
-    return logits.scatter(1, index, float("-inf")).logsumexp(dim=-1)
+        scores = head.scores(part, weights=weights)
+        assert scores.dot is not None
+        dot = scores.dot.numpy()
+        return scores, reference.stats["neg_entropy"][rows] - dot / mass + scores.lse.numpy()
+    index = np.concatenate([stored["topk_index"], stored["tail_index"]], axis=1)
+    scores = head.scores(part, index=torch.from_numpy(index).long())
+    log_p = torch.from_numpy(np.concatenate([stored["topk_logprob"], stored["tail_logprob"]], axis=1))
+    log_ratio = log_p.double() - scores.log_probs()  # log p − log q at the stored tokens, in float64
+    k = stored["topk_index"].shape[1]
+    head_terms = (log_p[:, :k].double().exp() * log_ratio[:, :k]).sum(dim=-1).numpy()
+    return scores, head_terms + mass * log_ratio[:, k:].mean(dim=-1).numpy()  # tail: r · mean log(p/q)

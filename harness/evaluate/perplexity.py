@@ -30,12 +30,16 @@ layer (QLoRA-style 4-bit storage computes its matmuls in bf16/fp16); the logits,
 emits, are cast to float32 before any softmax, so no extra rounding is added here. benchmarks/eval.py measures
 what bf16 costs or saves on CPU.
 
-Memory: logits are never materialised for a whole batch. The decoder's hidden states are taken at the scored
-positions only and projected through the output head a chunk of positions at a time (about 128 MB of fp32
-logits per chunk), which for Gemma's 262k vocabulary also skips the head for the unscored half of a llamacpp
-window. harness.models says where a model splits into decoder and head; the split is checked against the
-model's own forward on a probe, and a model that has none or fails the check falls back to
-``model(...).logits`` with ``logits_to_keep``.
+Memory and speed: logits are never materialised for a whole batch. The decoder's hidden states are taken at
+the scored positions only (up to ``ROWS_PER_PASS`` of them at once) and projected through the output head one
+slice of ``VOCAB_SLICE`` vocabulary entries at a time. Each (rows × slice) fp32 tile is reduced while it sits
+in the CPU's cache (``reduce_logits``: its max, argmax, Σ exp, and the logits at the targets and at any
+requested indices), and the slices combine into the exact log-sum-exp in float64. So one pass reads the head's
+weight once for all its rows, and for Gemma's 262k vocabulary skips the head for the unscored half of a
+llamacpp window. harness.models says where a model splits into decoder and head; the split is checked against
+the model's own forward on a probe. A model that has none, or fails the check, or whose head is not a plain
+Linear, falls back to full logits rows (the head's output, or ``model(...).logits`` with ``logits_to_keep``),
+a few rows at a time, reduced by the same tiles.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import inspect
 import math
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,7 +61,9 @@ from harness.models.anatomy import LogitSplit, logit_split
 
 ProtocolName = Literal["disjoint", "sliding", "llamacpp"]
 PROTOCOLS: tuple[str, ...] = ("disjoint", "sliding", "llamacpp")
-LOGIT_CHUNK_BYTES = 128 << 20  # fp32 logits at once; each chunk re-reads the head (Gemma: 670 MB)
+VOCAB_SLICE = 1024  # logit columns reduced together: a tile of ROWS_PER_PASS × 1024 fp32 is 8 MiB
+ROWS_PER_PASS = 2048  # scored positions per pass over the head; a pass reads its weight once (Gemma: 670 MB)
+LOGIT_ROWS_BYTES = 64 << 20  # full-vocabulary fp32 rows held at once, where a caller needs whole rows
 
 
 class NonFiniteError(ArithmeticError):
@@ -238,9 +244,7 @@ def perplexity(
     whether the stream starts with BOS (recorded, and used by llamacpp to re-seed every chunk).
     """
     tokens = check_tokens(tokens)
-    nll = torch.empty(sum(w.n_scored for w in make_windows(protocol, tokens.shape[1])), dtype=torch.float64)
-    at = 0
-    for logits, targets in scored_logits(
+    head, passes = scored_rows(
         model,
         tokens,
         protocol,
@@ -248,10 +252,8 @@ def perplexity(
         batch_size=batch_size,
         progress=progress,
         desc=f"ppl {protocol.name}",
-    ):
-        picked = logits.gather(1, targets[:, None])[:, 0]
-        nll[at : at + len(targets)] = torch.logsumexp(logits, dim=-1) - picked
-        at += len(targets)
+    )
+    nll = torch.cat([head.scores(rows).nll for rows in passes])
     return summarize(
         protocol,
         nll.numpy(),
@@ -268,7 +270,7 @@ def check_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.to(torch.int64).cpu()
 
 
-def scored_logits(
+def scored_rows(
     model: nn.Module,
     tokens: torch.Tensor,
     protocol: PerplexityProtocol,
@@ -277,8 +279,11 @@ def scored_logits(
     batch_size: int,
     progress: bool,
     desc: str,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (fp32 logits (C, V), targets (C,)) for every scored position, in window order, a chunk at a time.
+    whole_rows: bool = False,
+) -> tuple[LogitHead, Iterator[ScoredRows]]:
+    """The model's head, and every scored position of the protocol in window order, for
+    ``LogitHead.scores``; ``whole_rows`` when the caller holds vocabulary-wide data per row
+    (``LogitHead.rows_of``).
 
     The windows come batched as ``window_batches`` makes them. The caller holds torch.inference_mode (a
     context manager inside a generator would leak to the caller).
@@ -286,19 +291,7 @@ def scored_logits(
     batches = window_batches(tokens, protocol, bos_token_id=bos_token_id, batch_size=batch_size)
     stream = tokens[0]
     head = LogitHead(model, logit_split(model), stream[: min(16, len(stream))])
-    bar = tqdm(
-        total=sum(b.n_tokens for b in batches), unit="tok", desc=desc, disable=not progress, leave=False
-    )
-    device = _device(model)
-    try:
-        for batch in batches:
-            done = 0
-            for logits in head(batch.ids.to(device), batch.mask.to(device)):
-                yield logits.cpu(), batch.targets[done : done + len(logits)]
-                done += len(logits)
-            bar.update(batch.n_tokens)
-    finally:
-        bar.close()
+    return head, head.passes(batches, whole_rows=whole_rows, progress=progress, desc=desc)
 
 
 @dataclass(frozen=True)
@@ -345,24 +338,102 @@ def _device(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-class LogitHead:
-    """fp32 logits at chosen positions only: decoder hidden states, then the output head a chunk at a time.
+@dataclass(frozen=True)
+class ScoredRows:
+    """Scored positions and their targets, with what their logits come from: the decoder's last hidden states
+    (projected through the head a vocabulary slice at a time) or the model's own logits rows."""
 
-    ``split`` (``harness.models.logit_split``) is checked once against ``model(probe).logits``; without a
-    split, or when it does not reproduce the forward, ``model(..., logits_to_keep=k).logits`` is used instead.
+    targets: torch.Tensor  # int64 (C,)
+    hidden: torch.Tensor | None = None  # (C, H)
+    logits: torch.Tensor | None = None  # (C, V)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the metrics need of a model's logits z at some scored positions, reduced over the vocabulary."""
+
+    lse: torch.Tensor  # float64 (C,): log Σ_v exp z_v
+    argmax: torch.Tensor  # int64 (C,): the first index of the largest z
+    picked: torch.Tensor  # float32 (C, 1 + P): z at the target, then at each requested index
+    dot: torch.Tensor | None  # float64 (C,): Σ_v w_v z_v for the weights w asked for
+
+    @property
+    def nll(self) -> torch.Tensor:
+        """float64 (C,): −log softmax(z) at the target."""
+        return self.lse - self.picked[:, 0].double()
+
+    def log_probs(self) -> torch.Tensor:
+        """float64 (C, P): log softmax(z) at the requested indices."""
+        return self.picked[:, 1:].double() - self.lse[:, None]
+
+
+def reduce_logits(
+    tiles: Iterable[tuple[int, torch.Tensor]],
+    targets: torch.Tensor,
+    index: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> Scores:
+    """Scores of logits that arrive as column tiles ``(lo, z[:, lo:lo + w])`` (fp32, in vocabulary order,
+    covering it; a tile is read, never written, and need not outlive its step).
+
+    Each tile gives its max m_s, argmax and S_s = Σ exp(z − m_s); then lse = M + log Σ_s S_s exp(m_s − M) in
+    float64, with M the largest m_s, and the argmax is the first of the tile holding M. ``index`` (C, P) asks
+    for z at those vocabulary entries; ``weights`` (C, V) for the dot product Σ_v w_v z_v, in float64."""
+    wanted = targets[:, None] if index is None else torch.cat([targets[:, None], index], dim=1)
+    flat = wanted.reshape(-1)
+    order = torch.argsort(flat)
+    ordered = flat[order]
+    row_of = order // wanted.shape[1]
+    picked = torch.empty(wanted.shape, dtype=torch.float32)
+    dot = None if weights is None else torch.zeros(len(targets), dtype=torch.float64)
+    maxima, argmaxes, sums = [], [], []
+    scratch = torch.empty(0)
+    for lo, z in tiles:
+        first, last = torch.searchsorted(ordered, torch.tensor([lo, lo + z.shape[1]])).tolist()
+        picked.view(-1)[order[first:last]] = z[row_of[first:last], ordered[first:last] - lo]
+        if weights is not None and dot is not None:
+            dot += (weights[:, lo : lo + z.shape[1]].double() * z.double()).sum(dim=1)
+        top, arg = z.max(dim=1)
+        maxima.append(top)
+        argmaxes.append(arg + lo)
+        if scratch.numel() < z.numel():
+            scratch = torch.empty(z.numel(), dtype=z.dtype)
+        shifted = torch.sub(z, top[:, None], out=scratch[: z.numel()].view(z.shape))
+        sums.append(shifted.exp_().sum(dim=1))
+    tops = torch.stack(maxima, dim=1)
+    top, which = tops.max(dim=1)
+    argmax = torch.stack(argmaxes, dim=1).gather(1, which[:, None])[:, 0]
+    scale = (tops.double() - top.double()[:, None]).exp_()
+    lse = top.double() + (torch.stack(sums, dim=1).double() * scale).sum(dim=1).log()
+    return Scores(lse, argmax, picked, dot)
+
+
+class LogitHead:
+    """A model's logits at chosen positions only: decoder hidden states, then the output head.
+
+    ``split`` (``harness.models.logit_split``) is checked once against ``model(probe).logits``. With a plain
+    Linear head, logits come a vocabulary slice at a time straight from its weight; with another head, its
+    output rows; without a split, or when it does not reproduce the forward, ``model(...,
+    logits_to_keep=k).logits``.
     """
 
     def __init__(self, model: nn.Module, split: LogitSplit | None, probe: torch.Tensor) -> None:
         self.model = model
         reference = model(input_ids=probe[None].to(_device(model)), use_cache=False).logits[0].float()
         self.vocab = reference.shape[-1]
-        self.chunk = max(1, LOGIT_CHUNK_BYTES // (4 * self.vocab))
+        self.rows = max(1, LOGIT_ROWS_BYTES // (4 * self.vocab))  # full rows at once
         self.split = split
+        self.linear = split is not None and _plain_linear(split.head)
         if split is not None:
-            mine = split.logits(split.hidden_states(probe[None].to(_device(model)))[0]).float()
+            hidden = split.hidden_states(probe[None].to(_device(model)))[0]
+            mine = torch.cat([z.clone() for _, z in self.tiles(ScoredRows(probe, hidden=hidden))], dim=1)
             scale = float(reference.abs().max()) + 1.0
             if mine.shape != reference.shape or float((mine - reference).abs().max()) > 1e-4 * scale:
                 self.split = None
+                self.linear = False
         if self.split is None:
             warnings.warn(
                 f"{type(model).__name__}: decoder + output head do not reproduce the forward; computing full "
@@ -371,18 +442,89 @@ class LogitHead:
             )
         self.keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Logits (C, V) fp32 of the positions where ``mask`` (B, L) is True, row-major, in chunks."""
-        if self.split is not None:
-            picked = self.split.hidden_states(ids)[mask]
-            for c in range(0, len(picked), self.chunk):
-                yield self.split.logits(picked[c : c + self.chunk]).float()
-            return
+    def passes(
+        self, batches: list[WindowBatch], *, whole_rows: bool, progress: bool, desc: str
+    ) -> Iterator[ScoredRows]:
+        """Every scored position of ``batches``, in order (``rows_of`` says how many at a time)."""
+        bar = tqdm(
+            total=sum(b.n_tokens for b in batches), unit="tok", desc=desc, disable=not progress, leave=False
+        )
+        device = _device(self.model)
+        try:
+            for batch in batches:
+                ids, mask = batch.ids.to(device), batch.mask.to(device)
+                if self.split is not None:
+                    yield from self.rows_of(self.split.hidden_states(ids)[mask], batch.targets, whole_rows)
+                else:
+                    yield from self._model_rows(ids, mask, batch.targets)
+                bar.update(batch.n_tokens)
+        finally:
+            bar.close()
+
+    def rows_of(self, hidden: torch.Tensor, targets: torch.Tensor, whole_rows: bool) -> Iterator[ScoredRows]:
+        """Decoder hidden states (C, H) at scored positions as ScoredRows: ``ROWS_PER_PASS`` at a time, or
+        ``self.rows`` (the whole logits rows ``LOGIT_ROWS_BYTES`` holds) when the head gives whole rows or
+        the caller keeps vocabulary-wide data per row."""
+        assert self.split is not None
+        step = ROWS_PER_PASS if self.linear and not whole_rows else self.rows
+        for c in range(0, len(hidden), step):
+            part, aimed = hidden[c : c + step], targets[c : c + step]
+            if self.linear:
+                yield ScoredRows(aimed, hidden=part)
+            else:
+                yield ScoredRows(aimed, logits=self.split.logits(part))
+
+    def _model_rows(
+        self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor
+    ) -> Iterator[ScoredRows]:
         first = int(mask.float().argmax(dim=1).min())  # the earliest scored column of any row
         if self.keep:
             logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=ids.shape[1] - first).logits
         else:
             logits = self.model(input_ids=ids).logits[:, first:]
         picked = logits[mask[:, first:]]
-        for c in range(0, len(picked), self.chunk):
-            yield picked[c : c + self.chunk].float()
+        for c in range(0, len(picked), self.rows):
+            yield ScoredRows(targets[c : c + self.rows], logits=picked[c : c + self.rows])
+
+    def tiles(self, rows: ScoredRows) -> Iterator[tuple[int, torch.Tensor]]:
+        """The fp32 logits of ``rows`` as column tiles (lo, z[:, lo:lo + VOCAB_SLICE]); each tile is valid
+        until the next one is drawn (its buffer is reused)."""
+        if rows.hidden is None:
+            assert rows.logits is not None
+            yield from column_tiles(rows.logits)
+            return
+        assert self.split is not None
+        head, softcap, hidden = self.split.head, self.split.softcap, rows.hidden
+        assert isinstance(head, nn.Linear)
+        buffer = torch.empty(len(hidden) * VOCAB_SLICE, dtype=head.weight.dtype, device=hidden.device)
+        for lo in range(0, head.out_features, VOCAB_SLICE):
+            weight = head.weight[lo : lo + VOCAB_SLICE]
+            out = buffer[: len(hidden) * len(weight)].view(len(hidden), len(weight))
+            if head.bias is None:
+                z = torch.mm(hidden, weight.T, out=out)
+            else:
+                z = torch.addmm(head.bias[lo : lo + VOCAB_SLICE], hidden, weight.T, out=out)
+            if softcap is not None:  # in place, the very operations of the model's forward
+                z.div_(softcap).tanh_().mul_(softcap)
+            yield lo, z.float().cpu()
+
+    def scores(
+        self, rows: ScoredRows, index: torch.Tensor | None = None, weights: torch.Tensor | None = None
+    ) -> Scores:
+        """``reduce_logits`` of the rows' logits."""
+        return reduce_logits(self.tiles(rows), rows.targets, index, weights)
+
+    def full(self, rows: ScoredRows) -> torch.Tensor:
+        """The rows' whole fp32 logits (C, V): the very values their tiles hold."""
+        return torch.cat([z.clone() for _, z in self.tiles(rows)], dim=1)
+
+
+def column_tiles(logits: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """Whole logits rows (C, V) as ``reduce_logits`` tiles: the same slices the head's weight gives."""
+    for lo in range(0, logits.shape[1], VOCAB_SLICE):
+        yield lo, logits[:, lo : lo + VOCAB_SLICE].float()
+
+
+def _plain_linear(head: nn.Module) -> bool:
+    """A Linear whose forward is its weight alone: no hooks (a quantized head's dtype casts) to honour."""
+    return type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
