@@ -3,14 +3,16 @@
 For each model asset that is fetched (smollm2-135m, gemma-3-270m):
 - tokens/s of harness.evaluate.perplexity against a plain transformers loop (one ``model(ids, labels=...)``
   per window, as the HF guide writes it) on the same tokens and windows, disjoint and llamacpp protocols;
-- the KLD base cache: build time, bytes per scored token, size, and what one ``evaluate_against`` pass
-  (perplexity + KLD) costs over a perplexity-only pass; the self-check and an int4 block-256 example;
-- the FLOP floor of one pass (blocks + head, from the model's shapes) at this CPU's measured torch.mm rate,
-  and each pass's time as a multiple of it;
+- under each protocol, the top-k KLD base reference: build time, bytes per scored token, size, and what one
+  ``evaluate_against`` pass (perplexity + KLD) costs over a perplexity-only pass; the self-check; an int4
+  block-256 example (llamacpp);
+- the FLOP floor of one pass (blocks + head, from the model's shapes) at the fastest torch.mm rate this CPU
+  reaches on the pass's own GEMM shapes, and each pass's time as a multiple of it;
 - bf16 against fp32: the same perplexity loop with the whole model cast to bfloat16.
 Medians of ``--runs`` runs; ratios are taken within one run of this script.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/eval.py [--models smollm2-135m] [--tokens 2048] [--runs 3]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/eval.py [--models smollm2-135m] [--corpus wikipedia]
+        [--tokens 2048] [--runs 3]
 """
 
 from __future__ import annotations
@@ -36,7 +38,15 @@ from torch import nn
 from harness import assets
 from harness.data import token_splits
 from harness.evaluate.divergence import BaseReference, evaluate_against
-from harness.evaluate.perplexity import PerplexityProtocol, Window, make_windows, perplexity, text_counts
+from harness.evaluate.perplexity import (
+    ROWS_PER_PASS,
+    VOCAB_SLICE,
+    PerplexityProtocol,
+    Window,
+    make_windows,
+    perplexity,
+    text_counts,
+)
 from harness.models import load_model
 from harness.quantize import QuantConfig, fake_quant
 
@@ -100,17 +110,104 @@ def gemm_rate(m: int, k: int, n: int, runs: int) -> float:
     return 2 * m * k * n / seconds
 
 
-def bench_model(name: str, n_tokens: int, context: int, runs: int) -> None:
+def gemm_rates(model: nn.Module, context: int, runs: int) -> dict[str, float]:
+    """torch.mm FLOP/s on the pass's own GEMM shapes: an MLP projection of a 4 x ``context`` batch, and one
+    head tile."""
+    d_model, d_ff = model.config.hidden_size, model.config.intermediate_size
+    shapes = {
+        f"{4 * context}x{d_model} @ {d_model}x{d_ff}": (4 * context, d_model, d_ff),
+        f"{ROWS_PER_PASS}x{d_model} @ {d_model}x{VOCAB_SLICE}": (ROWS_PER_PASS, d_model, VOCAB_SLICE),
+    }
+    return {label: gemm_rate(*shape, runs) for label, shape in shapes.items()}
+
+
+def reference_and_floor(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    proto: PerplexityProtocol,
+    cache: Path,
+    name: str,
+    kw: dict[str, Any],
+    rates: dict[str, float],
+    runs: int,
+) -> BaseReference:
+    """The top-k base reference under ``proto``: its size and build time, what KLD adds to a perplexity pass,
+    its self-check, and both passes as multiples of the FLOP floor at the fastest of ``rates``."""
+    build = partial(BaseReference.build, model, tokens, proto, cache, name, **kw)
+    start = time.perf_counter()
+    ref = build()
+    t_build = time.perf_counter() - start
+    start = time.perf_counter()
+    build()  # the cache hit
+    t_hit = time.perf_counter() - start
+    on_disk = sum(p.stat().st_size for p in ref.path.iterdir())
+    t_ppl, t_both, overhead, _, (_, self_div) = paired(
+        lambda: perplexity(model, tokens, proto, **kw),
+        lambda: evaluate_against(model, ref, progress=False),
+        runs,
+    )
+    context = proto.context_length
+    print(
+        f"\nKLD cache ({proto.name} {context}): {ref.n_tokens} scored tokens, "
+        f"{on_disk / 2**20:.1f} MiB on disk "
+        f"({on_disk / ref.n_tokens:.0f} B/token, {ref.storage.label}; "
+        f"{on_disk / ref.n_tokens * 1e5 / 2**30:.1f} GiB per 100k scored tokens); build {t_build:.1f} s "
+        f"(a perplexity pass: {t_ppl:.1f} s), cache hit {t_hit:.2f} s"
+    )
+    print(
+        f"evaluate_against (ppl + KLD, one pass) {t_both:.2f} s vs perplexity only {t_ppl:.2f} s: "
+        f"KLD overhead {overhead - 1:+.0%}"
+    )
+    print(
+        f"self-check: KLD mean {self_div.kld_mean:.2e}, max {self_div.kld.max():.2e}, "
+        f"top-1 {self_div.top1_agreement:.4f}"
+    )
+    body, head = forward_flops(model, make_windows(proto, tokens.shape[1]))
+    best = max(rates, key=rates.__getitem__)
+    floor = (body + head) / rates[best]
+    print(
+        f"FLOP floor ({proto.name} {context}): {body / 1e9:.1f} GFLOP in the blocks + {head / 1e9:.1f} "
+        f"GFLOP in the head at {rates[best] / 1e9:.0f} GFLOP/s, the faster torch.mm rate of "
+        + ", ".join(f"{label} ({rate / 1e9:.0f})" for label, rate in rates.items())
+        + f" = {floor:.2f} s; perplexity pass {t_ppl / floor:.2f}x the floor, ppl + KLD pass "
+        f"{t_both / floor:.2f}x"
+    )
+    return ref
+
+
+def int4_example(model: nn.Module, ref: BaseReference) -> None:
+    """What int4 at block 256 on every block Linear does to perplexity, KLD and top-1."""
+    originals = {}
+    config = QuantConfig("int4", 256)
+    with torch.no_grad():
+        for mod_name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and ".layers." in mod_name:
+                originals[mod_name] = module.weight.data
+                module.weight.data = fake_quant(module.weight.data, config)
+    q_ppl, q_div = evaluate_against(model, ref, progress=False)
+    for mod_name, module in model.named_modules():
+        if mod_name in originals:
+            module.weight.data = originals[mod_name]
+    print(
+        f"int4 block 256 on {len(originals)} block Linears: "
+        f"ppl {ref.perplexity().ppl:.3f} -> {q_ppl.ppl:.3f}, "
+        f"KLD mean {q_div.kld_mean:.4f} p50 {np.median(q_div.kld):.4f} "
+        f"p99 {np.percentile(q_div.kld, 99):.4f} max {q_div.kld.max():.3f}, "
+        f"top-1 {q_div.top1_agreement:.3f}"
+    )
+
+
+def bench_model(name: str, corpus: str, n_tokens: int, context: int, runs: int) -> None:
     loaded = load_model(name)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     tokens = token_splits(
-        "wikipedia", tokenizer, calibration_sequences=0, calibration_length=8, eval_tokens=n_tokens
+        corpus, tokenizer, calibration_sequences=0, calibration_length=8, eval_tokens=n_tokens
     ).evaluation
     n_bytes, n_words = text_counts(tokenizer, tokens)
     bos = tokenizer.bos_token_id
     vocab = model.get_output_embeddings().weight.shape[0]
     print(
-        f"\n## {name}: {n_tokens} wikipedia tokens, context {context}, vocab {vocab}, "
+        f"\n## {name}: {n_tokens} {corpus} tokens, context {context}, vocab {vocab}, "
         f"{torch.get_num_threads()} threads, median of {runs}"
     )
     kw = {"text_bytes": n_bytes, "text_words": n_words, "bos_token_id": bos, "progress": False}
@@ -131,78 +228,14 @@ def bench_model(name: str, n_tokens: int, context: int, runs: int) -> None:
             f"{fed / t_plain:.0f} | {speedup:.2f}x | {abs(ours.nll_sum - plain) / plain:.1e} |"
         )
 
+    rates = gemm_rates(model, context, runs)
+    for proto in (PerplexityProtocol("disjoint", context), PerplexityProtocol("llamacpp", context)):
+        with tempfile.TemporaryDirectory() as cache:
+            ref = reference_and_floor(model, tokens, proto, Path(cache), name, kw, rates, runs)
+            if proto.name == "llamacpp":
+                int4_example(model, ref)
+
     proto = PerplexityProtocol("llamacpp", context)
-    with tempfile.TemporaryDirectory() as cache:
-        build = partial(
-            BaseReference.build,
-            model,
-            tokens,
-            proto,
-            Path(cache),
-            name,
-            text_bytes=n_bytes,
-            text_words=n_words,
-            bos_token_id=bos,
-            progress=False,
-        )
-        start = time.perf_counter()
-        ref = build()
-        t_build = time.perf_counter() - start
-        start = time.perf_counter()
-        build()  # the cache hit
-        t_hit = time.perf_counter() - start
-        on_disk = sum(p.stat().st_size for p in ref.path.iterdir())
-        t_ppl, t_both, overhead, _, (_, self_div) = paired(
-            lambda: perplexity(model, tokens, proto, **kw),
-            lambda: evaluate_against(model, ref, progress=False),
-            runs,
-        )
-        print(
-            f"\nKLD cache ({proto.name} {context}): {ref.n_tokens} scored tokens, "
-            f"{on_disk / 2**20:.1f} MiB on disk "
-            f"({on_disk / ref.n_tokens:.0f} B/token, {ref.storage.label}; "
-            f"{on_disk / ref.n_tokens * 1e5 / 2**30:.1f} GiB per 100k scored tokens); build {t_build:.1f} s "
-            f"(a perplexity pass: {t_ppl:.1f} s), cache hit {t_hit:.2f} s"
-        )
-        print(
-            f"evaluate_against (ppl + KLD, one pass) {t_both:.1f} s vs perplexity only {t_ppl:.1f} s: "
-            f"KLD overhead {overhead - 1:+.0%}"
-        )
-        print(
-            f"self-check: KLD mean {self_div.kld_mean:.2e}, max {self_div.kld.max():.2e}, "
-            f"top-1 {self_div.top1_agreement:.4f}"
-        )
-        body, head = forward_flops(model, make_windows(proto, tokens.shape[1]))
-        d_model, d_ff = model.config.hidden_size, model.config.intermediate_size
-        body_rate, head_rate = gemm_rate(512, d_model, d_ff, runs), gemm_rate(128, d_model, vocab, runs)
-        floor = body / body_rate + head / head_rate
-        print(
-            f"FLOP floor ({proto.name} {context}): {body / 1e9:.1f} GFLOP in the blocks at "
-            f"{body_rate / 1e9:.0f} GFLOP/s (torch.mm 512x{d_model} @ {d_model}x{d_ff}) + "
-            f"{head / 1e9:.1f} GFLOP in the head at {head_rate / 1e9:.0f} GFLOP/s "
-            f"(128x{d_model} @ {d_model}x{vocab}) = {floor:.1f} s; perplexity pass {t_ppl / floor:.2f}x the "
-            f"floor, ppl + KLD pass {t_both / floor:.2f}x"
-        )
-
-        originals = {}
-        config = QuantConfig("int4", 256)
-        with torch.no_grad():
-            for mod_name, module in model.named_modules():
-                if isinstance(module, nn.Linear) and ".layers." in mod_name:
-                    originals[mod_name] = module.weight.data
-                    module.weight.data = fake_quant(module.weight.data, config)
-        q_ppl, q_div = evaluate_against(model, ref, progress=False)
-        for mod_name, module in model.named_modules():
-            if mod_name in originals:
-                module.weight.data = originals[mod_name]
-        print(
-            f"int4 block 256 on {len(originals)} block Linears: "
-            f"ppl {ref.perplexity().ppl:.3f} -> {q_ppl.ppl:.3f}, "
-            f"KLD mean {q_div.kld_mean:.4f} p50 {np.median(q_div.kld):.4f} "
-            f"p99 {np.percentile(q_div.kld, 99):.4f} max {q_div.kld.max():.3f}, "
-            f"top-1 {q_div.top1_agreement:.3f}"
-        )
-
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     with torch.inference_mode():
         bf16(input_ids=tokens[:, :context])
@@ -220,6 +253,7 @@ def bench_model(name: str, n_tokens: int, context: int, runs: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
+    parser.add_argument("--corpus", default="wikipedia")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
@@ -229,7 +263,7 @@ def main() -> None:
         if not assets.is_fetched(name):
             print(f"\n## {name}: not fetched (harness fetch {name}); skipped")
             continue
-        bench_model(name, args.tokens, args.context, args.runs)
+        bench_model(name, args.corpus, args.tokens, args.context, args.runs)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 """Where a model comes from: an offline asset, a local directory, a .gguf file or a Hugging Face id.
 
 A GGUF is dequantized once into a safetensors cache entry, because converting it takes close to a minute and
-loading the entry seconds. Every parameter keeps the precision its source stored it in, since re-quantizing a
-weight that already lies on a 4-bit grid says nothing about the format under test.
+loading the entry seconds. The conversion runs in a child process: its transient gigabytes (the GGUF reader,
+the dequantized tensors, the serialisation) leave with it instead of staying in the caller's heap.
+
+Every parameter keeps the precision its source stored it in, since re-quantizing a weight that already lies on
+a 4-bit grid says nothing about the format under test.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,7 +267,14 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     converted = converted_dir(path)
     with building(converted, PRECISION_FILE, source=path) as build:
         if build is not None:
-            _convert_gguf(path, build)
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+                try:
+                    child.submit(_convert_gguf, path, build).result()
+                except BrokenProcessPool:
+                    raise MemoryError(
+                        f"converting {path.name} ended without a result: its process was killed "
+                        "(most often for lack of memory)"
+                    ) from None
     return _renamed(_load_pretrained(converted, dtype), name=path.stem, source=str(path))
 
 
