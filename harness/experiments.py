@@ -146,7 +146,7 @@ DoubleQuantValue = Annotated[DoubleQuantSpec | None, BeforeValidator(_double_qua
 
 
 class DataSettings(_Strict):
-    corpus: Annotated[StrictStr, AfterValidator(_known_corpus)] = "wikipedia"
+    corpus: Annotated[StrictStr, AfterValidator(_known_corpus)] = "wiki-summaries"
     calibration_sequences: Annotated[StrictInt, Field(ge=0)] = 4
     calibration_length: PositiveInt = 256
 

@@ -61,7 +61,7 @@ from harness.evaluate.perplexity import (
     summarize,
 )
 
-FORMAT = 4  # bump when the cache layout or its meaning changes
+FORMAT = 5  # bump when the cache layout or its meaning changes
 STORAGE_DTYPES = ("float16", "float32")
 TAIL_SEED = 0  # the tail samples are part of the reference: drawn once, reproducibly
 _BUILD_ROWS = 32
@@ -335,10 +335,11 @@ def _compute(
             arrays[name] = np.empty(shape, dtype=dtype)
         else:  # the header and the file's size; rows are then written with plain file I/O
             arrays[name] = np.lib.format.open_memmap(out / f"{name}.npy", "w+", dtype, shape)
+    buffers = torch.empty(2, head.rows, vocab)  # the logits, and their probabilities in _store
     for rows in passes:
-        logits = head.full(rows)
+        logits = head.full(rows, out=buffers[0, : len(rows)])
         scores = reduce_logits(column_tiles(logits), rows.targets)  # as every evaluation reduces them
-        finite = torch.isfinite(logits).all(dim=1).numpy()
+        finite = torch.isfinite(scores.nll).numpy()  # NaN or +inf anywhere in a row makes its NLL so
         stats["nll"][at : at + len(rows)] = np.where(finite, scores.nll.numpy(), np.nan)
         stats["top1"][at : at + len(rows)] = scores.argmax.numpy()
         if not finite.all():  # nothing of a non-finite model is stored; the pass goes on to count
@@ -348,7 +349,8 @@ def _compute(
         for first in range(0, len(rows), _BUILD_ROWS):
             part = slice(first, first + _BUILD_ROWS)
             where = slice(at + first, at + min(first + _BUILD_ROWS, len(rows)))
-            _store(arrays, stats, where, logits[part], scores.lse[part], storage, generator)
+            scratch = buffers[1, : where.stop - where.start]
+            _store(arrays, stats, where, logits[part], scores.lse[part], storage, generator, scratch)
         at += len(rows)
     assert arrays and at == n
     check_finite(stats["nll"], "the base model")  # raised before the entry is complete: it is not kept
@@ -377,9 +379,10 @@ def _store(
     lse: torch.Tensor,
     storage: ReferenceStorage,
     generator: torch.Generator,
+    scratch: torch.Tensor,
 ) -> None:
     """The reference's arrays and its mass statistic for the positions ``rows``, from the base's fp32 logits
-    and their float64 log-sum-exp (``reduce_logits``)."""
+    and their float64 log-sum-exp (``reduce_logits``); ``scratch`` is a buffer of the logits' shape."""
     if storage.kind == "exact":
         lp = logits.double() - lse[:, None]
         # ~ -65504 (finite) for float16 instead of -inf, so that 0 * l stays 0 below
@@ -394,8 +397,8 @@ def _store(
         _write_rows(arrays["topk_index"], rows, head_index.to(torch.int32).numpy())
         _write_rows(arrays["topk_logprob"], rows, (head_z.double() - lse[:, None]).float().numpy())
         # the tail's mass summed from its own probabilities: 1 − Σ head is all rounding when the tail is tiny
-        tail = (logits - lse[:, None].float()).exp_().scatter_(1, head_index, 0.0)
-        mass = tail.sum(dim=-1, dtype=torch.float64)
+        tail = torch.sub(logits, lse[:, None].float(), out=scratch).exp_().scatter_(1, head_index, 0.0)
+        mass = tail.sum(dim=-1).double()  # cascade-summed in float32: no float64 copy of the row
         tail[mass == 0, 0] = 1.0  # no tail to draw from: any index, weighted by r = 0 below
         drawn = torch.multinomial(tail, storage.samples, replacement=True, generator=generator)
         _write_rows(arrays["tail_index"], rows, drawn.to(torch.int32).numpy())

@@ -429,7 +429,7 @@ class LogitHead:
         self.linear = split is not None and _plain_linear(split.head)
         if split is not None:
             hidden = split.hidden_states(probe[None].to(_device(model)))[0]
-            mine = torch.cat([z.clone() for _, z in self.tiles(ScoredRows(probe, hidden=hidden))], dim=1)
+            mine = self.full(ScoredRows(probe, hidden=hidden))
             scale = float(reference.abs().max()) + 1.0
             if mine.shape != reference.shape or float((mine - reference).abs().max()) > 1e-4 * scale:
                 self.split = None
@@ -514,9 +514,13 @@ class LogitHead:
         """``reduce_logits`` of the rows' logits."""
         return reduce_logits(self.tiles(rows), rows.targets, index, weights)
 
-    def full(self, rows: ScoredRows) -> torch.Tensor:
-        """The rows' whole fp32 logits (C, V): the very values their tiles hold."""
-        return torch.cat([z.clone() for _, z in self.tiles(rows)], dim=1)
+    def full(self, rows: ScoredRows, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows' whole fp32 logits (C, V), the very values their tiles hold, written into ``out`` when
+        given (a buffer reused across passes: no fresh pages to fault in for each)."""
+        logits = torch.empty(len(rows), self.vocab) if out is None else out
+        for lo, z in self.tiles(rows):
+            logits[:, lo : lo + z.shape[1]] = z
+        return logits
 
 
 def column_tiles(logits: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
