@@ -142,8 +142,8 @@ def run_sweep(
     return summary
 
 
-# The default sweep (gemma-3-270m, 16,384 tokens, 2 CPU cores, assets in place) took 1.64× its FLOP time at the
-# 1024² matmul rate (1,043 s); the rest is quantization, the decoder's non-GEMM work and logging.
+# The default sweep (gemma-3-270m, 16,384 tokens, 2 CPU cores, assets in place) took 1.64× its FLOP time at
+# the 1024² matmul rate (1,043 s); the rest is quantization, the decoder's non-GEMM work and logging.
 SWEEP_OVERHEAD = 1.7
 
 

@@ -224,6 +224,43 @@ def test_apply_then_restore_is_bit_identical(tiny: LoadedModel) -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
+def _rss_file_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_pristine_weights_leave_resident_memory_while_quantized_and_come_back_unchanged(
+    tmp_path: Path,
+) -> None:
+    """The weights memory-mapped from the model's safetensors file are paged out once quantized (the resident
+    file pages shrink by most of their size) and read back bit-identical by restore and the next apply."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    directory = save_with_tokenizer(transformers.LlamaForCausalLM(config).eval(), tmp_path / "llama", VOCAB)
+    loaded = load_model(str(directory))
+    layers = discover_layers(loaded)
+    before = _state(loaded.model)  # also faults every weight page in
+    pristine = snapshot(loaded.model, layers)
+    nbytes = sum(w.numel() * w.element_size() for w in pristine.weights.values())
+    resident = _rss_file_bytes()
+    first = apply(pristine, NF4)
+    assert resident - _rss_file_bytes() > nbytes / 2
+    quantized_once = {info.name: loaded.model.get_submodule(info.name).weight.clone() for info in layers}
+    restore(pristine)
+    _assert_same_state(loaded.model, before)
+    second = apply(pristine, NF4)
+    for info in layers:
+        assert torch.equal(loaded.model.get_submodule(info.name).weight, quantized_once[info.name])
+    assert [r.metrics for r in second.layers] == [r.metrics for r in first.layers]
+    restore(pristine)
+    _assert_same_state(loaded.model, before)
+
+
 def test_restore_keeps_tied_weights_tied(tmp_path: Path) -> None:
     loaded = load_model(str(_save_tiny("gemma3", tmp_path)))
     model = loaded.model

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import mmap
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
@@ -33,6 +34,7 @@ from harness.quantize import QuantConfig, dequantize, quantize, tie_fraction
 CAPTURE_ROWS = 256
 TIE_WARNING_FRACTION = 1e-3  # above this share of exact ties in a layer, the tie rule visibly moves results
 _LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+_MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,7 @@ def apply(
                 ]
             del qt, approx
             _release_freed_memory()
+            _page_out(weight)
     except BaseException:
         restore(pristine)
         raise
@@ -263,6 +266,21 @@ def _release_freed_memory() -> None:
     the fp32 model higher (1.7 GB instead of 1.3 GB)."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):  # glibc only
         _LIBC.malloc_trim(0)
+
+
+def _page_out(tensor: torch.Tensor) -> None:
+    """Ask the kernel to reclaim the pages of ``tensor`` (MADV_PAGEOUT): a pristine weight is not read again
+    until the next config quantizes it. A weight memory-mapped from a safetensors file leaves this process's
+    resident memory (Gemma 3 270M: 0.4 GB over its blocks, which kept the default sweep above 3 GB) and is
+    read back, unchanged, when next used; the kernel never drops the contents of anonymous memory without
+    swap, so nothing can be lost. A hint only: on kernels without it (before Linux 5.4) nothing happens."""
+    if _LIBC is None or not hasattr(_LIBC, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page  # whole pages inside the tensor only
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
 
 
 def _cast_inputs(module: nn.Module, args: tuple[Any, ...], *, dtype: torch.dtype) -> tuple[Any, ...]:
