@@ -4,6 +4,7 @@ per-window ``model(input_ids, labels=...)`` loop written here independently of h
 from __future__ import annotations
 
 import math
+import warnings
 from functools import cache
 
 import pytest
@@ -349,6 +350,23 @@ def test_vocabulary_slices_and_passes_do_not_change_the_numbers(
     assert torch.allclose(sliced[1], whole[1], rtol=0, atol=1e-6)
     assert torch.allclose(sliced[2], whole[2], rtol=0, atol=1e-6)
     assert torch.equal(sliced[3], whole[3]) and not bool(whole[3].all())
+
+
+def test_a_head_with_hooks_is_checked_and_used_through_its_output() -> None:
+    """A head whose hooks change its output (as a quantized lm_head's dtype casts do) is checked and used
+    through its output rows, not its weight: it reproduces the forward, so nothing falls back to full
+    logits."""
+    model = tiny_llama(seed=4)
+    model.lm_head.register_forward_hook(lambda module, args, out: out * 0.5)
+    tokens = stream(200, seed=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = perplexity(
+            model, tokens, PerplexityProtocol("disjoint", 64), text_bytes=1, text_words=1, progress=False
+        )
+    assert not [w for w in caught if "full logits" in str(w.message)]
+    nll, _ = reference_disjoint(model, tokens, 64)
+    assert result.nll_sum == pytest.approx(nll, rel=1e-4)
 
 
 def test_text_counts_per_document() -> None:

@@ -429,7 +429,7 @@ class LogitHead:
         self.linear = split is not None and _plain_linear(split.head)
         if split is not None:
             hidden = split.hidden_states(probe[None].to(_device(model)))[0]
-            mine = self.full(ScoredRows(probe, hidden=hidden))
+            mine = torch.cat([self.full(rows) for rows in self.rows_of(hidden, probe, whole_rows=False)])
             scale = float(reference.abs().max()) + 1.0
             if mine.shape != reference.shape or float((mine - reference).abs().max()) > 1e-4 * scale:
                 self.split = None
