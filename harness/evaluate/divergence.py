@@ -21,7 +21,8 @@ Two ways to keep the base distribution (``ReferenceStorage``):
   so the KL computed is a true KL of a proper distribution p~ against q; KL(p~ ‖ p) is second order, about
   Var_p(d)/2 < 1e-7, the floor the self-check (base against its own cache) measures. Per position it costs
   one exp of the stored vector, one dot product and one logsumexp, by KL = [Σ p~ log p~] − Σ p~ z + lse(z),
-  z the quantized logits shifted by their max, the bracket precomputed at build time.
+  z the quantized logits (the dot product summed in float64, a vocabulary slice at a time), the bracket
+  precomputed at build time.
 
 Either way the cache is a folder named by a hash of (key, a fingerprint of the model's weights, the tokens,
 the protocol, BOS handling, the storage), built under a temporary name and renamed into place, meta.json
