@@ -49,6 +49,7 @@ from harness.evaluate.perplexity import (
 )
 from harness.models import load_model
 from harness.quantize import QuantConfig, fake_quant
+from harness.sweep import matmul_rate
 
 
 def median_time(fn: Callable[[], object], runs: int) -> tuple[float, object]:
@@ -102,14 +103,6 @@ def forward_flops(model: nn.Module, windows: list[Window]) -> tuple[float, float
     return body, 2 * head.in_features * head.out_features * sum(w.n_scored for w in windows)
 
 
-def gemm_rate(m: int, k: int, n: int, runs: int) -> float:
-    """FLOP/s this CPU achieves on an fp32 (m x k) @ (k x n) torch.mm, median of ``runs`` after a warm-up."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    torch.mm(a, b)
-    seconds, _ = median_time(lambda: torch.mm(a, b), max(runs, 5))
-    return 2 * m * k * n / seconds
-
-
 def gemm_rates(model: nn.Module, context: int, runs: int) -> dict[str, float]:
     """torch.mm FLOP/s on the pass's own GEMM shapes: an MLP projection of a 4 x ``context`` batch, and one
     head tile."""
@@ -118,7 +111,7 @@ def gemm_rates(model: nn.Module, context: int, runs: int) -> dict[str, float]:
         f"{4 * context}x{d_model} @ {d_model}x{d_ff}": (4 * context, d_model, d_ff),
         f"{ROWS_PER_PASS}x{d_model} @ {d_model}x{VOCAB_SLICE}": (ROWS_PER_PASS, d_model, VOCAB_SLICE),
     }
-    return {label: gemm_rate(*shape, runs) for label, shape in shapes.items()}
+    return {label: matmul_rate(*shape, runs=max(runs, 5)) for label, shape in shapes.items()}
 
 
 def reference_and_floor(

@@ -180,13 +180,13 @@ def estimate(groups: Sequence[Shard], history: pd.DataFrame, n_params: Mapping[s
     return f"estimated {shown} ({'; '.join(sorted(sources))})"
 
 
-def matmul_rate() -> float:
-    """FLOP/s of a 1024² fp32 torch.mm on this machine, median of five."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def matmul_rate(m: int = 1024, k: int = 1024, n: int = 1024, runs: int = 5) -> float:
+    """FLOP/s of an fp32 (m × k) @ (k × n) torch.mm on this machine, median of ``runs`` after a warm-up."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
     torch.mm(a, b)
     times = []
-    for _ in range(5):
+    for _ in range(runs):
         start = time.perf_counter()
         torch.mm(a, b)
         times.append(time.perf_counter() - start)
-    return 2 * 1024**3 / statistics.median(times)
+    return 2 * m * k * n / statistics.median(times)
