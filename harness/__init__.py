@@ -3,4 +3,4 @@
 # Part of every config's hash and tagged on every run: bump it whenever a change alters any number a run
 # produces, so that no FINISHED run measured by older code is reused. tests/test_numerics.py pins it to a
 # checksum of the numerical code.
-NUMERICS_VERSION = "3"
+NUMERICS_VERSION = "4"

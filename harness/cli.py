@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -13,10 +12,10 @@ SHOWN = 20  # configs `harness show` lists without --all
 
 
 def main(argv: list[str] | None = None) -> int:
-    # torchao, imported by transformers when installed, warns that its CUDA kernels do not load on a CPU
-    for noisy in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from harness.progress import quiet_peer_logs
     from harness.tracking import STORE_HELP
+
+    quiet_peer_logs()
 
     parser = argparse.ArgumentParser(
         prog="harness",
@@ -236,15 +235,22 @@ def _show(args: argparse.Namespace) -> int:
     axes = " × ".join(f"{axis} ({len(values)})" for axis, values in exp.axes.items())
     size = f"{count:,} configs" if exact else f"up to {count:,} configs"
     print(f"grid: {axes} → {size} (+1 baseline per model)")
-    for model, params in checked.n_params.items():
-        print(f"checked: {model} ({params / 1e6:.0f} M parameters): context, layers and corpus fit")
+    for model, cost in checked.costs.items():
+        declared = checked.declared[model]
+        print(
+            f"checked: {model} ({cost.n_params / 1e6:.0f} M parameters): context, layers and corpus fit; "
+            f"model_dtype auto is {declared.dtype} ({declared.rule})"
+        )
     for name in checked.unchecked:
         print(f"not checked: {name} is not fetched (`harness sweep` fetches it; so does `harness fetch`)")
     configs = exp.iter_configs() if args.all else itertools.islice(exp.iter_configs(), SHOWN)
-    print(f"\n{'#':>4}  {'hash':<16}  {'label':<28} model")
+    print(f"\n{'#':>4}  {'hash':<16}  {'label':<28} {'model dtype':<12} {'compute':<10} model")
     shown = 0
     for shown, config in enumerate(configs, 1):
-        print(f"{shown:>4}  {config.hash}  {config.label:<28} {config.model}")
+        if config.model in checked.declared:  # what runs: auto resolved, and the hash of that
+            config = config.resolved(checked.declared[config.model].dtype)
+        dtype, compute = config.model_dtype, config.compute_dtype or "(model's)"
+        print(f"{shown:>4}  {config.hash}  {config.label:<28} {dtype:<12} {compute:<10} {config.model}")
     if not args.all and count > shown:
         print(f"   … {count - shown:,} more (--all lists them)")
     return 0
@@ -267,7 +273,8 @@ def _sweep(args: argparse.Namespace) -> int:
         force=args.force,
         limit=args.limit,
         tracking_uri=args.tracking_uri,
-        n_params=checked.n_params,
+        costs=checked.costs,
+        declared=checked.declared,
     )
     executor = RayExecutor(args.address, args.workers) if args.executor == "ray" else LocalExecutor()
     summary = run_sweep(exp, options, executor)

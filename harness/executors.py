@@ -26,7 +26,6 @@ import torch
 from harness.evaluate.perplexity import NonFiniteError
 from harness.experiments import RunConfig
 from harness.measure import ModelSession, measure
-from harness.models import load_model
 from harness.tracking import (
     CLAIM_TAG,
     NOTE_TAG,
@@ -46,6 +45,8 @@ POLL_S = 0.5  # how often the driver collects outcomes while Ray tasks run
 
 @dataclass(frozen=True)
 class Shard:
+    """Configs of one model in one model dtype (resolved configs: ``RunConfig.resolved``)."""
+
     model: str
     configs: tuple[RunConfig, ...]
 
@@ -67,7 +68,7 @@ class SweepContext:
 class Outcome:
     config_hash: str
     label: str
-    status: Literal["finished", "failed", "skipped"]
+    status: Literal["finished", "failed", "skipped", "prepared"]  # prepared: the shard's model is ready
     detail: str = ""  # the error of a failed config, or why one was skipped
     eval_s: float = 0.0
     warnings: tuple[str, ...] = field(default_factory=tuple)
@@ -112,10 +113,11 @@ def run_shard(
             continue
         if session is None:
             try:
-                session = ModelSession.prepare(load_model(shard.model), shard.configs[0])
+                session = ModelSession.prepare(shard.configs[0])
             except NonFiniteError as exc:  # the base model itself: nothing can be measured against it
                 _base_failed(tracker, context, parent, shard, config, claim, exc, report)
                 return
+            report(Outcome("", shard.model, "prepared"))
         tags = {**config_tags(config), CLAIM_TAG: claim, NOTE_TAG: config_note(config)}
         if task:
             tags[TASK_TAG] = task

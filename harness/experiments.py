@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -45,9 +45,15 @@ from harness.evaluate.perplexity import PROTOCOLS
 from harness.formats import get_format
 from harness.quantize import COMPUTE_DTYPES, CONSTANT_DTYPES, BlockSize, QuantConfig
 
+# The dtype a model is loaded and run in; ``auto``: the checkpoint's own (``harness.models.declared_dtype``).
+MODEL_DTYPES = ("auto", *COMPUTE_DTYPES)
+# The dtype of the model that builds the KLD reference; ``model`` is the config's own model dtype.
+REFERENCE_DTYPES = ("model", *COMPUTE_DTYPES)
+
 SHIPPED_DIR = Path(__file__).with_name("registry")
 LOCAL_DIR = Path("experiments")  # relative to the working directory
 DEFAULT_BLOCK_SIZE = 64  # QLoRA's, for formats that do not fix their own
+DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 COUNTED = 200_000  # grid points counted one by one (about 0.2 s); a bigger grid reports its product
 
 
@@ -126,6 +132,7 @@ FormatName = Annotated[StrictStr, AfterValidator(_known_format)]
 BlockSizeValue = Annotated[BlockSize | None, BeforeValidator(_block_size)]
 ConstantDtype = Annotated[StrictStr, _one_of(CONSTANT_DTYPES)]
 ComputeDtype = Annotated[StrictStr, _one_of(COMPUTE_DTYPES)]
+ModelDtype = Annotated[StrictStr, _one_of(MODEL_DTYPES)]
 RoundingRule = Annotated[StrictStr, _one_of(ROUNDING_RULES)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
@@ -160,6 +167,7 @@ class EvalSettings(_Strict):
     kld: StrictBool = True
     kld_reference: Annotated[StrictStr, _one_of(("topk", "exact"))] = "topk"  # how the base is kept
     kld_topk: PositiveInt = 64  # tokens per position the top-k reference keeps
+    reference_dtype: Annotated[StrictStr, _one_of(REFERENCE_DTYPES)] = "model"  # the base reference's dtype
     tasks: Annotated[tuple[StrictStr, ...], AfterValidator(_known_tasks)] = ()
     limit: PositiveInt | None = Field(None, description="a positive integer or null")  # examples per task
     batch_size: PositiveInt = 4
@@ -178,6 +186,7 @@ class GridAxes(_Strict):
     block_size: list[BlockSizeValue] | None = Field(None, **_NON_EMPTY)
     double_quant: list[DoubleQuantValue] | None = Field(None, **_NON_EMPTY)
     constant_dtype: list[ConstantDtype] | None = Field(None, **_NON_EMPTY)
+    model_dtype: list[ModelDtype] | None = Field(None, **_NON_EMPTY)
     compute_dtype: list[ComputeDtype] | None = Field(None, **_NON_EMPTY)
     rounding: list[RoundingRule] | None = Field(None, **_NON_EMPTY)
 
@@ -187,6 +196,7 @@ class FixedAxes(_Strict):
     block_size: BlockSizeValue = None
     double_quant: DoubleQuantValue = None
     constant_dtype: ConstantDtype | None = None
+    model_dtype: ModelDtype | None = None
     compute_dtype: ComputeDtype | None = None
     rounding: RoundingRule | None = None
 
@@ -247,6 +257,7 @@ class ExperimentFile(_Strict):
     name: StrictStr | None = Field(None, min_length=1, description="a non-empty string")
     description: StrictStr = ""
     model: StrictStr | list[StrictStr] = Field(description="a model name or a list of them")
+    model_dtype: ModelDtype = "auto"  # `grid` or `fixed` may set it too, and win
     layers: LayerSelection = LayerSelection()
     data: DataSettings = DataSettings()
     eval: EvalSettings = EvalSettings()
@@ -277,7 +288,8 @@ class RunConfig:
     block_size: BlockSize | None = None
     double_quant: DoubleQuantConfig | None = None
     constant_dtype: str = "float32"
-    compute_dtype: str = "float32"
+    model_dtype: str = "auto"  # the dtype the model is loaded and run in; ``resolved`` turns auto into one
+    compute_dtype: str | None = None  # of the dequantized matmuls; None: the model dtype
     rounding: str = "ties_down"  # the tie rule between two levels; bitsandbytes' by default
     seed: int = 0
     overrides: tuple[LayerOverride, ...] = ()  # per-layer rules, in order: the last match wins
@@ -286,6 +298,25 @@ class RunConfig:
     @property
     def is_baseline(self) -> bool:
         return self.format is None
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.model_dtype != "auto" and self.compute_dtype is not None
+
+    def resolved(self, declared: str) -> RunConfig:
+        """This config with its dtypes concrete: ``auto`` becomes ``declared`` (the checkpoint's dtype), the
+        compute dtype defaults to the model dtype and the reference dtype ``model`` to it too. Two spellings
+        of one measurement (``auto`` and the declared dtype spelled out) become one config with one hash."""
+        model_dtype = declared if self.model_dtype == "auto" else self.model_dtype
+        reference = self.eval.reference_dtype
+        return replace(
+            self,
+            model_dtype=model_dtype,
+            compute_dtype=self.compute_dtype or model_dtype,
+            eval=self.eval.model_copy(
+                update={"reference_dtype": model_dtype if reference == "model" else reference}
+            ),
+        )
 
     def quant_config(self) -> QuantConfig | None:
         if self.format is None:
@@ -319,6 +350,7 @@ class RunConfig:
             "block_size": self.block_size,
             "double_quant": None if dq is None else {"block_size": dq.block_size, "code": dq.code},
             "constant_dtype": self.constant_dtype,
+            "model_dtype": self.model_dtype,
             "compute_dtype": self.compute_dtype,
             "rounding": self.rounding,
             "seed": self.seed,
@@ -335,10 +367,15 @@ class RunConfig:
         return _digest({"numerics_version": NUMERICS_VERSION, **self.content()})
 
     def _label_parts(self) -> list[tuple[str, str]]:
+        dtypes = []  # bf16, today's checkpoints' dtype, is left unsaid; so is a compute dtype equal to it
+        if self.model_dtype not in ("bfloat16", "auto"):
+            dtypes.append(("model_dtype", DTYPE_LABELS[self.model_dtype]))
+        if self.compute_dtype not in (None, self.model_dtype):
+            dtypes.append(("compute_dtype", f"compute-{DTYPE_LABELS[self.compute_dtype]}"))
         if self.format is None:
-            return [("format", "baseline")]
+            return [("format", "baseline"), *dtypes]
         if self.overrides:
-            return [("mixed", self.mix_name or f"mixed-{self.hash[:6]}")]
+            return [("mixed", self.mix_name or f"mixed-{self.hash[:6]}"), *dtypes]
         parts = [("format", self.format), ("block_size", f"b{self.block_size}")]
         if (dq := self.double_quant) is not None:
             parts.append(
@@ -346,8 +383,7 @@ class RunConfig:
             )
         if self.constant_dtype != "float32":
             parts.append(("constant_dtype", f"c{self.constant_dtype}"))
-        if self.compute_dtype != "float32":
-            parts.append(("compute_dtype", self.compute_dtype))
+        parts += dtypes
         if self.rounding != "ties_down":
             parts.append(("rounding", self.rounding))
         return parts
@@ -381,7 +417,7 @@ class RunConfig:
             block_size=None,
             double_quant=None,
             constant_dtype="float32",
-            compute_dtype="float32",
+            compute_dtype=None if self.model_dtype == "auto" else self.model_dtype,
             rounding="ties_down",
             overrides=(),
             mix_name=None,
@@ -488,6 +524,15 @@ class Experiment:
     @cached_property
     def configs(self) -> tuple[RunConfig, ...]:
         return tuple(self.iter_configs())
+
+    def resolved_configs(self, declared: Mapping[str, str], limit: int | None = None) -> list[RunConfig]:
+        """The first ``limit`` configs with their dtypes concrete (``declared``: each model's checkpoint
+        dtype, from ``harness.models.declared_dtype``), each hash once: what a sweep runs, ``show`` lists."""
+        unique = {}
+        for config in self.configs[:limit]:
+            resolved = config.resolved(declared[config.model])
+            unique.setdefault(resolved.hash, resolved)
+        return list(unique.values())
 
 
 # ---- finding and loading -----------------------------------------------------------------------------------
@@ -682,6 +727,7 @@ def _expand(spec: ExperimentFile, path: Path) -> Experiment:
         exclude=tuple(sorted(set(spec.layers.exclude))),
         data=spec.data,
         eval=evaluation,
+        model_dtype=spec.model_dtype,
         seed=spec.seed,
         overrides=overrides,
         mix_name=mix_name,
@@ -721,6 +767,8 @@ def _resolved_eval(evaluation: EvalSettings, fail: Any) -> EvalSettings:
 def _axis_value(axis: str, value: Any) -> Any:
     if value is None and axis == "rounding":
         return "ties_down"
+    if value is None and axis == "model_dtype":
+        return "auto"
     if axis == "double_quant" and value is not None:
         return DoubleQuantConfig(value.block_size, value.code)
     return value

@@ -42,10 +42,12 @@ from harness.models import (
     Pristine,
     apply,
     capture_inputs,
+    declared_dtype,
     discover_layers,
     first_nonfinite_module,
     layer_plan,
     layer_table,
+    load_model,
     restore,
     snapshot,
 )
@@ -83,8 +85,11 @@ class ModelSession:
     params: dict[str, Any]  # facts of the session, logged as params of every run
 
     @classmethod
-    def prepare(cls, loaded: LoadedModel, config: RunConfig) -> ModelSession:
+    def prepare(cls, config: RunConfig) -> ModelSession:
+        """Load ``config.model`` in its model dtype (``config`` resolved) and what its configs share."""
+        assert config.is_resolved, "ModelSession.prepare takes a resolved config (RunConfig.resolved)"
         torch.manual_seed(config.seed)
+        loaded = load_model(config.model, COMPUTE_DTYPES[config.model_dtype])
         layers = discover_layers(loaded, list(config.include) or None, list(config.exclude) or None)
         splits = config.token_splits(loaded.tokenizer)
         calibration = (
@@ -96,20 +101,27 @@ class ModelSession:
         text_bytes, text_words = text_counts(loaded.tokenizer, splits.evaluation)
         reference = None
         if config.eval.kld:
-            with _located(loaded.model, splits.evaluation, protocol):
+            reference_dtype = str(config.eval.reference_dtype)
+            base = loaded
+            if reference_dtype != config.model_dtype:  # KLD against the base in another dtype, as asked
+                base = load_model(config.model, COMPUTE_DTYPES[reference_dtype])
+            with _located(base.model, splits.evaluation, protocol):
                 reference = BaseReference.build(
-                    loaded.model,
+                    base.model,
                     splits.evaluation,
                     protocol,
                     cache_dir=cache_dir() / "reference",
-                    key=f"{loaded.source}|{config.data.corpus}",
+                    key=f"{loaded.source}|{config.data.corpus}|{reference_dtype}",
                     text_bytes=text_bytes,
                     text_words=text_words,
                     bos_token_id=loaded.tokenizer.bos_token_id if config.eval.bos else None,
                     storage=ReferenceStorage(config.eval.kld_reference, config.eval.kld_topk),  # type: ignore[arg-type]
                     batch_size=config.eval.batch_size,
-                    progress=False,
+                    progress=True,
                 )
+            del base
+        declared = declared_dtype(config.model)
+        assert declared is not None
         params = {
             "text_bytes": text_bytes,
             "text_words": text_words,
@@ -119,13 +131,17 @@ class ModelSession:
             "asset": _asset_pin(config.model),
             "n_docs_calibration": splits.n_docs_cal,
             "n_docs_eval": splits.n_docs_eval,
+            "declared_dtype": declared.dtype,
+            "declared_dtype_rule": declared.rule,
         }
         pristine = snapshot(loaded.model, layers)
         return cls(loaded, pristine, calibration, splits.evaluation, protocol, reference, params)
 
     @property
-    def element_size(self) -> int:
-        return next(self.loaded.model.parameters()).element_size()
+    def bits_per_param(self) -> float:
+        """Of the model as loaded: its parameters' bytes over their count (16.000 for bf16)."""
+        parameters = list(self.loaded.model.parameters())
+        return 8.0 * sum(p.nbytes for p in parameters) / sum(p.numel() for p in parameters)
 
 
 def measure(session: ModelSession, config: RunConfig) -> Measurement:
@@ -167,7 +183,7 @@ def _applied(session: ModelSession, config: RunConfig) -> Iterator[ApplyResult |
         if config.overrides:
             names = [info.name for info in session.pristine.layers]
             plan = layer_plan(names, quant, config.layer_rules())
-        dtype = COMPUTE_DTYPES[config.compute_dtype]
+        dtype = COMPUTE_DTYPES[str(config.compute_dtype)]
         result = apply(session.pristine, quant, dtype, session.calibration, plan)
     try:
         yield result
@@ -195,12 +211,12 @@ def _storage_and_error(session: ModelSession, layers: pd.DataFrame | None) -> di
     Memory counts every parameter that is not quantized at its loaded dtype."""
     total = session.params["params_total"]
     if layers is None:
-        bits = 8.0 * session.element_size
+        bits = session.bits_per_param
         metrics = {"bits_per_param": bits, "model_memory_bytes": total * bits / 8}
     else:
         metrics = aggregate(layers)
         rest = total - float(layers["numel"].sum())
-        metrics["model_memory_bytes"] = metrics["stored_bytes"] + rest * session.element_size
+        metrics["model_memory_bytes"] = metrics["stored_bytes"] + rest * session.bits_per_param / 8
         nmse = metrics["nmse"]
         metrics["sqnr_db"] = -10 * math.log10(nmse) if nmse > 0 else math.inf
     for label, count in PROJECTIONS.items():

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness.quantize import QuantizedTensor
+from harness.quantize import COMPUTE_DTYPES, QuantizedTensor
 from harness.stats import METHOD
 
 PROJECTION_PARAMS = {"7B": 7e9, "70B": 70e9}
@@ -511,3 +511,20 @@ register_metric(
     scale=100,
     scope="sweep",
 )
+register_metric(
+    "floor_s", "FLOP floor", "s", None, "model",
+    "the FLOPs of the sweep's finished evaluation passes (harness.floor) at the fastest torch.mm rate of "
+    "their GEMM shapes in their model dtype, measured right after the sweep",
+    decimals=0, scope="sweep",
+)  # fmt: skip
+register_metric(
+    "floor_multiple", "× FLOP floor", "×", "lower", "model",
+    "the sweep's wall time over its FLOP floor (floor_s): comparable across days of different machine speed",
+    decimals=2, scope="sweep",
+)  # fmt: skip
+for _dtype in COMPUTE_DTYPES:
+    register_metric(
+        f"matmul_gflops_{_dtype}", f"torch.mm rate {_dtype}", "GFLOP/s", "higher", "model",
+        f"the fastest torch.mm rate of the evaluation pass's GEMM shapes in {_dtype}, measured after a sweep",
+        decimals=0, scope="sweep",
+    )  # fmt: skip

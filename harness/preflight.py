@@ -13,19 +13,23 @@ from dataclasses import dataclass
 
 from harness import assets
 from harness.data import CORPORA, DataError
+from harness.evaluate.perplexity import PerplexityProtocol
 from harness.experiments import Experiment, ExperimentError
+from harness.floor import PassCost, pass_cost
 from harness.models import ModelError, discover_layers
-from harness.models.sources import outline_model
+from harness.models.sources import DeclaredDtype, declared_dtype, outline_model
 
 MAX_CONFIGS = 1000  # a grid above this runs only when asked twice (`--yes`)
 
 
 @dataclass(frozen=True)
 class Checked:
-    """What the checks learnt: each checked model's parameter count (a model's outline is let go once checked:
-    Gemma's tokenizer alone holds about 330 MB)."""
+    """What the checks learnt: each checked model's pass cost (parameters, FLOPs and GEMM shapes of one
+    evaluation pass) and declared dtype (a model's outline is let go once checked: Gemma's tokenizer alone
+    holds about 330 MB)."""
 
-    n_params: dict[str, int]
+    costs: dict[str, PassCost]
+    declared: dict[str, DeclaredDtype]
     unchecked: list[str]  # models and corpora not fetched yet: `sweep` fetches and checks them
 
 
@@ -52,18 +56,24 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
     ``unchecked`` instead."""
     settings = experiment.template
     problems: list[str] = []
-    n_params: dict[str, int] = {}
+    costs: dict[str, PassCost] = {}
+    declared: dict[str, DeclaredDtype] = {}
     unchecked: list[str] = []
     for model in experiment.models:
         try:
             outline = outline_model(model, fetch=fetch)
+            found = declared_dtype(model, fetch=fetch)
         except ModelError as exc:
             problems.append(f"model {model!r}: {exc}")
             continue
-        if outline is None:
+        if outline is None or found is None:
             unchecked.append(model)
             continue
-        n_params[model] = outline.n_params
+        declared[model] = found
+        protocol = PerplexityProtocol(
+            settings.eval.protocol, settings.eval.context_length, settings.eval.stride
+        )
+        costs[model] = pass_cost(outline.module, protocol, settings.eval.tokens)
         context, limit = settings.eval.context_length, outline.max_positions
         if limit is not None and context > limit:
             problems.append(
@@ -84,4 +94,4 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
             problems.append(f"data.corpus: {exc}")
     if problems:
         raise PreflightError("\n".join(f"{experiment.path}: {p}" for p in dict.fromkeys(problems)))
-    return Checked(n_params, unchecked)
+    return Checked(costs, declared, unchecked)

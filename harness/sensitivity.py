@@ -51,9 +51,9 @@ from harness.experiments import (
 )
 from harness.measure import Measurement, ModelSession, measure
 from harness.metrics import aggregate
-from harness.models import Blocks, apply, blocks, layer_table, load_model, logit_split, restore
+from harness.models import Blocks, apply, blocks, declared_dtype, layer_table, logit_split, restore
 from harness.plots import allocation_pareto, save, sensitivity_heatmap
-from harness.quantize import QuantConfig
+from harness.quantize import COMPUTE_DTYPES, CONSTANT_DTYPES, QuantConfig
 from harness.stats import paired_difference, resampled_means
 from harness.tracking import (
     KIND_TAG,
@@ -211,14 +211,17 @@ def probe(
     unit: Unit,
     config: QuantConfig,
     prefix: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, float | str | int]:
-    """Quantize ``unit`` alone to ``config``, evaluate (from its first block when ``prefix``), restore."""
+    """Quantize ``unit`` alone to ``config``, evaluate (from its first block when ``prefix``), restore. The
+    dequantized layers compute in ``compute_dtype``, by default the dtype their weights are loaded in."""
     session = cache.session
     start = time.perf_counter()
     plan = {name: config for name in unit.layers}
+    dtype = compute_dtype or session.pristine.weights[unit.layers[0]].dtype
     with warnings.catch_warnings():  # the source-precision warning: said once per run by ``Prober.run``
         warnings.simplefilter("ignore", UserWarning)
-        result = apply(session.pristine, config, torch.float32, session.calibration, plan)
+        result = apply(session.pristine, config, dtype, session.calibration, plan)
     try:
         tokens = cache.evaluate(unit.first_block if prefix else None)
     finally:
@@ -273,9 +276,12 @@ class Prober:
             prefix,
             progress,
         )
-        first = next(c for c in experiment.configs if c.model == model)
+        declared = declared_dtype(model)
+        assert declared is not None  # fetched: an asset is
+        first = next(c for c in experiment.configs if c.model == model).resolved(declared.dtype)
         self.config = replace(first, overrides=(), mix_name=None)  # its data, evaluation, dtypes and tie rule
-        self.session = ModelSession.prepare(load_model(model), self.config)
+        self.session = ModelSession.prepare(self.config)
+        self.compute_dtype = COMPUTE_DTYPES[str(self.config.compute_dtype)]
         self.cache = PrefixCache(self.session, self.settings.cache_memory_mb * 2**20)
         self.base = self.cache.evaluate(None)
         self.layer_names = [info.name for info in self.session.pristine.layers]
@@ -296,7 +302,7 @@ class Prober:
             if path.is_file():
                 rows.append(json.loads(path.read_text()))
                 continue
-            row = probe(self.cache, self.base, unit, config, self.prefix)
+            row = probe(self.cache, self.base, unit, config, self.prefix, self.compute_dtype)
             self.measured += 1
             self.seconds += float(row["seconds"])
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,6 +325,7 @@ class Prober:
             "reference": str(self.session.reference.path if self.session.reference else ""),
             "data": self.config.data.model_dump(),
             "seed": self.config.seed,
+            "dtypes": [self.config.model_dtype, self.config.compute_dtype],
             "layers": unit.layers,
             "first_block": unit.first_block if self.prefix else None,
             "choice": [
@@ -547,11 +554,12 @@ def _uniform(base: RunConfig, config: QuantConfig) -> RunConfig:
 
 
 def _nearest_uniform(budget: float, base: RunConfig) -> QuantConfig:
-    """nf4 (nf3 below 4 bits) at the power-of-two block size whose stored bits (k + 32/B) are nearest the
-    budget, the one under it on a tie."""
+    """nf4 (nf3 below 4 bits) at the power-of-two block size whose stored bits (k + c/B, c the bits of the
+    config's constant dtype) are nearest the budget, the one under it on a tie."""
     bits = 4 if budget >= 4 else 3
+    c = 8 * CONSTANT_DTYPES[base.constant_dtype].itemsize
     sizes = [2**k for k in range(4, 13)]
-    size = min(sizes, key=lambda b: (abs(bits + 32 / b - budget), bits + 32 / b > budget))  # ties: under
+    size = min(sizes, key=lambda b: (abs(bits + c / b - budget), bits + c / b > budget))  # ties: under
     return QuantConfig(f"nf{bits}", size, None, base.constant_dtype, base.rounding)  # type: ignore[arg-type]
 
 

@@ -15,7 +15,6 @@ runs, so two sweeps of one experiment at once never both run it. The bar counts 
 from __future__ import annotations
 
 import resource
-import statistics
 import sys
 import time
 import warnings
@@ -23,12 +22,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from harness.executors import Executor, LocalExecutor, Outcome, Shard, SweepContext
-from harness.experiments import Experiment
+from harness.experiments import DTYPE_LABELS, Experiment, RunConfig
+from harness.floor import PassCost, gemm_rates
 from harness.liveness import sigterm_as_interrupt
+from harness.models.sources import DeclaredDtype, declared_dtype
+from harness.quantize import COMPUTE_DTYPES
 from harness.tracking import NOTE_TAG, Tracker, provenance, sweep_tags
 
 
@@ -38,7 +39,8 @@ class SweepOptions:
     limit: int | None = None  # run only the first N configs
     tracking_uri: str | None = None
     progress: bool = True
-    n_params: Mapping[str, int] = field(default_factory=dict)  # per model, for the time estimate
+    costs: Mapping[str, PassCost] = field(default_factory=dict)  # per model: the estimate and the floor
+    declared: Mapping[str, DeclaredDtype] = field(default_factory=dict)  # per model, when checked already
 
 
 @dataclass
@@ -52,6 +54,8 @@ class SweepSummary:
     held: list[str] = field(default_factory=list)  # running in another sweep, or claimed by it first
     wall_s: float = 0.0
     eval_s: float = 0.0  # forward passes of the evaluation, with their ppl/KLD reductions and lm-eval
+    floor_s: float = 0.0  # the FLOP floor of the finished configs' evaluation passes
+    rates: dict[str, float] = field(default_factory=dict)  # dtype → torch.mm FLOP/s measured after the sweep
 
     def describe(self) -> str:
         lines = [
@@ -60,6 +64,13 @@ class SweepSummary:
             f"{self.wall_s:.0f} s; {self.eval_share:.0%} of it "
             f"evaluating (forward passes + ppl/KLD reductions); store: {self.tracking_uri}"
         ]
+        if self.floor_s:
+            rates = ", ".join(f"{DTYPE_LABELS[d]} {r / 1e9:.0f}" for d, r in self.rates.items())
+            lines.append(
+                f"wall time {self.wall_s:.0f} s = {self.wall_s / self.floor_s:.2f} × the FLOP floor of its "
+                f"{len(self.finished)} evaluation passes ({self.floor_s:.0f} s at the torch.mm rate of their "
+                f"GEMM shapes measured now, GFLOP/s: {rates})"
+            )
         if self.reaped:
             lines.append(f"marked {len(self.reaped)} stale RUNNING run(s) FAILED (their process had died)")
         lines += [f"FAILED {label}: {error}" for label, error in self.failed]
@@ -80,10 +91,11 @@ def run_sweep(
     summary = SweepSummary(experiment.name, tracker.uri, reaped=tracker.reap_stale(experiment_id))
     done = set() if options.force else tracker.finished_hashes(experiment_id)
     running = tracker.running_hashes(experiment_id)  # live owners only: the stale ones were just reaped
-    selected = list(experiment.configs[: options.limit])
-    groups = []  # per model: its configs to run, the baseline first
-    for model in dict.fromkeys(c.model for c in selected):
-        configs = [c for c in selected if c.model == model]
+    declared = {m: _declared(m, options).dtype for m in experiment.models}
+    selected = experiment.resolved_configs(declared, options.limit)
+    groups = []  # per model and model dtype: its configs to run, the baseline first
+    for model, dtype in dict.fromkeys((c.model, c.model_dtype) for c in selected):
+        configs = [c for c in selected if (c.model, c.model_dtype) == (model, dtype)]
         ordered = [configs[0].baseline(), *configs]
         summary.skipped += [c.label for c in ordered if c.hash in done]
         summary.held += [c.label for c in ordered if c.hash in running - done]
@@ -94,7 +106,7 @@ def run_sweep(
     if not total:
         return summary
     if options.progress:
-        eta = estimate(groups, tracker.runs(experiment.name), options.n_params)
+        eta = estimate(groups, tracker.runs(experiment.name), options.costs)
         print(
             f"{experiment.name}: {total} configs to run, {len(summary.skipped)} FINISHED before; {eta}",
             file=sys.stderr,
@@ -113,14 +125,19 @@ def run_sweep(
         bar = tqdm(total=total, desc=f"sweep {experiment.name}", unit="config", disable=not options.progress)
         shown: set[str] = set()  # source-precision warnings: each said once
         counted: set[str] = set()  # a Ray retry reports again the configs its dead attempt finished
+        finished: list[RunConfig] = []
 
         def report(outcome: Outcome) -> None:
+            if outcome.status == "prepared":  # a model loaded and its reference built: not a config's time
+                bar.unpause()
+                return
             if outcome.config_hash in counted:
                 return
             counted.add(outcome.config_hash)
             if outcome.status == "finished":
                 summary.finished.append(outcome.label)
                 summary.eval_s += outcome.eval_s
+                finished.append(next(c for g in groups for c in g.configs if c.hash == outcome.config_hash))
             elif outcome.status == "failed":
                 summary.failed.append((outcome.label, outcome.detail))
             else:
@@ -136,41 +153,64 @@ def run_sweep(
         bar.close()
         summary.wall_s = time.perf_counter() - start
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
-        parent.log_metrics(
-            {"sweep_wall_s": summary.wall_s, "eval_share": summary.eval_share, "peak_rss_gb": peak_gb}
-        )
+        metrics = {"sweep_wall_s": summary.wall_s, "eval_share": summary.eval_share, "peak_rss_gb": peak_gb}
+        if options.costs and finished:
+            _floor(summary, finished, options.costs)
+            metrics |= {"floor_s": summary.floor_s, "floor_multiple": summary.wall_s / summary.floor_s}
+            metrics |= {f"matmul_gflops_{d}": r / 1e9 for d, r in summary.rates.items()}
+        parent.log_metrics(metrics)
     return summary
 
 
-# The default sweep (gemma-3-270m, 16,384 tokens, 2 CPU cores, assets in place) took 1.64× its FLOP time at
-# the 1024² matmul rate (1,043 s); the rest is quantization, the decoder's non-GEMM work and logging.
+def _declared(model: str, options: SweepOptions) -> DeclaredDtype:
+    found = options.declared.get(model) or declared_dtype(model)
+    assert found is not None  # fetched: declared_dtype fetches an asset
+    return found
+
+
+def _floor(summary: SweepSummary, finished: Sequence[RunConfig], costs: Mapping[str, PassCost]) -> None:
+    """The FLOP floor of the finished configs' passes, at torch.mm rates measured now (the machine's speed
+    drifts: a floor measured in the same run makes the multiple comparable across days)."""
+    rates: dict[tuple[str, str], float] = {}
+    for config in finished:
+        key = (config.model, str(config.model_dtype))
+        if key not in rates:
+            measured = gemm_rates(costs[config.model], COMPUTE_DTYPES[key[1]])
+            rates[key] = max(measured.values())
+            summary.rates[key[1]] = rates[key]
+        summary.floor_s += costs[config.model].flops / rates[key]
+
+
+# A sweep's wall time over the FLOP floor of its passes at the bf16 torch.mm rate of their GEMM shapes: the
+# default sweep (gemma-3-270m, 16,384 tokens, 2 CPU cores, assets in place) measured 1.7; the rest is
+# quantization, the decoder's non-GEMM work and logging.
 SWEEP_OVERHEAD = 1.7
 
 
-def estimate(groups: Sequence[Shard], history: pd.DataFrame, n_params: Mapping[str, int]) -> str:
+def estimate(groups: Sequence[Shard], history: pd.DataFrame, costs: Mapping[str, PassCost]) -> str:
     """The sweep's expected duration, in words that say where it comes from: the median time of this
-    experiment's earlier FINISHED runs of the same model, else the forward passes' FLOPs (2 × parameters ×
-    evaluation tokens per config, and one more pass per model for the base reference) at this CPU's matmul
-    rate, measured once."""
+    experiment's earlier FINISHED runs of the same model and model dtype, else ``SWEEP_OVERHEAD`` × the FLOP
+    floor of its passes (one per config, and one more per model and dtype for the base reference) at this
+    CPU's torch.mm rate in the model dtype on the pass's GEMM shapes, measured once per dtype."""
     timed = pd.Series(dtype=float)
-    if {"metrics.time_total_s", "params.model"} <= set(history.columns):
-        finished = history[history["status"] == "FINISHED"].dropna(subset=["metrics.time_total_s"])
-        timed = finished.groupby("params.model")["metrics.time_total_s"].median()
-    seconds, sources, rate, referenced = 0.0, set(), 0.0, set()
+    columns = {"metrics.time_total_s", "params.model", "params.model_dtype"}
+    if columns <= set(history.columns):
+        finished = history[history["status"] == "FINISHED"].dropna(subset=sorted(columns))
+        timed = finished.groupby(["params.model", "params.model_dtype"])["metrics.time_total_s"].median()
+    seconds, sources, rates = 0.0, set(), {}
     for group in groups:
-        if group.model in timed:
-            seconds += len(group.configs) * float(timed[group.model])
+        dtype = str(group.configs[0].model_dtype)
+        if (group.model, dtype) in timed.index:
+            seconds += len(group.configs) * float(timed[(group.model, dtype)])
             sources.add("the median time of this experiment's earlier runs")
-        elif group.model in n_params:
-            passes = len(group.configs) + (group.model not in referenced)
-            referenced.add(group.model)
-            rate = rate or matmul_rate()
-            seconds += (
-                SWEEP_OVERHEAD * passes * 2 * n_params[group.model] * group.configs[0].eval.tokens / rate
-            )
+        elif group.model in costs:
+            cost = costs[group.model]
+            if dtype not in rates:
+                rates[dtype] = max(gemm_rates(cost, COMPUTE_DTYPES[dtype]).values())
+            seconds += SWEEP_OVERHEAD * (len(group.configs) + 1) * cost.flops / rates[dtype]
             sources.add(
-                f"{SWEEP_OVERHEAD:g} × the time of 2 × parameters × tokens FLOPs per config at this CPU's "
-                "matmul rate"
+                f"{SWEEP_OVERHEAD:g} × the FLOP floor of each pass at this CPU's torch.mm rate in "
+                f"{dtype} ({rates[dtype] / 1e9:.0f} GFLOP/s)"
             )
             if group.configs[0].eval.tasks:
                 sources.add("zero-shot tasks not included")
@@ -178,15 +218,3 @@ def estimate(groups: Sequence[Shard], history: pd.DataFrame, n_params: Mapping[s
         return "no estimate of its duration"
     shown = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
     return f"estimated {shown} ({'; '.join(sorted(sources))})"
-
-
-def matmul_rate(m: int = 1024, k: int = 1024, n: int = 1024, runs: int = 5) -> float:
-    """FLOP/s of an fp32 (m × k) @ (k × n) torch.mm on this machine, median of ``runs`` after a warm-up."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    torch.mm(a, b)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * m * k * n / statistics.median(times)

@@ -125,6 +125,7 @@ def config_params(config: RunConfig) -> dict[str, Any]:
         "dq_code": dq.code if dq else "none",
         "dq_block_size": dq.block_size if dq else 0,
         "constant_dtype": config.constant_dtype,
+        "model_dtype": config.model_dtype,
         "compute_dtype": config.compute_dtype,
         "rounding": config.rounding,
         "overrides": "; ".join(_rule_text(o) for o in config.overrides) or "(none)",
@@ -141,6 +142,7 @@ def config_params(config: RunConfig) -> dict[str, Any]:
         "kld": config.eval.kld,
         "kld_reference": config.eval.kld_reference,
         "kld_topk": config.eval.kld_topk,
+        "reference_dtype": config.eval.reference_dtype,
         "tasks": ",".join(config.eval.tasks) or "(none)",
         "limit": config.eval.limit,
         "seed": config.seed,
@@ -193,10 +195,14 @@ def config_note(config: RunConfig) -> str:
             f"{f'{dq.code}/{dq.block_size}' if dq else 'off'}, constants {config.constant_dtype}, "
             f"compute {config.compute_dtype}, rounding {config.rounding}"
         )
-    kld = f", KLD vs base ({config.eval.kld_reference})" if config.eval.kld else ""
+    kld = (
+        f", KLD vs {config.eval.reference_dtype} base ({config.eval.kld_reference})"
+        if config.eval.kld
+        else ""
+    )
     return (
-        f"{config.model}: {quant}; {config.data.corpus}, {config.eval.protocol} context "
-        f"{config.eval.context_length}, {config.eval.tokens} tokens{kld}; hash {config.hash}"
+        f"{config.model} in {config.model_dtype}: {quant}; {config.data.corpus}, {config.eval.protocol} "
+        f"context {config.eval.context_length}, {config.eval.tokens} tokens{kld}; hash {config.hash}"
     )
 
 

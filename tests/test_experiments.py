@@ -198,14 +198,20 @@ def test_two_spellings_of_one_config_share_a_hash(tmp_path: Path) -> None:
     explicit = load_experiment(
         write(
             tmp_path,
-            "model: m\ngrid: {format: [nf4, nf4], block_size: [64], double_quant: [false, off]}\n"
-            "fixed: {compute_dtype: float32}\neval: {protocol: llamacpp}\n",
+            "model: m\nmodel_dtype: bfloat16\n"
+            "grid: {format: [nf4, nf4], block_size: [64], double_quant: [false, off]}\n"
+            "fixed: {compute_dtype: bfloat16}\neval: {protocol: llamacpp, reference_dtype: bfloat16}\n",
             "explicit",
         )
     )
     assert len(omitted.configs) == len(explicit.configs) == 1
-    assert omitted.configs[0].hash == explicit.configs[0].hash
-    assert omitted.configs[0].block_size == 64 and omitted.configs[0].label == "nf4-b64"
+    # auto is the checkpoint's dtype, and compute and reference default to the model dtype: once resolved
+    # for a bf16 checkpoint, both spellings are one config
+    resolved = omitted.configs[0].resolved("bfloat16")
+    assert resolved.hash == explicit.configs[0].resolved("bfloat16").hash
+    assert resolved.hash != omitted.configs[0].resolved("float32").hash
+    assert resolved.block_size == 64 and resolved.label == "nf4-b64"
+    assert omitted.configs[0].resolved("float32").label == "nf4-b64-fp32"
     own = load_experiment(write(tmp_path, "model: m\ngrid: {format: [mxfp4, nvfp4]}\n", "own"))
     assert [c.block_size for c in own.configs] == [32, 16]  # the format's own block size
     sliding = "model: m\ngrid: {format: [nf4]}\neval: {protocol: sliding, context_length: 512%s}\n"

@@ -17,6 +17,7 @@ from harness.cache import cache_dir
 from harness.cli import main
 from harness.executors import Shard
 from harness.experiments import load_experiment
+from harness.floor import PassCost
 from harness.sweep import estimate
 from harness.tracking import ERROR_TAG, Tracker
 
@@ -235,21 +236,23 @@ def test_an_error_of_the_machine_is_one_line_and_a_log(
 
 
 def test_the_estimate_says_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Earlier runs of the model when the store has them, else FLOPs at the measured matmul rate (measured
-    once), the base reference counted once per model however many shards it has."""
-    configs = load_experiment("smoke").configs
+    """Earlier runs of the model in the same model dtype when the store has them, else the FLOP floor at the
+    torch.mm rate of the pass's GEMM shapes in the model dtype (measured once), the base reference counted
+    once per model and dtype however many shards it has."""
+    configs = [c.resolved("bfloat16") for c in load_experiment("smoke").configs]
     shards = [Shard("smollm2-135m", configs[:1]), Shard("smollm2-135m", configs[1:2])]
     history = pd.DataFrame(
-        {"status": ["FINISHED", "FINISHED", "FAILED"], "params.model": ["smollm2-135m"] * 3,
-         "metrics.time_total_s": [10.0, 30.0, 1000.0]}
+        {"status": ["FINISHED", "FINISHED", "FAILED", "FINISHED"], "params.model": ["smollm2-135m"] * 4,
+         "params.model_dtype": ["bfloat16"] * 3 + ["float32"], "metrics.time_total_s": [10.0, 30.0, 1e3, 1e3]}
     )  # fmt: skip
     assert (
         estimate(shards, history, {}) == "estimated 40 s (the median time of this experiment's earlier runs)"
     )
     calls = []
-    monkeypatch.setattr(sweep, "matmul_rate", lambda: calls.append(1) or 1e12)
-    text = estimate(shards, pd.DataFrame(), {"smollm2-135m": 10**8})
-    tokens = configs[0].eval.tokens
-    expected = sweep.SWEEP_OVERHEAD * 3 * 2 * 10**8 * tokens / 1e12  # two configs and one base pass
-    assert text.startswith(f"estimated {expected:.0f} s (") and "matmul rate" in text and calls == [1]
+    monkeypatch.setattr(sweep, "gemm_rates", lambda cost, dtype: calls.append(dtype) or {"mm": 1e12})
+    cost = PassCost(10**8, 2e12, 1e12, {"mm": (1, 1, 1)})
+    text = estimate(shards, pd.DataFrame(), {"smollm2-135m": cost})
+    expected = sweep.SWEEP_OVERHEAD * 4 * 3e12 / 1e12  # two shards, each one config and one base pass
+    assert text.startswith(f"estimated {expected:.0f} s (") and "bfloat16 (1000 GFLOP/s)" in text
+    assert calls == [torch.bfloat16]
     assert estimate(shards, pd.DataFrame(), {}) == "no estimate of its duration"

@@ -119,8 +119,8 @@ def test_loads_local_directory_in_eval_mode_fp32(tiny: LoadedModel) -> None:
 
 
 def test_source_precision_is_the_stored_dtype(tmp_path: Path) -> None:
-    loaded = load_model(str(_save_tiny("gemma3", tmp_path, torch.bfloat16)))
-    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}  # loaded in fp32 all the same
+    loaded = load_model(str(_save_tiny("gemma3", tmp_path, torch.bfloat16)), torch.float32)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}  # loaded in fp32 as asked
     assert {info.source_precision for info in discover_layers(loaded)} == {"BF16"}
     assert loaded.source_precision["lm_head.weight"] == "BF16"  # tied to the embeddings, which are stored
 

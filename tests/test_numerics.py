@@ -43,11 +43,13 @@ NOT_NUMERICAL = [
     "cli.py",
     "evaluate/__init__.py",
     "executors.py",  # where measure runs; the torch threads it sets are logged with each run
+    "floor.py",  # FLOP counts and matmul rates: estimates and the sweep's floor multiple, no run's number
     "experiments.py",  # what it resolves is part of the config, and so of the hash already
     "liveness.py",
     "models/__init__.py",
     "plots.py",
     "preflight.py",  # checks inputs; measures nothing
+    "progress.py",
     "report.py",
     "server.py",
     "sweep.py",

@@ -12,7 +12,8 @@ Two ways to keep the base distribution (``ReferenceStorage``):
   its fp32 log-probability, and the tail's mass r: 8·(k + m) + 24 bytes a token whatever the vocabulary
   (920 B at the defaults; 512 KiB for exact Gemma 3). The quantized model's full distribution q is computed
   online, so KL = Σ_topk p log(p/q) + Σ_tail p log(p/q) has its head exact, and the tail estimated without
-  bias as r · mean_j log(p/q)(s_j) over the samples s_j. The base against itself gives exactly 0; a single
+  bias as r · mean_j log(p/q)(s_j) over the samples s_j. log q is rounded to float32 as the stored log p was,
+  so the base against itself gives exactly 0, in any model dtype; a single
   token's KLD is an estimate (it can dip below 0), and over thousands of tokens the error of the mean is
   small: ``benchmarks/topk.py`` measures it against exact mode.
 - ``exact``: the full vector of base log-probabilities in float16 (or float32): 2 bytes × vocab, 96 KiB/token
@@ -506,7 +507,9 @@ def _kld(
     index = np.concatenate([stored["topk_index"], stored["tail_index"]], axis=1)
     scores = head.scores(part, index=torch.from_numpy(index).long())
     log_p = torch.from_numpy(np.concatenate([stored["topk_logprob"], stored["tail_logprob"]], axis=1))
-    log_ratio = log_p.double() - scores.log_probs()  # log p − log q at the stored tokens, in float64
+    # log p − log q at the stored tokens, in float64, with log q rounded to float32 as the stored log p was:
+    # a model against its own reference then gives exactly 0, at a cost below 6e-8·|log q| per term
+    log_ratio = log_p.double() - scores.log_probs().float().double()
     k = stored["topk_index"].shape[1]
     head_terms = (log_p[:, :k].double().exp() * log_ratio[:, :k]).sum(dim=-1).numpy()
     return scores, head_terms + mass * log_ratio[:, k:].mean(dim=-1).numpy()  # tail: r · mean log(p/q)

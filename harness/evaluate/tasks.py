@@ -233,16 +233,14 @@ def scored_positions_lm() -> type:
                 self._continuations = {}
 
         def _model_call(self, inps: torch.Tensor, attn_mask: Any = None, labels: Any = None) -> torch.Tensor:
+            """The model runs in its own dtype; its logits come back in float32, so that lm-eval's
+            log-softmax over them is not rounded to bf16 (8 significant bits) in a bf16 model."""
             causal = attn_mask is None and labels is None
             keep = self._positions_to_keep(inps) if causal and _keeps_logits(self.model) else None
             if keep is None:
-                return super()._model_call(inps, attn_mask, labels)
-            precision = self.mixed_precision_dtype
-            with (
-                torch.no_grad(),
-                torch.autocast(device_type=self.device.type, dtype=precision, enabled=precision is not None),
-            ):
-                return self.model(inps, logits_to_keep=keep).logits
+                return super()._model_call(inps, attn_mask, labels).float()
+            with torch.no_grad():
+                return self.model(inps, logits_to_keep=keep).logits.float()
 
         def _positions_to_keep(self, inps: torch.Tensor) -> int | None:
             """Trailing positions that cover every row's continuation; None if a row is not recognised."""

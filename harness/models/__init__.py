@@ -21,11 +21,19 @@ from harness.models.layers import (
     restore,
     snapshot,
 )
-from harness.models.sources import LoadedModel, ModelError, load_model, source_bits
+from harness.models.sources import (
+    DeclaredDtype,
+    LoadedModel,
+    ModelError,
+    declared_dtype,
+    load_model,
+    source_bits,
+)
 
 __all__ = [
     "ApplyResult",
     "Blocks",
+    "DeclaredDtype",
     "LayerInfo",
     "LayerResult",
     "LoadedModel",
@@ -35,6 +43,7 @@ __all__ = [
     "apply",
     "blocks",
     "capture_inputs",
+    "declared_dtype",
     "discover_layers",
     "first_nonfinite_module",
     "format_layers",

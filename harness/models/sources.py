@@ -26,6 +26,8 @@ from torch import nn
 
 from harness import assets
 from harness.cache import building, cache_dir
+from harness.progress import quiet_peer_logs, ticking
+from harness.quantize import COMPUTE_DTYPES
 
 PRECISION_FILE = "source_precision.json"
 
@@ -46,8 +48,64 @@ class LoadedModel:
     source_precision: dict[str, str]
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load an asset name, a local HF directory, a .gguf file or a Hugging Face id (in that order)."""
+@dataclass(frozen=True)
+class DeclaredDtype:
+    """The dtype a checkpoint declares for itself (what ``model_dtype: auto`` loads) and the rule that
+    decided it."""
+
+    dtype: str  # a key of harness.quantize.COMPUTE_DTYPES
+    rule: str
+
+
+def declared_dtype(spec: str, fetch: bool = True) -> DeclaredDtype | None:
+    """The checkpoint's own dtype: ``torch_dtype`` (``dtype``) in its configuration; for a GGUF the source
+    model's, from ``general.file_type`` when the file is unquantized, else bfloat16. None when ``spec`` is an
+    asset not fetched yet and ``fetch`` is false."""
+    if spec in assets.ASSETS:
+        if not fetch and not assets.is_fetched(spec):
+            return None
+        location: Path | str = assets.ensure(spec)
+    else:
+        location = _local_path(spec)
+    if isinstance(location, Path) and location.suffix == ".gguf":
+        return _gguf_dtype(location)
+    declared = getattr(_config(location), "dtype", None)
+    if declared is None:
+        return DeclaredDtype("float32", "its configuration declares no dtype: float32, transformers' default")
+    name = str(declared).removeprefix("torch.")
+    if name not in COMPUTE_DTYPES:
+        allowed = ", ".join(COMPUTE_DTYPES)
+        raise ModelError(f"{spec} declares dtype {name}; set model_dtype to one of {allowed}")
+    return DeclaredDtype(name, f"its configuration's torch_dtype: {name}")
+
+
+# GGUF file types that hold the source model's weights as they were (llama.cpp's LlamaFileType)
+_GGUF_UNQUANTIZED = {0: "float32", 1: "float16", 32: "bfloat16"}
+
+
+def _gguf_dtype(path: Path) -> DeclaredDtype:
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.file_type")
+    file_type = int(field.contents()) if field is not None else None
+    if file_type in _GGUF_UNQUANTIZED:
+        name = _GGUF_UNQUANTIZED[file_type]
+        return DeclaredDtype(name, f"the GGUF's general.file_type {file_type}: unquantized {name}")
+    kind = next((t.name for t in gguf.LlamaFileType if t.value == file_type), "unknown")
+    return DeclaredDtype(
+        "bfloat16",
+        f"the GGUF is quantized (general.file_type {file_type}, {kind}) and its metadata names no source "
+        "dtype: bfloat16, the dtype today's checkpoints are released in",
+    )
+
+
+def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load an asset name, a local HF directory, a .gguf file or a Hugging Face id (in that order), straight
+    into ``dtype`` (default: the checkpoint's own, ``declared_dtype``)."""
+    if dtype is None:
+        declared = declared_dtype(spec)
+        assert declared is not None
+        dtype = COMPUTE_DTYPES[declared.dtype]
     if spec in assets.ASSETS:
         path = assets.ensure(spec)
         loaded = _load_gguf(path, dtype) if path.suffix == ".gguf" else _load_pretrained(path, dtype)
@@ -166,9 +224,10 @@ def outline_model(spec: str, fetch: bool = True) -> ModelOutline | None:
     else:
         location = _local_path(spec)
     if isinstance(location, Path) and location.suffix == ".gguf":
-        converted = converted_dir(location)
-        if (converted / PRECISION_FILE).is_file():  # converted before: config and tokenizer are there
-            folder, gguf = converted, None
+        converted = [converted_dir(location, dtype) for dtype in COMPUTE_DTYPES.values()]
+        done = [folder for folder in converted if (folder / PRECISION_FILE).is_file()]
+        if done:  # converted before: config and tokenizer are there
+            folder, gguf = done[0], None
         else:
             folder, gguf = location.parent, location.name
     else:
@@ -263,13 +322,17 @@ def _per_parameter(model: nn.Module, stored: Mapping[str, str], default: str) ->
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
-    """Load the safetensors conversion of a GGUF from the cache, converting it first if it is not there."""
-    converted = converted_dir(path)
+    """Load the safetensors conversion of a GGUF in ``dtype`` from the cache, converting it first if it is
+    not there. One entry per dtype: the model then loads memory-mapped, with no cast and no second copy."""
+    converted = converted_dir(path, dtype)
     with building(converted, PRECISION_FILE, source=path) as build:
         if build is not None:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            with (
+                ticking(f"converting {path.name} to {str(dtype).removeprefix('torch.')} safetensors (once)"),
+                ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child,
+            ):
                 try:
-                    child.submit(_convert_gguf, path, build).result()
+                    child.submit(_convert_gguf, path, build, dtype).result()
                 except BrokenProcessPool:
                     raise MemoryError(
                         f"converting {path.name} ended without a result: its process was killed "
@@ -278,18 +341,23 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     return _renamed(_load_pretrained(converted, dtype), name=path.stem, source=str(path))
 
 
-def converted_dir(path: Path) -> Path:
-    """The cache entry of a GGUF's conversion: the file's name, size and mtime, and transformers' version."""
+def converted_dir(path: Path, dtype: torch.dtype) -> Path:
+    """The cache entry of a GGUF's conversion to ``dtype``: the file's name, size and mtime, and
+    transformers' version."""
     stat = path.stat()
-    key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}"
+    name = str(dtype).removeprefix("torch.")
+    key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}-{name}"
     return cache_dir() / "converted" / key
 
 
-def _convert_gguf(path: Path, dest: Path) -> None:
-    """Dequantize to fp32 with transformers and save model, tokenizer and, last, the source precisions."""
+def _convert_gguf(path: Path, dest: Path, dtype: torch.dtype) -> None:
+    """Dequantize with transformers (in fp32, then one rounding to ``dtype``) and save model, tokenizer and,
+    last, the source precisions."""
+    quiet_peer_logs()
+    transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
-    )
+    ).to(dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     precision = _gguf_precision(path, model)
     # The weights are dense fp32 by now, but the attached GGUF quantizer forbids save_pretrained.
