@@ -1,14 +1,14 @@
-"""Speed and cost of the evaluation loops on the real models (CPU).
+"""Speed and cost of the evaluation loops on the real models (CPU), in bf16 and in fp32.
 
-For each model asset that is fetched (smollm2-135m, gemma-3-270m):
+For each model asset that is fetched (smollm2-135m, gemma-3-270m), loaded in each dtype:
 - tokens/s of harness.evaluate.perplexity against a plain transformers loop (one ``model(ids, labels=...)``
   per window, as the HF guide writes it) on the same tokens and windows, disjoint and llamacpp protocols;
+- the FLOP floor of one pass (blocks + head, ``harness.floor``) at the fastest torch.mm rate this CPU reaches
+  on the pass's own GEMM shapes in that dtype, and each pass's time as a multiple of it;
 - under each protocol, the top-k KLD base reference: build time, bytes per scored token, size, and what one
   ``evaluate_against`` pass (perplexity + KLD) costs over a perplexity-only pass; the self-check; an int4
   block-256 example (llamacpp);
-- the FLOP floor of one pass (blocks + head, from the model's shapes) at the fastest torch.mm rate this CPU
-  reaches on the pass's own GEMM shapes, and each pass's time as a multiple of it;
-- bf16 against fp32: the same perplexity loop with the whole model cast to bfloat16.
+- bf16 against fp32: tokens/s of the same perplexity pass, each model loaded in its dtype.
 Medians of ``--runs`` runs; ratios are taken within one run of this script.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/eval.py [--models smollm2-135m] [--corpus wikipedia]
@@ -22,7 +22,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
 
 import argparse
-import copy
 import statistics
 import tempfile
 import time
@@ -38,18 +37,12 @@ from torch import nn
 from harness import assets
 from harness.data import token_splits
 from harness.evaluate.divergence import BaseReference, evaluate_against
-from harness.evaluate.perplexity import (
-    ROWS_PER_PASS,
-    VOCAB_SLICE,
-    PerplexityProtocol,
-    Window,
-    make_windows,
-    perplexity,
-    text_counts,
-)
+from harness.evaluate.perplexity import PerplexityProtocol, make_windows, perplexity, text_counts
+from harness.floor import PassCost, floor_seconds, gemm_rates, pass_cost
 from harness.models import load_model
 from harness.quantize import QuantConfig, fake_quant
-from harness.sweep import matmul_rate
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def median_time(fn: Callable[[], object], runs: int) -> tuple[float, object]:
@@ -89,29 +82,15 @@ def plain_loop(
     return total
 
 
-def forward_flops(model: nn.Module, windows: list[Window]) -> tuple[float, float]:
-    """Multiply-adds x 2 of one pass over ``windows``: the transformer blocks (every Linear but the head,
-    plus causal attention scores and mixing) and the output head at the scored positions only."""
-    head = model.get_output_embeddings()
-    linear = sum(
-        m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear) and m is not head
+def floor_line(label: str, cost: PassCost, rates: dict[str, float], times: dict[str, float]) -> str:
+    floor = floor_seconds(cost, rates)
+    shown = ", ".join(f"{shape} ({rate / 1e9:.0f})" for shape, rate in rates.items())
+    passes = ", ".join(f"{name} {t / floor:.2f}x" for name, t in times.items())
+    return (
+        f"FLOP floor {label}: {cost.body_flops / 1e9:.1f} GFLOP in the blocks + {cost.head_flops / 1e9:.1f} "
+        f"GFLOP in the head at {max(rates.values()) / 1e9:.0f} GFLOP/s, the fastest torch.mm rate of "
+        f"{shown} = {floor:.2f} s; {passes} the floor"
     )
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * head_dim  # QK^T and AV
-    body = sum(2 * linear * w.length + attention * w.length * (w.length + 1) / 2 for w in windows)
-    return body, 2 * head.in_features * head.out_features * sum(w.n_scored for w in windows)
-
-
-def gemm_rates(model: nn.Module, context: int, runs: int) -> dict[str, float]:
-    """torch.mm FLOP/s on the pass's own GEMM shapes: an MLP projection of a 4 x ``context`` batch, and one
-    head tile."""
-    d_model, d_ff = model.config.hidden_size, model.config.intermediate_size
-    shapes = {
-        f"{4 * context}x{d_model} @ {d_model}x{d_ff}": (4 * context, d_model, d_ff),
-        f"{ROWS_PER_PASS}x{d_model} @ {d_model}x{VOCAB_SLICE}": (ROWS_PER_PASS, d_model, VOCAB_SLICE),
-    }
-    return {label: matmul_rate(*shape, runs=max(runs, 5)) for label, shape in shapes.items()}
 
 
 def reference_and_floor(
@@ -155,16 +134,8 @@ def reference_and_floor(
         f"self-check: KLD mean {self_div.kld_mean:.2e}, max {self_div.kld.max():.2e}, "
         f"top-1 {self_div.top1_agreement:.4f}"
     )
-    body, head = forward_flops(model, make_windows(proto, tokens.shape[1]))
-    best = max(rates, key=rates.__getitem__)
-    floor = (body + head) / rates[best]
-    print(
-        f"FLOP floor ({proto.name} {context}): {body / 1e9:.1f} GFLOP in the blocks + {head / 1e9:.1f} "
-        f"GFLOP in the head at {rates[best] / 1e9:.0f} GFLOP/s, the faster torch.mm rate of "
-        + ", ".join(f"{label} ({rate / 1e9:.0f})" for label, rate in rates.items())
-        + f" = {floor:.2f} s; perplexity pass {t_ppl / floor:.2f}x the floor, ppl + KLD pass "
-        f"{t_both / floor:.2f}x"
-    )
+    cost = pass_cost(model, proto, tokens.shape[1])
+    print(floor_line(f"({proto.name} {context})", cost, rates, {"perplexity": t_ppl, "ppl + KLD": t_both}))
     return ref
 
 
@@ -191,56 +162,58 @@ def int4_example(model: nn.Module, ref: BaseReference) -> None:
 
 
 def bench_model(name: str, corpus: str, n_tokens: int, context: int, runs: int) -> None:
-    loaded = load_model(name)
-    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    models = {label: load_model(name, dtype) for label, dtype in DTYPES.items()}
+    tokenizer = models["bf16"].tokenizer
     tokens = token_splits(
         corpus, tokenizer, calibration_sequences=0, calibration_length=8, eval_tokens=n_tokens
     ).evaluation
     n_bytes, n_words = text_counts(tokenizer, tokens)
     bos = tokenizer.bos_token_id
-    vocab = model.get_output_embeddings().weight.shape[0]
+    kw = {"text_bytes": n_bytes, "text_words": n_words, "bos_token_id": bos, "progress": False}
+    protocols = (PerplexityProtocol("disjoint", context), PerplexityProtocol("llamacpp", context))
+    vocab = models["bf16"].model.get_output_embeddings().weight.shape[0]
     print(
         f"\n## {name}: {n_tokens} {corpus} tokens, context {context}, vocab {vocab}, "
         f"{torch.get_num_threads()} threads, median of {runs}"
     )
-    kw = {"text_bytes": n_bytes, "text_words": n_words, "bos_token_id": bos, "progress": False}
-    with torch.inference_mode():  # warm-up: first calls allocate and pick kernels
-        model(input_ids=tokens[:, :context])
-
-    print("| protocol | scored | ppl | ours tok/s | plain tok/s | speed-up | nll rel diff |")
-    print("|---|---|---|---|---|---|---|")
-    for proto in (PerplexityProtocol("disjoint", context), PerplexityProtocol("llamacpp", context)):
-        fed = sum(w.length for w in make_windows(proto, tokens.shape[1]))
-        t_ours, t_plain, speedup, ours, plain = paired(
-            lambda p=proto: perplexity(model, tokens, p, batch_size=4, **kw),
-            lambda p=proto: plain_loop(model, tokens, p, bos),
-            runs,
-        )
+    ours: dict[tuple[str, str], float] = {}
+    for label, loaded in models.items():
+        model = loaded.model.eval()
+        with torch.inference_mode():  # warm-up: first calls allocate and pick kernels
+            model(input_ids=tokens[:, :context])
+        rates = gemm_rates(pass_cost(model, protocols[0], tokens.shape[1]), DTYPES[label], runs=max(runs, 5))
         print(
-            f"| {proto.name} | {ours.n_tokens_scored} | {ours.ppl:.3f} | {fed / t_ours:.0f} | "
-            f"{fed / t_plain:.0f} | {speedup:.2f}x | {abs(ours.nll_sum - plain) / plain:.1e} |"
+            f"\n### {label}\n| protocol | scored | ppl | ours tok/s | plain tok/s | ours / plain | x floor |"
         )
-
-    rates = gemm_rates(model, context, runs)
-    for proto in (PerplexityProtocol("disjoint", context), PerplexityProtocol("llamacpp", context)):
-        with tempfile.TemporaryDirectory() as cache:
-            ref = reference_and_floor(model, tokens, proto, Path(cache), name, kw, rates, runs)
-            if proto.name == "llamacpp":
-                int4_example(model, ref)
-
-    proto = PerplexityProtocol("llamacpp", context)
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    with torch.inference_mode():
-        bf16(input_ids=tokens[:, :context])
-    t32, t16, slowdown, r32, r16 = paired(
-        lambda: perplexity(model, tokens, proto, **kw), lambda: perplexity(bf16, tokens, proto, **kw), runs
-    )
-    fed = sum(w.length for w in make_windows(proto, tokens.shape[1]))
-    print(
-        f"\nbf16 vs fp32 ({proto.name} {context}, whole model cast): fp32 {fed / t32:.0f} tok/s, "
-        f"bf16 {fed / t16:.0f} tok/s (bf16 time / fp32 time {slowdown:.2f}); "
-        f"ppl {r32.ppl:.4f} -> {r16.ppl:.4f}"
-    )
+        print("|---|---|---|---|---|---|---|")
+        for proto in protocols:
+            fed = sum(w.length for w in make_windows(proto, tokens.shape[1]))
+            t_ours, t_plain, plain_over_ours, result, plain = paired(
+                lambda p=proto, m=model: perplexity(m, tokens, p, batch_size=4, **kw),
+                lambda p=proto, m=model: plain_loop(m, tokens, p, bos),
+                runs,
+            )
+            ours[label, proto.name] = fed / t_ours
+            floor = floor_seconds(pass_cost(model, proto, tokens.shape[1]), rates)
+            print(
+                f"| {proto.name} | {result.n_tokens_scored} | {result.ppl:.3f} | {fed / t_ours:.0f} | "
+                f"{fed / t_plain:.0f} | {plain_over_ours:.2f}x | {t_ours / floor:.2f}x | "
+                f"{abs(result.nll_sum - plain) / plain:.1e} |"
+            )
+        for proto in protocols:
+            print(floor_line(f"{label} ({proto.name})", pass_cost(model, proto, tokens.shape[1]), rates, {}))
+        if label == "bf16":
+            for proto in protocols:
+                with tempfile.TemporaryDirectory() as cache:
+                    ref = reference_and_floor(model, tokens, proto, Path(cache), name, kw, rates, runs)
+                    if proto.name == "llamacpp":
+                        int4_example(model, ref)
+    for proto in protocols:
+        print(
+            f"\nbf16 vs fp32 ({proto.name} {context}, each loaded in its dtype): bf16 "
+            f"{ours['bf16', proto.name]:.0f} tok/s, fp32 {ours['fp32', proto.name]:.0f} tok/s: "
+            f"{ours['bf16', proto.name] / ours['fp32', proto.name]:.2f}x"
+        )
 
 
 def main() -> None:

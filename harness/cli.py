@@ -234,7 +234,7 @@ def _show(args: argparse.Namespace) -> int:
     count, exact = exp.size
     axes = " × ".join(f"{axis} ({len(values)})" for axis, values in exp.axes.items())
     size = f"{count:,} configs" if exact else f"up to {count:,} configs"
-    print(f"grid: {axes} → {size} (+1 baseline per model)")
+    print(f"grid: {axes} → {size} (+1 baseline per model and model dtype)")
     for model, cost in checked.costs.items():
         declared = checked.declared[model]
         print(

@@ -375,11 +375,14 @@ def select_runs(frame: pd.DataFrame, experiment: str, store: str = "the store") 
         )
 
     out = []
-    for model, group in quantized.groupby("params.model", sort=False):
+    dtype = _column(quantized, "params.model_dtype").fillna("float32")  # runs before the dtype axis: fp32
+    several = dtype.groupby(quantized["params.model"]).nunique() > 1
+    for (model, model_dtype), group in quantized.groupby([quantized["params.model"], dtype], sort=False):
         rows = sorted(group.index, key=lambda i: order(group.loc[i]))
         named = set(_column(group, run_column(BASELINE_ID_TAG)))
         baseline = baselines[baselines.index.isin(named)].tail(1).reset_index()
-        out.append(Runs(experiment, str(model), group.loc[rows], baseline))
+        name = f"{model} in {model_dtype}" if several[model] else str(model)  # a slice per model dtype
+        out.append(Runs(experiment, name, group.loc[rows], baseline))
     return out
 
 
@@ -863,11 +866,11 @@ def compare(experiment: str, first: str, second: str, tracking_uri: str | None =
             raise ReportError(
                 f"{label!r} was run on several models ({models}); compare within one experiment"
             )
-        model, row = rows[label][0]
+        _, row = rows[label][0]
         tokens = _tokens(tracker, str(row["run_id"]))
         if tokens is None:
             raise ReportError(f"the run of {label!r} kept no per-token results ({TOKENS_ARTIFACT}); rerun it")
-        found.append((model, tokens))
+        found.append((str(row["params.model"]), tokens))  # one model in two dtypes pairs on its tokens
     (model_a, a), (model_b, b) = found
     if model_a != model_b or len(a["nll"]) != len(b["nll"]):
         raise ReportError(f"{first!r} and {second!r} were not evaluated on the same tokens")

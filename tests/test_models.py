@@ -448,7 +448,7 @@ def test_gguf_path_loads_from_the_conversion_cache(smollm2: LoadedModel) -> None
 def test_a_truncated_conversion_is_rebuilt_with_the_same_weights(
     smollm2: LoadedModel, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    weights = converted_dir(assets.asset_path("smollm2-135m")) / "model.safetensors"
+    weights = converted_dir(assets.asset_path("smollm2-135m"), torch.bfloat16) / "model.safetensors"
     cut = weights.with_suffix(
         ".cut"
     )  # a new file in place of the old: the loaded model's memory map stays valid

@@ -377,12 +377,14 @@ def reduce_logits(
     index: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
 ) -> Scores:
-    """Scores of logits that arrive as column tiles ``(lo, z[:, lo:lo + w])`` (fp32, in vocabulary order,
-    covering it; a tile is read, never written, and need not outlive its step).
+    """Scores of logits that arrive as column tiles ``(lo, z[:, lo:lo + w])`` (in the head's dtype, in
+    vocabulary order, covering it; a tile is read, never written, and need not outlive its step).
 
-    Each tile gives its max m_s, argmax and S_s = Σ exp(z − m_s); then lse = M + log Σ_s S_s exp(m_s − M) in
-    float64, with M the largest m_s, and the argmax is the first of the tile holding M. ``index`` (C, P) asks
-    for z at those vocabulary entries; ``weights`` (C, V) for the dot product Σ_v w_v z_v, in float64."""
+    Each tile gives its max m_s, argmax and S_s = Σ exp(z − m_s), in fp32 (a bf16 tile is widened exactly
+    first); then lse = M + log Σ_s S_s exp(m_s − M) in float64, with M the largest m_s, and the argmax is the
+    first of the tile holding M.
+    ``index`` (C, P) asks for z at those vocabulary entries; ``weights`` (C, V) for the dot product
+    Σ_v w_v z_v, in float64."""
     wanted = targets[:, None] if index is None else torch.cat([targets[:, None], index], dim=1)
     flat = wanted.reshape(-1)
     order = torch.argsort(flat)
@@ -394,16 +396,22 @@ def reduce_logits(
     scratch = torch.empty(0)
     for lo, z in tiles:
         first, last = torch.searchsorted(ordered, torch.tensor([lo, lo + z.shape[1]])).tolist()
-        picked.view(-1)[order[first:last]] = z[row_of[first:last], ordered[first:last] - lo]
+        picked.view(-1)[order[first:last]] = z[row_of[first:last], ordered[first:last] - lo].float()
         if weights is not None and dot is not None:
             dot += (weights[:, lo : lo + z.shape[1]].double() * z.double()).sum(dim=1)
-        top, arg = z.max(dim=1)
+        if scratch.numel() < z.numel():
+            scratch = torch.empty(z.numel())
+        wide = scratch[: z.numel()].view(z.shape)
+        if z.dtype == torch.float32:
+            top, arg = z.max(dim=1)
+            torch.sub(z, top[:, None], out=wide)
+        else:  # widened exactly into a reused buffer (fresh pages per tile cost more than the copy), then
+            wide.copy_(z)  # the very fp32 operations
+            top, arg = wide.max(dim=1)
+            wide.sub_(top[:, None])
+        sums.append(wide.exp_().sum(dim=1))
         maxima.append(top)
         argmaxes.append(arg + lo)
-        if scratch.numel() < z.numel():
-            scratch = torch.empty(z.numel(), dtype=z.dtype)
-        shifted = torch.sub(z, top[:, None], out=scratch[: z.numel()].view(z.shape))
-        sums.append(shifted.exp_().sum(dim=1))
     tops = torch.stack(maxima, dim=1)
     top, which = tops.max(dim=1)
     argmax = torch.stack(argmaxes, dim=1).gather(1, which[:, None])[:, 0]
@@ -489,8 +497,8 @@ class LogitHead:
             yield ScoredRows(targets[c : c + self.rows], logits=picked[c : c + self.rows])
 
     def tiles(self, rows: ScoredRows) -> Iterator[tuple[int, torch.Tensor]]:
-        """The fp32 logits of ``rows`` as column tiles (lo, z[:, lo:lo + VOCAB_SLICE]); each tile is valid
-        until the next one is drawn (its buffer is reused)."""
+        """The logits of ``rows`` in the head's dtype as column tiles (lo, z[:, lo:lo + VOCAB_SLICE]); each
+        tile is valid until the next one is drawn (its buffer is reused)."""
         if rows.hidden is None:
             assert rows.logits is not None
             yield from column_tiles(rows.logits)
@@ -501,14 +509,15 @@ class LogitHead:
         buffer = torch.empty(len(hidden) * VOCAB_SLICE, dtype=head.weight.dtype, device=hidden.device)
         for lo in range(0, head.out_features, VOCAB_SLICE):
             weight = head.weight[lo : lo + VOCAB_SLICE]
-            out = buffer[: len(hidden) * len(weight)].view(len(hidden), len(weight))
+            shape = (len(hidden), len(weight))
+            out = buffer[: shape[0] * shape[1]].view(shape)
             if head.bias is None:
                 z = torch.mm(hidden, weight.T, out=out)
             else:
                 z = torch.addmm(head.bias[lo : lo + VOCAB_SLICE], hidden, weight.T, out=out)
             if softcap is not None:  # in place, the very operations of the model's forward
                 z.div_(softcap).tanh_().mul_(softcap)
-            yield lo, z.float().cpu()
+            yield lo, z.cpu()
 
     def scores(
         self, rows: ScoredRows, index: torch.Tensor | None = None, weights: torch.Tensor | None = None
@@ -528,7 +537,7 @@ class LogitHead:
 def column_tiles(logits: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """Whole logits rows (C, V) as ``reduce_logits`` tiles: the same slices the head's weight gives."""
     for lo in range(0, logits.shape[1], VOCAB_SLICE):
-        yield lo, logits[:, lo : lo + VOCAB_SLICE].float()
+        yield lo, logits[:, lo : lo + VOCAB_SLICE]
 
 
 def _plain_linear(head: nn.Module) -> bool:
