@@ -86,6 +86,13 @@ class Pristine:
     weights: dict[str, nn.Parameter]
     biases: dict[str, nn.Parameter | None]
     handles: list[RemovableHandle] = field(default_factory=list)
+    statistics: dict[str, dict[str, float]] = field(default_factory=dict)  # weight_statistics, once a layer
+
+    def weight_statistics(self, name: str) -> dict[str, float]:
+        """The pristine weight's distribution statistics: the same for every config, so computed once."""
+        if name not in self.statistics:
+            self.statistics[name] = weight_statistics(self.weights[name].detach())
+        return self.statistics[name]
 
 
 # ------------------------------------------------------------------------------------------- discovery
@@ -206,7 +213,7 @@ def apply(
                     source_precision=info.source_precision,
                     config=layer_config,
                     stored_bytes=stored_bytes(qt),
-                    metrics=error_metrics(reference, approx) | weight_statistics(reference),
+                    metrics=error_metrics(reference, approx) | pristine.weight_statistics(info.name),
                     output_rel_err=output_error(reference, approx, x) if x is not None else math.nan,
                     act_weighted_err=(
                         activation_weighted_error(reference, approx, x) if x is not None else math.nan
