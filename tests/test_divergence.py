@@ -186,6 +186,16 @@ def test_cache_hit_does_not_run_the_model(base: nn.Module, tmp_path: Path) -> No
         build(blocked, stream(300, seed=7), PROTOCOL, tmp_path)
     with pytest.raises(Forbidden):
         build(perturbed(blocked), tokens, PROTOCOL, tmp_path)
+    # so is other arithmetic: a bf16 pass's bits can depend on its GEMM shapes and thread split
+    with pytest.raises(Forbidden):
+        build(blocked, tokens, PROTOCOL, tmp_path, storage=EXACT16, batch_size=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.raises(Forbidden):
+            build(blocked, tokens, PROTOCOL, tmp_path, storage=EXACT16)
+    finally:
+        torch.set_num_threads(threads)
     assert entries(tmp_path) == [first.path]  # failed builds leave nothing behind
 
 
@@ -283,7 +293,7 @@ def test_smollm2_int4_divergence(tmp_path: Path) -> None:
         tokens,
         protocol,
         tmp_path,
-        "smollm2-135m|float32",
+        "smollm2-135m|bfloat16",
         text_bytes=n_bytes,
         text_words=n_words,
         bos_token_id=tokenizer.bos_token_id,
@@ -319,7 +329,7 @@ def test_smollm2_int4_divergence(tmp_path: Path) -> None:
     finally:
         _restored(model, originals)
     assert 1e-3 < div.kld_mean < 2.0 and np.percentile(div.kld, 99) > div.kld_mean
-    assert 0.5 < div.top1_agreement < 1.0
+    assert 0.3 < div.top1_agreement < 0.8  # int4 at block 256 in bf16: measured 0.48-0.49 on two CPUs
     assert ppl.ppl > base_ppl.ppl
     # storing the base in float16 instead of float32 moves the mean KLD by a negligible amount
     assert div.kld_mean == pytest.approx(_kld_with(model, originals, config, exact32), rel=1e-3)

@@ -411,8 +411,12 @@ def test_smollm2_apply_restore_is_bit_identical(smollm2: LoadedModel) -> None:
 
 
 @pytest.mark.integration
-def test_int4_asym_b32_reproduces_a_q4_1_layer(smollm2: LoadedModel) -> None:
-    """Q4_1 stores min + d·k per 32 weights: affine int4 at block 32 finds the same grid, so ~zero error."""
+def test_int4_asym_b32_reproduces_a_q4_1_layer() -> None:
+    """Q4_1 stores min + d·k per 32 weights: affine int4 at block 32 finds the same grid, so ~zero error.
+    In fp32, where the dequantized grid is exact (bf16 rounds it: an NMSE of ~2e-6 against that grid)."""
+    if not assets.is_fetched("smollm2-135m"):
+        pytest.skip("smollm2-135m is not fetched: run `harness fetch smollm2-135m`")
+    smollm2 = load_model("smollm2-135m", torch.float32)
     layers = discover_layers(
         smollm2, include=["model.layers.3.mlp.down_proj", "model.layers.3.self_attn.q_proj"]
     )

@@ -55,7 +55,10 @@ NOT_NUMERICAL = [
     "sweep.py",
     "tracking.py",
 ]
-PINNED = {"3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391"}
+PINNED = {
+    "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
+    "4": "abd7575aa56dbb3bfa03ce72f99764c0c44c5fd48959ccb9f6f0576c01c0b5b7",
+}
 
 
 def _code(path: Path) -> bytes:

@@ -227,9 +227,13 @@ class BaseReference:
     ) -> BaseReference:
         """Load the reference from ``cache_dir`` or compute it with one pass of the (unquantized) ``model``.
 
-        ``key`` names the model (asset, compute dtype); with the weight fingerprint, the tokens and the
-        protocol it decides the cache entry. Build before quantizing: the fingerprint keeps a quantized model
-        from hitting the base's entry, but cannot tell that a model is not the base.
+        ``key`` names the model (asset, compute dtype); with the weight fingerprint, the tokens, the protocol,
+        the batch size and torch's thread count it decides the cache entry. The last two are part of it
+        because on some CPUs (oneDNN's AMX kernels) a bf16 pass's bits depend on the GEMM shapes and on how
+        the threads split them, and bf16 rounding makes a one-ulp flip visible: the base read against a
+        reference built that way was seen at a KLD of 1.2e-3 from itself (smollm2-135m, bf16).
+        Build before quantizing: the fingerprint keeps a quantized model from hitting the base's entry, but
+        cannot tell that a model is not the base.
         ``text_bytes``/``text_words`` only feed the perplexity numbers.
         """
         tokens = check_tokens(tokens)
@@ -248,7 +252,7 @@ class BaseReference:
             )
             return cls(**common, arrays=arrays, stats=stats, meta=meta, path=None)
 
-        digest = _digest(key, model_fingerprint(model), tokens, protocol, bos_token_id, storage)
+        digest = _digest(key, model_fingerprint(model), tokens, protocol, bos_token_id, storage, batch_size)
         final = Path(cache_dir).expanduser() / digest
         with building(final, _META) as build:
             if build is not None:
@@ -267,6 +271,7 @@ def _digest(
     protocol: PerplexityProtocol,
     bos_token_id: int | None,
     storage: ReferenceStorage,
+    batch_size: int,
 ) -> str:
     head = json.dumps(
         {
@@ -276,6 +281,8 @@ def _digest(
             "protocol": asdict(protocol),
             "bos_token_id": bos_token_id,
             "storage": asdict(storage),
+            "batch_size": batch_size,
+            "threads": torch.get_num_threads(),
         },
         sort_keys=True,
     )
