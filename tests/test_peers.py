@@ -32,10 +32,9 @@ def test_codes_constants_and_values_bit_identical(
     ours_values = dequantize(ours)
     assert ours_values.dtype == native.dtype == dtype
     if len(shape) > 1 and shape[-1] % 2 == 0 and shape[-1] % block_size:
-        # bnb 0.50.2's native CPU dequantize (used for even last dims) indexes absmax per row, which is wrong
-        # when a block spans rows; bnb's own pure-torch reference is right, and is what we match. Pinned so
-        # that a fix upstream gets noticed.
-        assert not torch.equal(ours_values, native)
+        # bnb 0.50.2's native CPU dequantize (used for even last dims) indexes absmax per row on some CPUs
+        # (seen on Intel Xeon, not on AMD EPYC), which is wrong when a block spans rows; bnb's own pure-torch
+        # reference is right there, and is what we match.
         native = bnb_reference_dequantize(packed, state)
     assert torch.equal(ours_values, native)
 
