@@ -100,7 +100,8 @@ def test_smoke_in_fp32_is_stored_beside_the_bf16_runs(store: str) -> None:
     fp32, bf16 = child.loc["nf4-b64-fp32"], child.loc["nf4-b64"]
     assert fp32["params.model_dtype"] == fp32["params.compute_dtype"] == "float32"
     assert bf16["params.model_dtype"] == bf16["params.compute_dtype"] == "bfloat16"
-    assert bf16["params.declared_dtype"] == "bfloat16" and "general.file_type" in bf16["params.declared_dtype_rule"]
+    assert bf16["params.declared_dtype"] == "bfloat16"
+    assert "general.file_type" in bf16["params.declared_dtype_rule"]
     assert fp32["tags.harness.config_hash"] != bf16["tags.harness.config_hash"]
     assert child.loc["baseline-fp32", "metrics.bits_per_param"] == 32.0
     assert child.loc["baseline", "metrics.bits_per_param"] == 16.0
