@@ -9,8 +9,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from harness import gemm
 from harness.evaluate.perplexity import ROWS_PER_PASS, VOCAB_SLICE, PerplexityProtocol, make_windows
 
 GEMM_BATCH = 4  # windows per forward batch, the evaluation's default batch_size
@@ -58,14 +60,16 @@ def pass_cost(model: nn.Module, protocol: PerplexityProtocol, tokens: int) -> Pa
 def matmul_rate(
     m: int = 1024, k: int = 1024, n: int = 1024, dtype: torch.dtype = torch.float32, runs: int = 5
 ) -> float:
-    """FLOP/s of a (m × k) @ (k × n) torch.mm in ``dtype`` on this machine, median of ``runs`` after a
-    warm-up."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    out = torch.mm(a, b)
+    """FLOP/s of an (m × k) input through a Linear of k → n (x @ Wᵀ, the layout of every Linear and of the
+    head's tiles) in ``dtype`` on this machine, the way a model in that dtype runs it (``harness.gemm``),
+    median of ``runs`` after a warm-up."""
+    gemm.use_for(dtype)
+    x, weight = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    F.linear(x, weight)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        torch.mm(a, b, out=out)
+        F.linear(x, weight)
         times.append(time.perf_counter() - start)
     return 2 * m * k * n / statistics.median(times)
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from harness import assets
+from harness import assets, gemm
 from harness.cache import cache_dir
 from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
 from harness.evaluate.perplexity import (
@@ -133,6 +133,7 @@ class ModelSession:
             "n_docs_eval": splits.n_docs_eval,
             "declared_dtype": declared.dtype,
             "declared_dtype_rule": declared.rule,
+            **{f"gemm_{name}": gemm.method(COMPUTE_DTYPES[name]) for name in ("bfloat16", "float16")},
         }
         pristine = snapshot(loaded.model, layers)
         return cls(loaded, pristine, calibration, splits.evaluation, protocol, reference, params)

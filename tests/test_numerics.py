@@ -24,6 +24,7 @@ NUMERICAL = [
     "data.py",
     "double_quant.py",
     "formats.py",
+    "gemm.py",  # how 16-bit products run on CPUs without native 16-bit GEMMs
     "measure.py",
     "metrics.py",
     "packing.py",
@@ -57,7 +58,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "abd7575aa56dbb3bfa03ce72f99764c0c44c5fd48959ccb9f6f0576c01c0b5b7",
+    "4": "5dd35d3526099e087e6302fe0030f99e1c9d5d37e86df5cbb0c19b5fe8dc74e4",
 }
 
 

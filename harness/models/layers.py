@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from harness import gemm
 from harness.metrics import (
     activation_weighted_error,
     error_metrics,
@@ -192,6 +193,7 @@ def apply(
     ``inputs`` come from ``capture_inputs``.
     """
     restore(pristine)
+    gemm.use_for(compute_dtype)
     chosen = plan if plan is not None else {info.name: config for info in pristine.layers}
     results = []
     try:

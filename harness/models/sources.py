@@ -25,7 +25,7 @@ import torch
 import transformers
 from torch import nn
 
-from harness import assets
+from harness import assets, gemm
 from harness.cache import building, cache_dir
 from harness.progress import quiet_peer_logs, ticking
 from harness.quantize import COMPUTE_DTYPES
@@ -140,11 +140,13 @@ def _gguf_file_type(path: Path) -> int | None:
 
 def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
     """Load an asset name, a local HF directory, a .gguf file or a Hugging Face id (in that order), straight
-    into ``dtype`` (default: the checkpoint's own, ``declared_dtype``)."""
+    into ``dtype`` (default: the checkpoint's own, ``declared_dtype``). A 16-bit model on a CPU without
+    native 16-bit GEMMs has its products widened to fp32 from then on (``harness.gemm``)."""
     if dtype is None:
         declared = declared_dtype(spec)
         assert declared is not None
         dtype = COMPUTE_DTYPES[declared.dtype]
+    gemm.use_for(dtype)
     if spec in assets.ASSETS:
         path = assets.ensure(spec)
         loaded = _load_gguf(path, dtype) if path.suffix == ".gguf" else _load_pretrained(path, dtype)
