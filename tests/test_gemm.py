@@ -35,7 +35,7 @@ def test_widened_and_native_kernels_agree_but_for_summation_order() -> None:
     with WidenedProducts():
         wide = torch.mm(x, w.T)
     same = (wide == native).float().mean().item()
-    assert same > 0.99  # measured 0.99988 on an AVX2-only EPYC
+    assert same > 0.99  # 0.99988 of a 2048×640 @ 640×2048 product on an AVX2-only EPYC
     ulp = torch.finfo(torch.bfloat16).eps * native.float().abs().clamp_min(1.0)
     assert ((wide.float() - native.float()).abs() <= ulp).all()
 

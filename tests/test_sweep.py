@@ -88,25 +88,28 @@ def test_smoke_sweep_logs_every_config(store: str) -> None:
     assert len(table) == 210 and set(table["source_precision"]) == {"Q4_1"}
 
 
-def test_smoke_in_fp32_is_stored_beside_the_bf16_runs(store: str) -> None:
+def test_smoke_in_fp32_is_its_own_config(store: str, tmp_path: Path) -> None:
     """The GGUF-backed smoke model runs in bf16 by default; ``--set model_dtype=float32`` gives new configs
-    with their own hashes, their own fp32 baseline and 32-bit storage, in the same store."""
+    with their own hashes, their own fp32 baseline and 32-bit storage (in a store of their own, so that the
+    shared one keeps a single model dtype for the report tests)."""
     from harness.cli import main
 
-    overrides = [arg for o in [*QUICK, "model_dtype=float32"] for arg in ("--set", o)]
-    assert main(["sweep", "smoke", "--tracking-uri", store, "--limit", "1", *overrides]) == 0
-    child = children(runs(store))
-    child = child[child["status"] == "FINISHED"].set_index("tags.mlflow.runName")
-    fp32, bf16 = child.loc["nf4-b64-fp32"], child.loc["nf4-b64"]
-    assert fp32["params.model_dtype"] == fp32["params.compute_dtype"] == "float32"
-    assert bf16["params.model_dtype"] == bf16["params.compute_dtype"] == "bfloat16"
-    assert bf16["params.declared_dtype"] == "bfloat16"
-    assert "general.file_type" in bf16["params.declared_dtype_rule"]
-    assert fp32["tags.harness.config_hash"] != bf16["tags.harness.config_hash"]
-    assert child.loc["baseline-fp32", "metrics.bits_per_param"] == 32.0
-    assert child.loc["baseline", "metrics.bits_per_param"] == 16.0
-    assert child.loc["baseline-fp32", "metrics.kld_mean"] < 1e-6
-    assert fp32["metrics.ppl"] != bf16["metrics.ppl"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [arg for o in [*QUICK, "eval.tasks=[]", "model_dtype=float32"] for arg in ("--set", o)]
+    assert main(["sweep", "smoke", "--tracking-uri", uri, "--limit", "1", *overrides]) == 0
+    fp32 = children(runs(uri)).set_index("tags.mlflow.runName")
+    bf16 = children(runs(store)).set_index("tags.mlflow.runName")
+    assert set(fp32.index) == {"baseline-fp32", "nf4-b64-fp32"} and (fp32["status"] == "FINISHED").all()
+    quantized, base = fp32.loc["nf4-b64-fp32"], fp32.loc["baseline-fp32"]
+    assert quantized["params.model_dtype"] == quantized["params.compute_dtype"] == "float32"
+    narrow = bf16.loc["nf4-b64"]
+    assert narrow["params.model_dtype"] == narrow["params.compute_dtype"] == "bfloat16"
+    assert narrow["params.declared_dtype"] == "bfloat16"
+    assert "general.file_type" in narrow["params.declared_dtype_rule"]
+    assert not set(fp32["tags.harness.config_hash"]) & set(bf16["tags.harness.config_hash"])
+    assert base["metrics.bits_per_param"] == 32.0 and bf16.loc["baseline", "metrics.bits_per_param"] == 16.0
+    assert base["metrics.kld_mean"] < 1e-6
+    assert quantized["metrics.ppl"] != narrow["metrics.ppl"]
 
 
 def test_resume_skips_finished_and_force_redoes(store: str) -> None:
