@@ -89,7 +89,7 @@ def floor_line(label: str, cost: PassCost, rates: dict[str, float], times: dict[
     return (
         f"FLOP floor {label}: {cost.body_flops / 1e9:.1f} GFLOP in the blocks + {cost.head_flops / 1e9:.1f} "
         f"GFLOP in the head at {max(rates.values()) / 1e9:.0f} GFLOP/s, the fastest torch.mm rate of "
-        f"{shown} = {floor:.2f} s; {passes} the floor"
+        f"{shown} = {floor:.2f} s" + (f"; {passes} the floor" if passes else "")
     )
 
 
@@ -183,9 +183,10 @@ def bench_model(name: str, corpus: str, n_tokens: int, context: int, runs: int) 
             model(input_ids=tokens[:, :context])
         rates = gemm_rates(pass_cost(model, protocols[0], tokens.shape[1]), DTYPES[label], runs=max(runs, 5))
         print(
-            f"\n### {label}\n| protocol | scored | ppl | ours tok/s | plain tok/s | ours / plain | x floor |"
+            f"\n### {label}\n| protocol | scored | ppl | ours tok/s | plain tok/s | ours / plain | x floor "
+            "| NLL sum, relative difference |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for proto in protocols:
             fed = sum(w.length for w in make_windows(proto, tokens.shape[1]))
             t_ours, t_plain, plain_over_ours, result, plain = paired(
