@@ -2,11 +2,11 @@
 
 PyTorch computes a bf16 or fp16 GEMM on CPU with oneDNN where the CPU has the instructions for it (AVX-512
 with BF16/FP16, AMX). Elsewhere (an AVX2-only x86, for one) it falls back to a generic loop that runs 8-10×
-slower than fp32, and ~150× slower for a non-transposed right operand. There every 16-bit product of a model
-runs instead as the fp32 product of its widened operands, rounded back to the 16-bit dtype: the arithmetic a
-native kernel does (each bf16 × bf16 product is exact in fp32, sums accumulate in fp32, the output is rounded
-once) at fp32 speed. Results then differ from a native kernel's by the summation order alone, as native
-kernels differ from one another.
+slower than fp32, and over 100× slower for a non-transposed right operand. There every 16-bit product of a
+model runs instead as the fp32 product of its widened operands, rounded back to the 16-bit dtype: the
+arithmetic a native kernel does (each bf16 × bf16 product is exact in fp32, sums accumulate in fp32, the
+output is rounded once) at fp32 speed. Results then differ from a native kernel's by the summation order
+alone, as native kernels differ from one another.
 """
 
 from __future__ import annotations

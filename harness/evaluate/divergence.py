@@ -229,9 +229,9 @@ class BaseReference:
 
         ``key`` names the model (asset, compute dtype); with the weight fingerprint, the tokens, the protocol,
         the batch size and torch's thread count it decides the cache entry. The last two are part of it
-        because on some CPUs (oneDNN's AMX kernels) a bf16 pass's bits depend on the GEMM shapes and on how
-        the threads split them, and bf16 rounding makes a one-ulp flip visible: the base read against a
-        reference built that way was seen at a KLD of 1.2e-3 from itself (smollm2-135m, bf16).
+        because on some CPUs a bf16 pass's bits can depend on the GEMM shapes and on how the threads split
+        them, and bf16 rounding makes a one-ulp flip visible: a bf16 smollm2-135m baseline read against a
+        reference cached by another process was seen at a KLD of 1.2e-3 from itself.
         Build before quantizing: the fingerprint keeps a quantized model from hitting the base's entry, but
         cannot tell that a model is not the base.
         ``text_bytes``/``text_words`` only feed the perplexity numbers.
