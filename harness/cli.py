@@ -12,9 +12,11 @@ SHOWN = 20  # configs `harness show` lists without --all
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.memory import bound_heap
     from harness.progress import quiet_peer_logs
     from harness.tracking import STORE_HELP
 
+    bound_heap()
     quiet_peer_logs()
 
     parser = argparse.ArgumentParser(

@@ -23,6 +23,7 @@ from typing import Literal, Protocol
 import numba
 import torch
 
+from harness import memory
 from harness.evaluate.perplexity import NonFiniteError
 from harness.experiments import RunConfig
 from harness.measure import ModelSession, measure
@@ -216,6 +217,7 @@ def _ray_shard(context: SweepContext, shard: Shard, outcomes: object) -> None:
     """A Ray task: ``run_shard`` with the task id as part of the owner, and outcomes sent to the driver."""
     import ray
 
+    memory.bound_heap()
     task = ray.get_runtime_context().get_task_id() or ""
 
     def alive(owner: Owner) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -224,14 +225,20 @@ def test_apply_then_restore_is_bit_identical(tiny: LoadedModel) -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-def _rss_file_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssFile:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no RssFile in /proc/self/status")
+def _resident_bytes_of(file: Path) -> int:
+    """Resident bytes of this process's mappings of ``file`` (/proc/self/smaps): libraries that load while
+    a test runs do not count."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header: address range, ..., inode [path]
+            inside = len(fields) == 6 and Path(fields[5]) == file
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc")
 def test_pristine_weights_leave_resident_memory_while_quantized_and_come_back_unchanged(
     tmp_path: Path,
 ) -> None:
@@ -247,9 +254,11 @@ def test_pristine_weights_leave_resident_memory_while_quantized_and_come_back_un
     before = _state(loaded.model)  # also faults every weight page in
     pristine = snapshot(loaded.model, layers)
     nbytes = sum(w.numel() * w.element_size() for w in pristine.weights.values())
-    resident = _rss_file_bytes()
+    weights_file = (directory / "model.safetensors").resolve()
+    resident = _resident_bytes_of(weights_file)
+    assert resident >= nbytes
     first = apply(pristine, NF4)
-    assert resident - _rss_file_bytes() > nbytes / 2
+    assert resident - _resident_bytes_of(weights_file) > nbytes / 2
     quantized_once = {info.name: loaded.model.get_submodule(info.name).weight.clone() for info in layers}
     restore(pristine)
     _assert_same_state(loaded.model, before)
@@ -365,6 +374,19 @@ def test_capture_inputs_is_deterministic_and_bounded(tiny: LoadedModel) -> None:
         assert first[info.name].is_inference()  # no autograd graph kept alive by the captured rows
     everything = capture_inputs(tiny.model, layers[:1], ids, max_rows=1000)[layers[0].name]
     assert everything.shape[0] == 48  # never more rows than tokens
+
+
+def test_captured_inputs_keep_the_model_dtype_and_one_copy_per_shared_input(tiny: LoadedModel) -> None:
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    layers = discover_layers(tiny)
+    ids = _ids(3, 16)
+    inputs = capture_inputs(model, layers, ids, max_rows=20)
+    copies = {x.untyped_storage().data_ptr() for x in inputs.values()}
+    assert len(copies) < len(layers)  # q/k/v (and gate/up) read one tensor
+    for info in layers:
+        alone = capture_inputs(model, [info], ids, max_rows=20)[info.name]
+        assert inputs[info.name].dtype == torch.bfloat16
+        assert torch.equal(inputs[info.name], alone)
 
 
 def test_output_error_of_an_unquantized_layer_is_zero(tiny: LoadedModel) -> None:

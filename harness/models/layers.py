@@ -4,10 +4,7 @@ inputs and per-layer errors that measure it."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
-import mmap
-import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from harness import gemm
+from harness import gemm, memory
 from harness.metrics import (
     activation_weighted_error,
     error_metrics,
@@ -34,8 +31,6 @@ from harness.quantize import QuantConfig, dequantize, quantize, tie_fraction
 
 CAPTURE_ROWS = 256
 TIE_WARNING_FRACTION = 1e-3  # above this share of exact ties in a layer, the tie rule visibly moves results
-_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
-_MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now
 
 
 @dataclass(frozen=True)
@@ -233,8 +228,8 @@ def apply(
                     module.register_forward_hook(partial(_cast_output, dtype=weight.dtype)),
                 ]
             del qt, approx
-            _release_freed_memory()
-            _page_out(weight)
+            memory.release_freed()
+            memory.page_out(weight)
     except BaseException:
         restore(pristine)
         raise
@@ -267,29 +262,6 @@ def quantized(
         yield apply(pristine, config, compute_dtype, inputs, plan)
     finally:
         restore(pristine)
-
-
-def _release_freed_memory() -> None:
-    """Hand the heap pages freed by a layer's temporaries back to the OS. Otherwise glibc keeps them, the
-    quantized weights kept between them fragment the heap, and on SmolLM2 the RSS after ``apply`` ended 0.7x
-    the fp32 model higher (1.7 GB instead of 1.3 GB)."""
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):  # glibc only
-        _LIBC.malloc_trim(0)
-
-
-def _page_out(tensor: torch.Tensor) -> None:
-    """Ask the kernel to reclaim the pages of ``tensor`` (MADV_PAGEOUT): a pristine weight is not read again
-    until the next config quantizes it. A weight memory-mapped from a safetensors file leaves this process's
-    resident memory (Gemma 3 270M: 0.4 GB over its blocks, which kept the default sweep above 3 GB) and is
-    read back, unchanged, when next used; the kernel never drops the contents of anonymous memory without
-    swap, so nothing can be lost. A hint only: on kernels without it (before Linux 5.4) nothing happens."""
-    if _LIBC is None or not hasattr(_LIBC, "madvise"):
-        return
-    page = mmap.PAGESIZE
-    start = -(-tensor.data_ptr() // page) * page  # whole pages inside the tensor only
-    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
-    if end > start:
-        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
 
 
 def _cast_inputs(module: nn.Module, args: tuple[Any, ...], *, dtype: torch.dtype) -> tuple[Any, ...]:
@@ -363,17 +335,21 @@ def capture_inputs(
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Inputs of each chosen Linear on the unquantized model: the same ``max_rows`` token positions, sampled
-    deterministically from ``input_ids`` (n_seq, seq_len), for every layer. Sequences run one at a time so
-    that memory stays at one sequence's activations plus the kept rows."""
+    deterministically from ``input_ids`` (n_seq, seq_len), for every layer, in the model's dtype (the error
+    metrics widen them exactly). Layers fed the same tensor (q/k/v, gate/up) share one copy. Sequences run one
+    at a time so that memory stays at one sequence's activations plus the kept rows."""
     n_seq, seq_len = input_ids.shape
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randperm(n_seq * seq_len, generator=generator)[:max_rows].sort().values
     kept: dict[str, list[torch.Tensor]] = {info.name: [] for info in layers}
     current = rows[:0]
+    last: list[torch.Tensor] = []  # the latest input and its kept rows: siblings are called one after another
 
     def keep(name: str, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         x = args[0]
-        kept[name].append(x.reshape(-1, x.shape[-1])[current].float())
+        if not last or last[0] is not x:
+            last[:] = [x, x.reshape(-1, x.shape[-1])[current]]
+        kept[name].append(last[1])
 
     runner = body(model, [info.name for info in layers])
     handles = [
@@ -385,9 +361,14 @@ def capture_inputs(
             if current.numel():
                 runner(input_ids=input_ids[i : i + 1])
     finally:
+        last.clear()
         for handle in handles:
             handle.remove()
-    return {name: torch.cat(xs) for name, xs in kept.items()}
+    joined: dict[tuple[int, ...], torch.Tensor] = {}
+    for xs in kept.values():
+        key = tuple(id(x) for x in xs)
+        joined.setdefault(key, torch.cat(xs))
+    return {name: joined[tuple(id(x) for x in xs)] for name, xs in kept.items()}
 
 
 # ------------------------------------------------------------------------------------------------ tables

@@ -1,0 +1,39 @@
+"""glibc's mmap threshold: freed blocks between live ones are returned once it is fixed, kept otherwise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+# A freed 8 MiB block raises glibc's own threshold to 8 MiB; then 2 MiB blocks, each followed by a small one
+# that stays alive, are freed: only mapped blocks go back to the kernel, heap holes between survivors stay.
+SCRIPT = """
+import sys, torch
+from harness import memory
+if sys.argv[1] == "bound":
+    assert memory.bound_heap()
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+torch.ones(8 << 20, dtype=torch.uint8).sum()  # allocated, then freed
+before = rss()
+big, small = [], []
+for _ in range(100):
+    big.append(torch.ones(2 << 20, dtype=torch.uint8))
+    small.append(torch.ones(64 << 10, dtype=torch.uint8))
+del big
+print(rss() - before)
+"""
+
+
+def _retained_mib(mode: str) -> float:
+    done = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
+    return float(done.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_fixed_mmap_threshold_returns_freed_blocks_between_live_ones() -> None:
+    assert _retained_mib("bound") < 30  # the 6.25 MiB of small survivors, and slack
+    assert _retained_mib("glibc") > 150  # of the 200 MiB freed
