@@ -39,7 +39,7 @@ from harness.data import token_splits
 from harness.evaluate.divergence import BaseReference, evaluate_against
 from harness.evaluate.perplexity import PerplexityProtocol, make_windows, perplexity, text_counts
 from harness.floor import PassCost, floor_seconds, gemm_rates, pass_cost
-from harness.models import load_model
+from harness.models import load_model, load_tokenizer
 from harness.quantize import QuantConfig, fake_quant
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -163,7 +163,7 @@ def int4_example(model: nn.Module, ref: BaseReference) -> None:
 
 def bench_model(name: str, corpus: str, n_tokens: int, context: int, runs: int) -> None:
     models = {label: load_model(name, dtype) for label, dtype in DTYPES.items()}
-    tokenizer = models["bf16"].tokenizer
+    tokenizer = load_tokenizer(name)
     tokens = token_splits(
         corpus, tokenizer, calibration_sequences=0, calibration_length=8, eval_tokens=n_tokens
     ).evaluation

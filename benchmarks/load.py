@@ -59,6 +59,7 @@ def worker(gguf: str, measure_apply: bool, table: bool) -> dict[str, Any]:
         discover_layers,
         layer_table,
         load_model,
+        load_tokenizer,
         restore,
     )
     from harness.models import snapshot as take_snapshot
@@ -72,9 +73,10 @@ def worker(gguf: str, measure_apply: bool, table: bool) -> dict[str, Any]:
     loaded = load_model(gguf)
     out["load_s"] = time.perf_counter() - start
     out["peak_load"] = _peak_rss()
+    tokenizer = load_tokenizer(gguf)
     # The safetensors are memory-mapped: weights become resident when first read, so run one forward.
     with torch.inference_mode():
-        loaded.model(input_ids=torch.tensor([loaded.tokenizer(TEXT)["input_ids"][:16]]))
+        loaded.model(input_ids=torch.tensor([tokenizer(TEXT)["input_ids"][:16]]))
     out["rss_loaded"] = process.memory_info().rss
     params = {id(p): p for p in loaded.model.parameters()}.values()
     out["fp32_bytes"] = sum(p.numel() * 4 for p in params)
@@ -84,7 +86,7 @@ def worker(gguf: str, measure_apply: bool, table: bool) -> dict[str, Any]:
     layers = discover_layers(loaded)
     inputs = {}
     if table:
-        ids = torch.tensor([loaded.tokenizer(TEXT * 4)["input_ids"][:256]])
+        ids = torch.tensor([tokenizer(TEXT * 4)["input_ids"][:256]])
         inputs = capture_inputs(loaded.model, layers, ids)
         out["tokens"] = ids.shape[1]
     _reset_peak_rss()

@@ -36,7 +36,7 @@ from harness.evaluate.tasks import (
     run_tasks,
     task_manager,
 )
-from harness.models import load_model
+from harness.models import load_model, load_tokenizer
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -122,7 +122,7 @@ def _score(scores: dict[str, float], name: str, primary: str) -> str:
     return f"{100 * scores[name]:.1f} ± {100 * scores[f'{name}_stderr']:.1f}{mark}"
 
 
-def quantized_suites(loaded: Any, args: argparse.Namespace, names: tuple[str, ...]) -> None:
+def quantized_suites(loaded: Any, tokenizer: Any, args: argparse.Namespace, names: tuple[str, ...]) -> None:
     """The suite with every transformer-block Linear fake-quantized to each format ("none": unquantized)."""
     from harness.models import apply, discover_layers, restore, snapshot
     from harness.quantize import QuantConfig
@@ -134,7 +134,7 @@ def quantized_suites(loaded: Any, args: argparse.Namespace, names: tuple[str, ..
         if fmt != "none":
             apply(pristine, QuantConfig(fmt, args.block_size))
         try:
-            suite(loaded.model, loaded.tokenizer, names, args.suite, args.batch_size)
+            suite(loaded.model, tokenizer, names, args.suite, args.batch_size)
         finally:
             restore(pristine)
 
@@ -152,12 +152,12 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["none"], help='formats to run the suite in ("none")')
     parser.add_argument("--block-size", type=int, default=64)
     args = parser.parse_args()
-    loaded = load_model(args.model)
+    loaded, tokenizer = load_model(args.model), load_tokenizer(args.model)
     loaded.model.eval()
     if not args.skip_side_by_side:
-        side_by_side(loaded.model, loaded.tokenizer, args.task, args.limit, args.batch_size, args.runs)
+        side_by_side(loaded.model, tokenizer, args.task, args.limit, args.batch_size, args.runs)
     if args.suite:
-        quantized_suites(loaded, args, expand_tasks(args.tasks))
+        quantized_suites(loaded, tokenizer, args, expand_tasks(args.tasks))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from harness.data import token_splits
 from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
 from harness.evaluate.perplexity import PerplexityProtocol, text_counts
-from harness.models import LoadedModel, apply, discover_layers, load_model, restore, snapshot
+from harness.models import LoadedModel, apply, discover_layers, load_model, load_tokenizer, restore, snapshot
 from harness.quantize import QuantConfig
 
 KS = (16, 64, 256)
@@ -42,16 +42,17 @@ def main() -> None:
     print(f"|:--|:--|--:|{'--:|' * len(KS)}")
     costs = []
     for name in args.models:
-        loaded = load_model(name)
+        loaded, tokenizer = load_model(name), load_tokenizer(name)
         tokens = token_splits(
             "wikipedia",
-            loaded.tokenizer,
+            tokenizer,
             calibration_sequences=0,
             calibration_length=8,
             eval_tokens=args.tokens,
         ).evaluation
 
-        reference = partial(_reference, loaded, tokens, protocol, text_counts(loaded.tokenizer, tokens))
+        counts = text_counts(tokenizer, tokens)
+        reference = partial(_reference, loaded, tokens, protocol, counts, tokenizer.bos_token_id)
         references = {"exact": reference(ReferenceStorage("exact", dtype="float32"))}
         references |= {f"top-{k}": reference(ReferenceStorage("topk", k=k)) for k in KS}
         pristine = snapshot(loaded.model, discover_layers(loaded))
@@ -78,6 +79,7 @@ def _reference(
     tokens: torch.Tensor,
     protocol: PerplexityProtocol,
     counts: tuple[int, int],
+    bos_token_id: int | None,
     storage: ReferenceStorage,
 ) -> BaseReference:
     return BaseReference.build(
@@ -87,7 +89,7 @@ def _reference(
         None,
         text_bytes=counts[0],
         text_words=counts[1],
-        bos_token_id=loaded.tokenizer.bos_token_id,
+        bos_token_id=bos_token_id,
         storage=storage,
         progress=False,
     )

@@ -35,6 +35,7 @@ from harness.evaluate.perplexity import (
 )
 from harness.evaluate.tasks import run_tasks
 from harness.experiments import RunConfig
+from harness.memory import release_freed
 from harness.metrics import aggregate
 from harness.models import (
     ApplyResult,
@@ -48,6 +49,7 @@ from harness.models import (
     layer_plan,
     layer_table,
     load_model,
+    load_tokenizer,
     restore,
     snapshot,
 )
@@ -77,6 +79,8 @@ class ModelSession:
     """A loaded model with what every config of its group shares: layers, data, base statistics."""
 
     loaded: LoadedModel
+    tokenizer: Any | None  # kept only for the lm-eval tasks
+    bos_token_id: int | None  # what the evaluation prepends to a window that starts mid-stream, if anything
     pristine: Pristine
     calibration: dict[str, torch.Tensor]
     tokens: torch.Tensor  # the evaluation stream (1, N)
@@ -89,16 +93,22 @@ class ModelSession:
         """Load ``config.model`` in its model dtype (``config`` resolved) and what its configs share."""
         assert config.is_resolved, "ModelSession.prepare takes a resolved config (RunConfig.resolved)"
         torch.manual_seed(config.seed)
-        loaded = load_model(config.model, COMPUTE_DTYPES[config.model_dtype])
+        dtype = COMPUTE_DTYPES[config.model_dtype]
+        tokenizer = load_tokenizer(config.model, dtype)
+        splits = config.token_splits(tokenizer)
+        text_bytes, text_words = text_counts(tokenizer, splits.evaluation)
+        bos_token_id = tokenizer.bos_token_id if config.eval.bos else None
+        if not config.eval.tasks:  # let go before the weights load, so that the peak holds one, not both
+            tokenizer = None
+            release_freed()
+        loaded = load_model(config.model, dtype)
         layers = discover_layers(loaded, list(config.include) or None, list(config.exclude) or None)
-        splits = config.token_splits(loaded.tokenizer)
         calibration = (
             capture_inputs(loaded.model, layers, splits.calibration, seed=config.seed)
             if config.data.calibration_sequences
             else {}
         )
         protocol = PerplexityProtocol(config.eval.protocol, config.eval.context_length, config.eval.stride)
-        text_bytes, text_words = text_counts(loaded.tokenizer, splits.evaluation)
         reference = None
         if config.eval.kld:
             reference_dtype = str(config.eval.reference_dtype)
@@ -114,7 +124,7 @@ class ModelSession:
                     key=f"{loaded.source}|{config.data.corpus}|{reference_dtype}",
                     text_bytes=text_bytes,
                     text_words=text_words,
-                    bos_token_id=loaded.tokenizer.bos_token_id if config.eval.bos else None,
+                    bos_token_id=bos_token_id,
                     storage=ReferenceStorage(config.eval.kld_reference, config.eval.kld_topk),  # type: ignore[arg-type]
                     batch_size=config.eval.batch_size,
                     progress=True,
@@ -136,7 +146,17 @@ class ModelSession:
             **{f"gemm_{name}": gemm.method(COMPUTE_DTYPES[name]) for name in ("bfloat16", "float16")},
         }
         pristine = snapshot(loaded.model, layers)
-        return cls(loaded, pristine, calibration, splits.evaluation, protocol, reference, params)
+        return cls(
+            loaded,
+            tokenizer,
+            bos_token_id,
+            pristine,
+            calibration,
+            splits.evaluation,
+            protocol,
+            reference,
+            params,
+        )
 
     @property
     def bits_per_param(self) -> float:
@@ -228,7 +248,7 @@ def _storage_and_error(session: ModelSession, layers: pd.DataFrame | None) -> di
 def _evaluate(session: ModelSession, config: RunConfig) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Perplexity, KLD/top-1 against the base from the same forward passes, and the lm-eval tasks: the
     statistics, and the per-token results they come from."""
-    model, tokenizer = session.loaded.model, session.loaded.tokenizer
+    model = session.loaded.model
     metrics: dict[str, float] = {}
     per_token: dict[str, np.ndarray]
     if session.reference is None:
@@ -238,7 +258,7 @@ def _evaluate(session: ModelSession, config: RunConfig) -> tuple[dict[str, float
             session.protocol,
             text_bytes=int(session.params["text_bytes"]),
             text_words=int(session.params["text_words"]),
-            bos_token_id=tokenizer.bos_token_id if config.eval.bos else None,
+            bos_token_id=session.bos_token_id,
             batch_size=config.eval.batch_size,
             progress=False,
         )
@@ -258,7 +278,7 @@ def _evaluate(session: ModelSession, config: RunConfig) -> tuple[dict[str, float
     if config.eval.tasks:
         accuracies = run_tasks(
             model,
-            tokenizer,
+            session.tokenizer,
             list(config.eval.tasks),
             limit=config.eval.limit,
             batch_size=config.eval.batch_size,

@@ -270,10 +270,10 @@ def test_vocab_mismatch_is_an_error(base: nn.Module) -> None:
 
 @cache
 def smollm2() -> tuple[nn.Module, object]:
-    from harness.models import load_model
+    from harness.models import load_model, load_tokenizer
 
     loaded = load_model("smollm2-135m")
-    return loaded.model.eval(), loaded.tokenizer
+    return loaded.model.eval(), load_tokenizer("smollm2-135m")
 
 
 @pytest.mark.integration

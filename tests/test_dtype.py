@@ -157,3 +157,22 @@ def test_float16_runs_on_cpu(tmp_path: Path, checkpoints: dict[str, Path]) -> No
     runs = _configs(uri)
     assert runs["baseline-fp16"]["metrics.bits_per_param"] == 16.0
     assert np.isfinite(runs["nf4-b64-fp16"]["metrics.ppl"])
+
+
+def test_a_session_without_tasks_lets_the_tokenizer_go_before_the_weights_load(
+    tmp_path: Path, checkpoints: dict[str, Path]
+) -> None:
+    """The tokenizer serves the splits, the text counts and BOS, and then goes: no pass reads it, and Gemma's
+    holds about 0.3 GB. A session with lm-eval tasks keeps it for them."""
+    from harness.evaluate.perplexity import text_counts
+    from harness.measure import ModelSession
+    from harness.models import load_tokenizer
+
+    experiment = load_experiment(_experiment(tmp_path, checkpoints, "bf16", "block_size: [64]"))
+    config = experiment.resolved_configs({str(checkpoints["bf16"]): "bfloat16"}, 1)[0]
+    session = ModelSession.prepare(config)
+    tokenizer = load_tokenizer(str(checkpoints["bf16"]))
+    assert session.tokenizer is None
+    assert torch.equal(session.tokens, config.token_splits(tokenizer).evaluation)
+    counts = text_counts(tokenizer, session.tokens)
+    assert (session.params["text_bytes"], session.params["text_words"]) == counts and counts[0] > 0

@@ -59,7 +59,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "210463e55e789c02469e01d8f27593a1bc4ce6faaccfdf7cc0b5dcaf47f8b792",
+    "4": "56aa76aaea62aeaf47aa54f868126657d24fca01b33b057d9bdf16b0b00798e9",
 }
 
 

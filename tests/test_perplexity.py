@@ -37,10 +37,10 @@ def stream(n: int, seed: int = 1, vocab: int = 256) -> torch.Tensor:
 def smollm2() -> tuple[torch.nn.Module, object]:
     """The real SmolLM2-135M in fp32 and its tokenizer, through harness.models (once per test session): fp32,
     so that an independent loop's sum agrees to 1e-4, finer than one token's NLL (~2e-3 of 508 tokens')."""
-    from harness.models import load_model
+    from harness.models import load_model, load_tokenizer
 
     loaded = load_model("smollm2-135m", torch.float32)
-    return loaded.model.eval(), loaded.tokenizer
+    return loaded.model.eval(), load_tokenizer("smollm2-135m", torch.float32)
 
 
 # ----------------------------------------------------------------------------- independent reference loops

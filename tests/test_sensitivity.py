@@ -106,11 +106,13 @@ def _tiny_session() -> ModelSession:
         progress=False,
     )
     layers = discover_layers(model)
-    loaded = LoadedModel("tiny", model, None, True, "tiny", {f"{i.name}.weight": "F32" for i in layers})
+    loaded = LoadedModel("tiny", model, True, "tiny", {f"{i.name}.weight": "F32" for i in layers})
     calibration = {
         i.name: torch.randn(32, i.shape[1], generator=torch.Generator().manual_seed(1)) for i in layers
     }
-    return ModelSession(loaded, snapshot(model, layers), calibration, tokens, protocol, reference, {})
+    return ModelSession(
+        loaded, None, TINY_BOS, snapshot(model, layers), calibration, tokens, protocol, reference, {}
+    )
 
 
 @pytest.mark.parametrize("memory_bytes", [2**30, 0], ids=["in-memory", "on-disk"])

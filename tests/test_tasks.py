@@ -279,10 +279,10 @@ def test_scored_positions_change_no_score() -> None:
 
 @cache
 def smollm2() -> tuple[torch.nn.Module, object]:
-    from harness.models import load_model
+    from harness.models import load_model, load_tokenizer
 
     loaded = load_model("smollm2-135m")
-    return loaded.model.eval(), loaded.tokenizer
+    return loaded.model.eval(), load_tokenizer("smollm2-135m")
 
 
 @pytest.mark.integration

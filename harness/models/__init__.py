@@ -27,6 +27,7 @@ from harness.models.sources import (
     ModelError,
     declared_dtype,
     load_model,
+    load_tokenizer,
     source_bits,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "layer_plan",
     "layer_table",
     "load_model",
+    "load_tokenizer",
     "logit_split",
     "quantized",
     "restore",

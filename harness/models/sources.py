@@ -39,11 +39,11 @@ class ModelError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model in eval mode with its tokenizer and the precision each parameter had in its source file."""
+    """A model in eval mode and the precision each parameter had in its source file. Its tokenizer loads on
+    its own (``load_tokenizer``): Gemma's holds about 0.3 GB, which a pass has no use for."""
 
     name: str
     model: nn.Module
-    tokenizer: Any
     is_causal_lm: bool
     source: str
     source_precision: dict[str, str]
@@ -62,12 +62,9 @@ def declared_dtype(spec: str, fetch: bool = True) -> DeclaredDtype | None:
     """The checkpoint's own dtype: ``torch_dtype`` (``dtype``) in its configuration; for a GGUF the source
     model's, from ``general.file_type`` when the file is unquantized, else bfloat16. None when ``spec`` is an
     asset not fetched yet and ``fetch`` is false."""
-    if spec in assets.ASSETS:
-        if not fetch and not assets.is_fetched(spec):
-            return None
-        location: Path | str = assets.ensure(spec)
-    else:
-        location = _local_path(spec)
+    location = _location(spec, fetch)
+    if location is None:
+        return None
     if isinstance(location, Path) and location.suffix == ".gguf":
         return _gguf_dtype(location)
     declared = getattr(_config(location), "dtype", None)
@@ -142,19 +139,48 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
     """Load an asset name, a local HF directory, a .gguf file or a Hugging Face id (in that order), straight
     into ``dtype`` (default: the checkpoint's own, ``declared_dtype``). A 16-bit model on a CPU without
     native 16-bit GEMMs has its products widened to fp32 from then on (``harness.gemm``)."""
-    if dtype is None:
-        declared = declared_dtype(spec)
-        assert declared is not None
-        dtype = COMPUTE_DTYPES[declared.dtype]
+    dtype = dtype or _declared(spec)
     gemm.use_for(dtype)
+    location = _location(spec)
+    assert location is not None  # fetched: _location fetches an asset
+    is_gguf = isinstance(location, Path) and location.suffix == ".gguf"
+    loaded = _load_pretrained(_loadable(location, dtype), dtype)
     if spec in assets.ASSETS:
-        path = assets.ensure(spec)
-        loaded = _load_gguf(path, dtype) if path.suffix == ".gguf" else _load_pretrained(path, dtype)
         return _renamed(loaded, name=spec, source=spec)
-    location = _local_path(spec)
+    if is_gguf:
+        return _renamed(loaded, name=location.stem, source=str(location))
+    return loaded
+
+
+def load_tokenizer(spec: str, dtype: torch.dtype | None = None) -> Any:
+    """The tokenizer of what ``load_model(spec, dtype)`` loads; a GGUF is converted first, if it is not yet,
+    since reading the tokenizer from the GGUF itself holds about 1.5 GB for Gemma's vocabulary."""
+    location = _location(spec)
+    assert location is not None
+    return transformers.AutoTokenizer.from_pretrained(str(_loadable(location, dtype or _declared(spec))))
+
+
+def _declared(spec: str) -> torch.dtype:
+    declared = declared_dtype(spec)
+    assert declared is not None  # fetched: declared_dtype fetches an asset
+    return COMPUTE_DTYPES[declared.dtype]
+
+
+def _location(spec: str, fetch: bool = True) -> Path | str | None:
+    """An asset's file or folder (fetched unless ``fetch`` is false: then None until it is), else
+    ``_local_path``."""
+    if spec in assets.ASSETS:
+        if not fetch and not assets.is_fetched(spec):
+            return None
+        return assets.ensure(spec)
+    return _local_path(spec)
+
+
+def _loadable(location: Path | str, dtype: torch.dtype) -> Path | str:
+    """What transformers loads: a GGUF's safetensors conversion to ``dtype``, else ``location`` itself."""
     if isinstance(location, Path) and location.suffix == ".gguf":
-        return _load_gguf(location, dtype)
-    return _load_pretrained(location, dtype)
+        return _converted(location, dtype)
+    return location
 
 
 def _local_path(spec: str) -> Path | str:
@@ -258,12 +284,9 @@ class ModelOutline:
 def outline_model(spec: str, fetch: bool = True) -> ModelOutline | None:
     """The model's outline, resolving ``spec`` as ``load_model`` does; None when it is an asset that is not
     fetched and ``fetch`` is false. A hub id is tried only when the hub answers (one quick connection)."""
-    if spec in assets.ASSETS:
-        if not fetch and not assets.is_fetched(spec):
-            return None
-        location = assets.ensure(spec)
-    else:
-        location = _local_path(spec)
+    location = _location(spec, fetch)
+    if location is None:
+        return None
     if isinstance(location, Path) and location.suffix == ".gguf":
         converted = [converted_dir(location, dtype) for dtype in COMPUTE_DTYPES.values()]
         done = [folder for folder in converted if (folder / PRECISION_FILE).is_file()]
@@ -295,9 +318,7 @@ def source_bits(precision: str) -> float:
 
 
 def _renamed(loaded: LoadedModel, *, name: str, source: str) -> LoadedModel:
-    return LoadedModel(
-        name, loaded.model, loaded.tokenizer, loaded.is_causal_lm, source, loaded.source_precision
-    )
+    return LoadedModel(name, loaded.model, loaded.is_causal_lm, source, loaded.source_precision)
 
 
 def _load_pretrained(location: Path | str, dtype: torch.dtype) -> LoadedModel:
@@ -307,14 +328,13 @@ def _load_pretrained(location: Path | str, dtype: torch.dtype) -> LoadedModel:
     is_causal = _is_causal_lm(config)
     auto = transformers.AutoModelForCausalLM if is_causal else transformers.AutoModel
     model = auto.from_pretrained(str(location), dtype=dtype).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(location))
     weights_dir = Path(transformers.utils.cached_file(str(location), "config.json")).parent
     stored = _safetensors_dtypes(weights_dir)
     if (cached := weights_dir / PRECISION_FILE).is_file():  # a converted GGUF: the safetensors no longer know
         stored = json.loads(cached.read_text())
     precision = _per_parameter(model, stored, default=str(getattr(config, "dtype", None) or torch.float32))
     name = location.name if local else str(location)
-    return LoadedModel(name, model, tokenizer, is_causal, str(location), precision)
+    return LoadedModel(name, model, is_causal, str(location), precision)
 
 
 def _is_causal_lm(config: transformers.PretrainedConfig) -> bool:
@@ -362,9 +382,9 @@ def _per_parameter(model: nn.Module, stored: Mapping[str, str], default: str) ->
 # ------------------------------------------------------------------------------------------------ GGUF
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
-    """Load the safetensors conversion of a GGUF in ``dtype`` from the cache, converting it first if it is
-    not there. One entry per dtype: the model then loads memory-mapped, with no cast and no second copy."""
+def _converted(path: Path, dtype: torch.dtype) -> Path:
+    """The safetensors conversion of a GGUF to ``dtype`` in the cache, converted first if it is not there.
+    One entry per dtype: the model then loads memory-mapped, with no cast and no second copy."""
     converted = converted_dir(path, dtype)
     with building(converted, PRECISION_FILE, source=path) as build:
         if build is not None:
@@ -379,7 +399,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
                         f"converting {path.name} ended without a result: its process was killed "
                         "(most often for lack of memory)"
                     ) from None
-    return _renamed(_load_pretrained(converted, dtype), name=path.stem, source=str(path))
+    return converted
 
 
 def converted_dir(path: Path, dtype: torch.dtype) -> Path:
