@@ -80,7 +80,7 @@ class ModelSession:
 
     loaded: LoadedModel
     tokenizer: Any | None  # kept only for the lm-eval tasks
-    bos_token_id: int | None  # what the evaluation prepends to a window that starts mid-stream, if anything
+    bos_token_id: int | None  # None unless eval.bos; marks a stream opening with BOS; llamacpp re-seeds
     pristine: Pristine
     calibration: dict[str, torch.Tensor]
     tokens: torch.Tensor  # the evaluation stream (1, N)

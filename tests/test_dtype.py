@@ -163,7 +163,7 @@ def test_a_session_without_tasks_lets_the_tokenizer_go_before_the_weights_load(
     tmp_path: Path, checkpoints: dict[str, Path]
 ) -> None:
     """The tokenizer serves the splits, the text counts and BOS, and then goes: no pass reads it, and Gemma's
-    holds about 0.3 GB. A session with lm-eval tasks keeps it for them."""
+    holds about 0.3 GB. (A session with lm-eval tasks keeps it: the smoke sweep's piqa runs through it.)"""
     from harness.evaluate.perplexity import text_counts
     from harness.measure import ModelSession
     from harness.models import load_tokenizer
