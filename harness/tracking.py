@@ -15,7 +15,9 @@ tag) or KILLED (Ctrl-C / SIGTERM). A run left RUNNING by a process that died (ki
 its ``harness.pid``/``harness.host`` tags and marked FAILED by the next sweep (``reap_stale``).
 
 Claims: before a config runs, its runner claims it in the experiment's ledger, a bookkeeping run in the
-experiment ``NAME.claims`` whose params are the claims (``claim.HASH.N`` = the owner). MLflow params are
+experiment ``NAME.claims`` whose params are the claims (``claim.HASH.N`` = the owner). The ledger is FINISHED
+from the moment it is made (MLflow logs params to a finished run), so no run is ever shown at work that is
+not. MLflow params are
 write-once, so of two runners logging the same key one wins, whatever the store (sqlite, a server), and only
 the winner runs the config. A claim whose run FINISHED means done; a claim whose owner (host, pid, Ray task)
 died, or whose run FAILED or was KILLED, is superseded by the next generation ``N+1``.
@@ -394,6 +396,7 @@ class Tracker:
             staging = f"{claims}.{uuid.uuid4().hex}"
             staging_id = self._client.create_experiment(staging, self._artifact_location(staging))
             ledger = self._client.create_run(staging_id, run_name="claims", tags={KIND_TAG: "claims"})
+            self._client.set_terminated(ledger.info.run_id, "FINISHED")  # a record, never a run at work
             self._client.set_experiment_tag(staging_id, LEDGER_TAG, ledger.info.run_id)
             try:
                 self._client.rename_experiment(staging_id, claims)
@@ -402,7 +405,10 @@ class Tracker:
             found = self._client.get_experiment_by_name(claims)
             if found is None:
                 raise RuntimeError(f"the claims experiment {claims!r} could not be created")
-        return found.tags[LEDGER_TAG]
+        ledger_id = found.tags[LEDGER_TAG]
+        if self._client.get_run(ledger_id).info.status == "RUNNING":  # a store made before ledgers ended
+            self._client.set_terminated(ledger_id, "FINISHED")
+        return ledger_id
 
     def claim(
         self,

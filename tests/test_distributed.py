@@ -148,6 +148,9 @@ def test_ray_sweep_on_the_server_equals_the_local_sweep(
     assert "metrics.kld_mean" in columns and columns == metric_columns(remote)
     by_hash = [f.set_index("tags.harness.config_hash").sort_index()[columns] for f in (remote, local)]
     pd.testing.assert_frame_equal(by_hash[0], by_hash[1], check_exact=True)
+    ledger = Tracker(server.uri).runs("tiny.claims")  # the claims: a record, not a run left at work
+    assert len(ledger) == 1 and ledger["status"].item() == "FINISHED"
+    assert ledger.filter(like="params.claim.").notna().sum(axis=1).item() == 4
 
 
 def test_a_killed_worker_is_retried_and_redoes_only_its_unfinished_config(

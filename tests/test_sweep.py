@@ -62,6 +62,8 @@ def test_smoke_sweep_logs_every_config(store: str) -> None:
     child = children(frame).set_index("tags.mlflow.runName")
     assert set(child.index) == {"baseline", "nf4-b64", "nf4-b64-dq", "int4-b64"}
     assert (child["status"] == "FINISHED").all()
+    ledger = runs(store, "smoke.claims")
+    assert ledger["status"].tolist() == ["FINISHED"]  # the claims ledger is never left RUNNING
     assert (child["tags.mlflow.parentRunId"] == parent["run_id"].item()).all()
     base, nf4, dq, int4 = (child.loc[k] for k in ("baseline", "nf4-b64", "nf4-b64-dq", "int4-b64"))
     assert base["metrics.kld_mean"] < 1e-4 and base["metrics.top1_agreement"] == 1.0
@@ -318,3 +320,12 @@ def test_only_tracking_talks_to_mlflow() -> None:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if "mlflow" in line:  # the name of the package, as imported; "MLflow" in prose is fine
                 assert line.strip().startswith("#"), f"{path.name}:{number}: {line.strip()}"
+
+
+def test_a_ledger_left_running_by_an_older_store_is_ended(tmp_path: Path) -> None:
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ledger = tracker.ledger("old")
+    assert runs(tracker.uri, "old.claims")["status"].tolist() == ["FINISHED"]
+    tracker._client.update_run(ledger, status="RUNNING")  # as every ledger was before they ended at once
+    assert tracker.ledger("old") == ledger
+    assert runs(tracker.uri, "old.claims")["status"].tolist() == ["FINISHED"]
