@@ -4,12 +4,22 @@ as Ctrl-C (so what a process started is cleaned up either way)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+
+
+def die_with_parent() -> None:
+    """In a child between fork and exec: the kernel sends it SIGTERM when the process that started it dies,
+    even by SIGKILL, so a server's child never outlives it (``prctl(PR_SET_PDEATHSIG)``, Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def pid_alive(pid: int) -> bool:

@@ -6,6 +6,11 @@ caller, or ``postgres`` when the caller is root), with a role and a database nam
 a Unix socket only, in a folder only its owner can enter, so ``trust`` authentication admits its owner (and
 root) and nobody else. Root's home is closed to other users, so for root the cluster lives in the
 ``postgres`` user's home, in a folder named after the cache it belongs to.
+
+A server killed outright (SIGKILL to its process group) leaves nothing that blocks the next one: the MLflow
+server dies with it (``PR_SET_PDEATHSIG``), what is left of its process group (recorded in
+``server/mlflow.pgid`` under the cache) is killed when the next server starts, and the PostgreSQL postmaster,
+which runs in a session of its own, is adopted by the next server and stopped by it.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import hashlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.cache import cache_dir
-from harness.liveness import sigterm_as_interrupt, stop_group
+from harness.liveness import die_with_parent, sigterm_as_interrupt, stop_group
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DATABASE = "harness"  # the role and the database
@@ -73,19 +80,21 @@ class Cluster:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
+        """The cluster running until the block ends; one left running by a server that was killed (its
+        ``postmaster.pid`` names a live postmaster) is adopted, and stopped at the end like a started one."""
         self._make_owned(self.socket_dir)
         options = f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}'"
         log = self.data / "server.log"
-        start = [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-o", options, "-w", "start"]
-        started = self._as_owner(*start, check=False)
-        if started.returncode != 0:
-            raise ServerError(f"PostgreSQL did not start: {_tail(log) or started.stderr.strip()}")
+        pg_ctl = [str(PG_BIN / "pg_ctl"), "-D", str(self.data)]
+        if self._as_owner(*pg_ctl, "status", check=False).returncode:  # 0: it runs
+            started = self._as_owner(*pg_ctl, "-l", str(log), "-o", options, "-w", "start", check=False)
+            if started.returncode != 0:
+                raise ServerError(f"PostgreSQL did not start: {_tail(log) or started.stderr.strip()}")
         try:
             self._ensure_database()
             yield
         finally:
-            stop = [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]
-            self._as_owner(*stop, check=False)
+            self._as_owner(*pg_ctl, "-m", "fast", "-w", "stop", check=False)
 
     def _ensure_database(self) -> None:
         psql = [str(PG_BIN / "psql"), "-h", str(self.socket_dir), "-U", self.user, "-d", "postgres", "-tAc"]
@@ -117,8 +126,15 @@ def serve(port: int) -> int:
     uri = f"http://{HOST}:{port}"
     artifacts = cache_dir() / "server" / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
+    pid_file = cache_dir() / "server" / "mlflow.pgid"
+    stop_stale_group(pid_file)
     with sigterm_as_interrupt(), cluster.running():
-        process = subprocess.Popen(server_command(cluster.uri, artifacts, HOST, port), start_new_session=True)
+        process = subprocess.Popen(
+            server_command(cluster.uri, artifacts, HOST, port),
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        pid_file.write_text(str(process.pid))  # its group: the server and the workers it starts
         try:
             wait_until_serving(uri, process)
             print(f"{uri}\nruns in PostgreSQL at {cluster.data}; Ctrl-C to stop", flush=True)
@@ -129,4 +145,25 @@ def serve(port: int) -> int:
             raise ServerError(str(exc)) from None
         finally:
             stop_group(process)
+            pid_file.unlink(missing_ok=True)
     return process.returncode
+
+
+def stop_stale_group(pid_file: Path) -> None:
+    """Kill what an earlier server that was itself killed left of its MLflow process group (its uvicorn and
+    job workers outlive the group's leader), so that the port and the store are free again."""
+    with contextlib.suppress(OSError, ValueError):
+        group = int(pid_file.read_text())
+        members = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _group_of(int(p.name)) == group]
+        if any(b"mlflow" in (member / "cmdline").read_bytes() for member in members):
+            os.killpg(group, signal.SIGKILL)
+            while any(_group_of(int(member.name)) == group for member in members):
+                time.sleep(0.05)
+    pid_file.unlink(missing_ok=True)
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None

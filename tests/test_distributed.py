@@ -4,6 +4,7 @@ headless Chromium. Experiments are tiny (a few layers of smollm2-135m, a few hun
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import torch
 
 from harness.executors import RayExecutor, set_threads
 from harness.experiments import load_experiment
+from harness.liveness import pid_alive
 from harness.server import Cluster
 from harness.sweep import SweepOptions, run_sweep
 from harness.tracking import Tracker
@@ -55,8 +57,8 @@ def free_port() -> int:
 class Server:
     """``harness server`` in a subprocess, with its own cache folder (so its own database)."""
 
-    def __init__(self, cache: Path) -> None:
-        self.cache, self.port = cache, free_port()
+    def __init__(self, cache: Path, port: int | None = None) -> None:
+        self.cache, self.port = cache, port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[str] | None = None
 
@@ -64,7 +66,12 @@ class Server:
         env = {**os.environ, "HARNESS_CACHE": str(self.cache), "MLFLOW_TRACKING_URI": ""}
         command = [sys.executable, "-m", "harness.cli", "server", "--port", str(self.port)]
         self.process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         assert self.process.stdout is not None
         for line in self.process.stdout:  # the URI comes first, once it answers
@@ -90,6 +97,44 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     cluster = Cluster.for_cache(cache)
     shutil.rmtree(cluster.data, ignore_errors=True)
     shutil.rmtree(cluster.socket_dir, ignore_errors=True)
+
+
+def group_members(group: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(int(entry.name)) == group:
+                    found.append(int(entry.name))
+    return found
+
+
+def test_a_server_killed_with_its_group_is_started_again_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = Server(cache)
+    first.start()
+    assert first.process is not None
+    cluster = Cluster.for_cache(cache)
+    postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    mlflow_group = int((cache / "server" / "mlflow.pgid").read_text())
+    assert len(group_members(mlflow_group)) >= 2  # the MLflow server and the workers it started
+    os.killpg(first.process.pid, signal.SIGKILL)  # the harness server's own group, as a terminal's kill does
+    first.process.wait()
+    second = Server(cache, port=first.port)  # the same port: nothing of the first may still hold it
+    try:
+        second.start()
+        assert group_members(mlflow_group) == []
+        assert int((cluster.data / "postmaster.pid").read_text().split()[0]) == postmaster  # adopted
+        tracker = Tracker(second.uri)
+        assert tracker.experiment_id("after-restart") == tracker.experiment_id("after-restart")
+    finally:
+        second.stop()
+        shutil.rmtree(cluster.data, ignore_errors=True)
+        shutil.rmtree(cluster.socket_dir, ignore_errors=True)
+    deadline = time.monotonic() + 30  # pg_ctl's stop returns once the pid file is gone, just before the exit
+    while pid_alive(postmaster) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(postmaster) and not (cache / "server" / "mlflow.pgid").exists()
 
 
 @pytest.fixture(scope="module")
