@@ -6,7 +6,7 @@ EXP     ?= default
 ARGS    ?=
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install fetch sweep ui server tables test lint bench clean
+.PHONY: install fetch sweep ui server tables test test-fast lint bench clean
 
 $(BIN)/harness: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ tables: $(BIN)/harness
 test: $(BIN)/harness
 	$(BIN)/harness fetch --for-experiment smoke
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The unit tests alone: tiny random models, no assets, servers or other processes.
+test-fast: $(BIN)/harness
+	$(BIN)/python -m pytest -q -m "not integration" $(ARGS)
 
 lint: $(BIN)/harness
 	$(BIN)/ruff check harness tests benchmarks

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.errors import HarnessError
 
-class BudgetError(ValueError):
+
+class BudgetError(HarnessError, ValueError):
     """A budget no allocation over the menu can meet."""
 
 

@@ -24,6 +24,7 @@ from typing import Literal
 from tqdm import tqdm
 
 from harness.cache import building, cache_dir
+from harness.errors import HarnessError
 
 Kind = Literal["gguf", "hf_dir", "files"]
 MANIFEST = "manifest.json"
@@ -31,7 +32,7 @@ LICENSES = "LICENSES"
 _CHUNK = 1 << 20
 
 
-class AssetError(RuntimeError):
+class AssetError(HarnessError, RuntimeError):
     """A fetch failed; the message is one line and says what to do about it."""
 
 

@@ -27,12 +27,14 @@ from pathlib import Path
 import xxhash
 from filelock import FileLock
 
+from harness.errors import HarnessError
+
 CHECKSUMS = ".checksums.json"
 # A build's temporary folder, as ``building`` names it with mkdtemp: ``.NAME.PID.RANDOM.tmp``
 _TEMPORARY = re.compile(r"\.(?P<entry>.+)\.\d+\.[a-z0-9_]+\.tmp")
 
 
-class CacheError(RuntimeError):
+class CacheError(HarnessError, RuntimeError):
     """A cache entry could not be rebuilt; the message names the folder to delete."""
 
 

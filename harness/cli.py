@@ -12,12 +12,32 @@ SHOWN = 20  # configs `harness show` lists without --all
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.errors import HarnessError
     from harness.memory import bound_heap
     from harness.progress import quiet_peer_logs
-    from harness.tracking import STORE_HELP
 
     bound_heap()
     quiet_peer_logs()
+    args = _parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except HarnessError as exc:
+        for line in str(exc).splitlines():
+            print(f"harness: error: {line}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as exc:  # the machine's or the files' state, not a bug: one line and a log
+        log = _log_traceback(exc)
+        print(f"harness: error: {type(exc).__name__}: {exc} (traceback in {log})", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Every subcommand, each with the function that runs it (``run``)."""
+    from harness.tracking import STORE_HELP
 
     parser = argparse.ArgumentParser(
         prog="harness",
@@ -146,22 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("second", help="config label to subtract, e.g. nf4-b256, or baseline")
     p.add_argument("--tracking-uri", help=STORE_HELP)
     p.set_defaults(run=_compare)
-
-    args = parser.parse_args(argv)
-    run: Callable[[argparse.Namespace], int] = args.run
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except _user_errors() as exc:
-        for line in str(exc).splitlines():
-            print(f"harness: error: {line}", file=sys.stderr)
-        return 2
-    except (OSError, MemoryError) as exc:  # the machine's or the files' state, not a bug: one line and a log
-        log = _log_traceback(exc)
-        print(f"harness: error: {type(exc).__name__}: {exc} (traceback in {log})", file=sys.stderr)
-        return 2
+    return parser
 
 
 def _log_traceback(exc: BaseException) -> Path:
@@ -181,33 +186,6 @@ def _log_traceback(exc: BaseException) -> Path:
     log = folder / f"harness-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log.write_text(f"harness {' '.join(sys.argv[1:])}\n" + "".join(traceback.format_exception(exc)))
     return log
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by input (bad experiment, unknown format, missing asset): one line, no traceback."""
-    from harness.allocation import BudgetError
-    from harness.assets import AssetError
-    from harness.cache import CacheError
-    from harness.data import DataError
-    from harness.experiments import ExperimentError
-    from harness.models import ModelError
-    from harness.quantize import QuantizationError
-    from harness.report import ReportError
-    from harness.sensitivity import SensitivityError
-    from harness.server import ServerError
-
-    return (
-        AssetError,
-        BudgetError,
-        CacheError,
-        DataError,
-        ExperimentError,
-        ModelError,
-        QuantizationError,
-        ReportError,
-        SensitivityError,
-        ServerError,
-    )
 
 
 def _list(args: argparse.Namespace) -> int:

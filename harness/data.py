@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from harness.assets import LAMBADA_REQUESTS, ensure
+from harness.errors import HarnessError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -64,7 +65,7 @@ CALIBRATION_MODULUS = 4  # one document in four (by hash) belongs to the calibra
 _BATCH = 256  # documents tokenised per call, so that only what is needed gets tokenised
 
 
-class DataError(ValueError):
+class DataError(HarnessError, ValueError):
     """A corpus cannot be read or is too small; the message is one line."""
 
 

@@ -41,6 +41,7 @@ from harness import NUMERICS_VERSION
 from harness.codebook import ROUNDING_RULES
 from harness.data import CORPORA, CORPUS_PREFIXES, TokenSplits, token_splits
 from harness.double_quant import DOUBLE_QUANT_CODES, DoubleQuantConfig
+from harness.errors import HarnessError
 from harness.evaluate.perplexity import PROTOCOLS
 from harness.formats import get_format
 from harness.quantize import COMPUTE_DTYPES, CONSTANT_DTYPES, BlockSize, QuantConfig
@@ -57,7 +58,7 @@ DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 COUNTED = 200_000  # grid points counted one by one (about 0.2 s); a bigger grid reports its product
 
 
-class ExperimentError(ValueError):
+class ExperimentError(HarnessError, ValueError):
     """A malformed experiment: one line naming the file, the key, the value and what is allowed."""
 
 

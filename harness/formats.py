@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 
+from harness.errors import HarnessError
+
 ScaleRule = Literal["absmax", "affine", "e8m0", "e4m3_fp32"]
 
 
@@ -198,5 +200,5 @@ def known_format_names() -> list[str]:
     return sorted(families) + sorted(_FIXED)
 
 
-class UnknownFormatError(ValueError):
-    pass
+class UnknownFormatError(HarnessError, ValueError):
+    """A format name no registry entry has; the message lists the known ones."""

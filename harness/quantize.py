@@ -26,6 +26,7 @@ from harness.codebook import (
     scale_blocks,
 )
 from harness.double_quant import DoubleQuantConfig, DoubleQuantized, double_quantize
+from harness.errors import HarnessError
 from harness.formats import Format, get_format
 from harness.packing import pack, unpack
 
@@ -46,7 +47,7 @@ _E4M3_MAX = 448.0
 _CPU_KERNELS_ENABLED = True  # tests flip this to check the fused kernels against the plain torch path
 
 
-class QuantizationError(ValueError):
+class QuantizationError(HarnessError, ValueError):
     """Bad input to the quantizer: the message names the tensor or option at fault."""
 
 

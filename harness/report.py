@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from harness import plots
+from harness.errors import HarnessError
 from harness.evaluate.tasks import PRIMARY
 from harness.metrics import MetricSpec, metric
 from harness.stats import METHOD, Difference, paired_difference, ppl_difference
@@ -49,7 +50,7 @@ DATATYPE_COLUMNS = (
 BLOCK_ORDER = ("channel", "tensor")
 
 
-class ReportError(ValueError):
+class ReportError(HarnessError, ValueError):
     """Nothing to report (unknown experiment, no finished runs) or a pivot that is ill-posed; one line."""
 
 

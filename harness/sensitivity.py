@@ -40,6 +40,7 @@ from tqdm import tqdm
 from harness import NUMERICS_VERSION
 from harness.allocation import allocate, more_bits_allocation, random_allocation, use_more_bits
 from harness.cache import cache_dir
+from harness.errors import HarnessError
 from harness.evaluate.divergence import BaseReference, divergence_of, whole_rows
 from harness.evaluate.perplexity import LogitHead, ScoredRows, WindowBatch, window_batches
 from harness.experiments import (
@@ -71,7 +72,7 @@ LLAMA_CPP_MORE_BITS = ("v_proj", "down_proj")  # attn_v and ffn_down in llama.cp
 TABLE = "sensitivity.csv"
 
 
-class SensitivityError(ValueError):
+class SensitivityError(HarnessError, ValueError):
     """A sensitivity or allocation request that cannot be met (one line)."""
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.cache import cache_dir
+from harness.errors import HarnessError
 from harness.liveness import die_with_parent, sigterm_as_interrupt, stop_group
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -35,7 +36,7 @@ DATABASE = "harness"  # the role and the database
 HOST = "127.0.0.1"
 
 
-class ServerError(RuntimeError):
+class ServerError(HarnessError, RuntimeError):
     """The server cannot start (PostgreSQL missing, the port taken): said in one line."""
 
 

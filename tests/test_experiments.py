@@ -76,6 +76,7 @@ def test_hash_ignores_key_order_and_names(tmp_path: Path) -> None:
     assert changed.configs[0].hash != a.configs[0].hash
 
 
+@pytest.mark.integration  # other processes or a peer's registry: seconds each
 def test_hash_is_stable_across_processes(tmp_path: Path) -> None:
     path = write(tmp_path, BASE)
     code = (
@@ -162,6 +163,7 @@ def test_malformed_files_each_give_one_line(tmp_path: Path) -> None:
         assert error.startswith(path) and message in error and "\n" not in error, (text, error)
 
 
+@pytest.mark.integration  # other processes or a peer's registry: seconds each
 def test_cli_reports_fifty_malformed_files_without_traceback(tmp_path: Path) -> None:
     paths = []
     for i in range(50):
@@ -226,6 +228,7 @@ def test_hash_covers_the_numerics_version(tmp_path: Path, monkeypatch: pytest.Mo
     assert config.hash != before and config.config_id == identity
 
 
+@pytest.mark.integration  # other processes or a peer's registry: seconds each
 def test_show_takes_a_name_or_a_path(tmp_path: Path) -> None:
     path = write(tmp_path, BASE.replace("model: m", "model: smollm2-135m"), "mine")
     for spec in ("smoke", path):

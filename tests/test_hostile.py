@@ -260,3 +260,23 @@ def test_the_estimate_says_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) 
     assert text.startswith(f"estimated {expected:.0f} s (") and "bfloat16 (1000 GFLOP/s)" in text
     assert calls == [torch.bfloat16]
     assert estimate(shards, pd.DataFrame(), {}) == "no estimate of its duration"
+
+
+def test_every_error_of_input_or_circumstance_is_a_harness_error() -> None:
+    """The CLI prints a ``HarnessError`` on one line and lets everything else keep its traceback, so each error
+    class the package defines derives from it; the one exception is the outcome of a measurement."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import harness
+    from harness.errors import HarnessError
+    from harness.evaluate.perplexity import NonFiniteError  # a FAILED run's reason, never shown by the CLI
+
+    defined = set()
+    for module in pkgutil.walk_packages(harness.__path__, "harness."):
+        for _, value in inspect.getmembers(importlib.import_module(module.name), inspect.isclass):
+            if issubclass(value, Exception) and value.__module__.startswith("harness."):
+                defined.add(value)
+    assert len(defined) >= 12
+    assert {error for error in defined if not issubclass(error, HarnessError)} == {NonFiniteError}

@@ -60,6 +60,7 @@ def harness(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[st
     )
 
 
+@pytest.mark.integration  # other processes or a peer's registry: seconds each
 def test_installed_package_lists_its_experiments(installed: Path, tmp_path: Path) -> None:
     where = harness(installed, tmp_path, "list")
     assert where.returncode == 0, where.stderr

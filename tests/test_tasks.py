@@ -49,6 +49,7 @@ def test_names_suites_and_primary_metrics() -> None:
     assert set(T.SUITES["zeroshot"]) <= set(T.SOURCES)
 
 
+@pytest.mark.integration  # other processes or a peer's registry: seconds each
 def test_every_name_is_a_stock_task_defined_where_lm_eval_defines_it() -> None:
     stock = stock_manager().task_index
     ours = T.task_manager().task_index

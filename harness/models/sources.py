@@ -27,13 +27,14 @@ from torch import nn
 
 from harness import assets, gemm
 from harness.cache import building, cache_dir
+from harness.errors import HarnessError
 from harness.progress import quiet_peer_logs, ticking
 from harness.quantize import COMPUTE_DTYPES
 
 PRECISION_FILE = "source_precision.json"
 
 
-class ModelError(RuntimeError):
+class ModelError(HarnessError, RuntimeError):
     """A model could not be loaded or a layer selection is empty; one line that says what to do."""
 
 
