@@ -263,8 +263,8 @@ def test_the_estimate_says_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_every_error_of_input_or_circumstance_is_a_harness_error() -> None:
-    """The CLI prints a ``HarnessError`` on one line and lets everything else keep its traceback, so each error
-    class the package defines derives from it; the one exception is the outcome of a measurement."""
+    """The CLI prints a ``HarnessError`` on one line and lets everything else keep its traceback, so every
+    error class the package defines derives from it; the one exception is the outcome of a measurement."""
     import importlib
     import inspect
     import pkgutil
