@@ -43,6 +43,20 @@ class DoubleQuantConfig:
                 f"unknown double_quant.code {self.code!r}; known codes: {', '.join(DOUBLE_QUANT_CODES)}"
             )
 
+    @property
+    def label(self) -> str:
+        """Its part of a config's label: ``dq`` for QLoRA's default, else ``dq-CODE-BLOCK``."""
+        return "dq" if self == DoubleQuantConfig() else f"dq-{self.code}-{self.block_size}"
+
+    @property
+    def text(self) -> str:
+        """``CODE/BLOCK``, as params and notes show it."""
+        return f"{self.code}/{self.block_size}"
+
+    def spec(self) -> dict[str, int | str]:
+        """As an experiment writes it: ``{block_size: N, code: C}``; part of the config hash."""
+        return {"block_size": self.block_size, "code": self.code}
+
 
 @dataclass(frozen=True)
 class DoubleQuantized:

@@ -1,9 +1,7 @@
 """Where a sweep's configs run: in this process (``LocalExecutor``) or as Ray tasks (``RayExecutor``).
 
-The unit of work is a ``Shard``: configs of one model. ``run_shard`` loads the model once (when it has
-anything to run), prepares its ``ModelSession``, and for each config claims it in the experiment's ledger,
-measures it and logs it as a child of the sweep's parent run. A config someone else holds (another sweep, a
-live earlier attempt) or that is already FINISHED is skipped, so every config runs once.
+The unit of work is a ``Shard``: configs of one model. ``run_shard`` runs each through ``runner.run_config``
+(claim, measure, log), which loads the model once, on the first config claimed.
 
 Ray: one task per shard, ``max_retries`` on worker death. A retry keeps its task id, so the dead attempt's
 claims are recognised as dead: their RUNNING runs are marked FAILED with the reason and redone; configs the
@@ -13,32 +11,20 @@ across workers.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numba
 import torch
 
 from harness import memory
-from harness.evaluate.perplexity import NonFiniteError
 from harness.experiments import RunConfig
-from harness.measure import ModelSession, measure
-from harness.tracking import (
-    CLAIM_TAG,
-    NOTE_TAG,
-    TASK_TAG,
-    Owner,
-    Run,
-    Tracker,
-    config_note,
-    config_params,
-    config_tags,
-    process_alive,
-)
+from harness.measure import ModelSession
+from harness.runner import Outcome, Session, Target, run_config
+from harness.tracking import Owner, Tracker, process_alive
 
 RAY_RETRIES = 3  # retries of a shard whose worker died (a Python exception is a FAILED run, not a retry)
 POLL_S = 0.5  # how often the driver collects outcomes while Ray tasks run
@@ -65,23 +51,13 @@ class SweepContext:
     threads: int | None = None  # torch threads in the worker; None leaves torch's default
 
 
-@dataclass(frozen=True)
-class Outcome:
-    config_hash: str
-    label: str
-    status: Literal["finished", "failed", "skipped", "prepared"]  # prepared: the shard's model is ready
-    detail: str = ""  # the error of a failed config, or why one was skipped
-    eval_s: float = 0.0
-    warnings: tuple[str, ...] = field(default_factory=tuple)
-
-
-Report = Callable[[Outcome], None]
+OnOutcome = Callable[[Outcome], None]  # where a shard reports each config's outcome
 
 
 class Executor(Protocol):
     workers: int  # how many shards each model's configs are split into
 
-    def run(self, shards: Sequence[Shard], context: SweepContext, report: Report) -> None: ...
+    def run(self, shards: Sequence[Shard], context: SweepContext, report: OnOutcome) -> None: ...
 
 
 def set_threads(threads: int) -> None:
@@ -94,70 +70,41 @@ def set_threads(threads: int) -> None:
 def run_shard(
     context: SweepContext,
     shard: Shard,
-    report: Report,
+    report: OnOutcome,
     task: str = "",
     alive: Callable[[Owner], bool] = process_alive,
 ) -> None:
-    """Claim, measure and log each config of the shard; the model loads on the first config claimed."""
+    """Run each config of the shard (``runner.run_config``); the model loads on the first config claimed, and
+    a model that cannot be prepared fails that config and leaves the shard's others not run."""
     if context.threads:
         set_threads(context.threads)
     tracker = Tracker(context.tracking_uri)
-    parent = tracker.attach(context.parent)
-    owner = Owner.here(context.parent, task)
-    session: ModelSession | None = None
-    for config in shard.configs:
-        claim = tracker.claim(
-            context.ledger, context.experiment_id, config.hash, owner, alive, redo_finished=context.force
-        )
-        if claim is None:
-            report(Outcome(config.hash, config.label, "skipped", "finished or running elsewhere"))
-            continue
-        if session is None:
-            try:
-                session = ModelSession.prepare(shard.configs[0])
-            except NonFiniteError as exc:  # the base model itself: nothing can be measured against it
-                _base_failed(tracker, context, parent, shard, config, claim, exc, report)
-                return
-            report(Outcome("", shard.model, "prepared"))
-        tags = {**config_tags(config), CLAIM_TAG: claim, NOTE_TAG: config_note(config)}
-        if task:
-            tags[TASK_TAG] = task
-        try:
-            with tracker.run(context.experiment_id, config.label, tags, parent=parent) as run:
-                threads = {"torch_threads": torch.get_num_threads()}  # BLAS sums depend on it
-                run.log_params({**config_params(config), **session.params, **context.provenance, **threads})
-                measurement = measure(session, config)
-                run.log_measurement(measurement)
-        except Exception as exc:  # recorded as a FAILED run by tracker.run; the shard goes on
-            report(Outcome(config.hash, config.label, "failed", f"{type(exc).__name__}: {exc}"))
-            continue
-        done = Outcome(config.hash, config.label, "finished", "", measurement.eval_s, measurement.warnings)
-        report(done)
+    target = Target(
+        tracker,
+        context.experiment_id,
+        context.ledger,
+        tracker.attach(context.parent),
+        Owner.here(context.parent, task),
+        context.provenance,
+        context.force,
+        alive,
+    )
 
+    def prepare() -> ModelSession:
+        prepared = ModelSession.prepare(shard.configs[0])
+        report(Outcome("", shard.model, "prepared"))  # the bar's rate counts configs, not the load
+        return prepared
 
-def _base_failed(
-    tracker: Tracker,
-    context: SweepContext,
-    parent: Run,
-    shard: Shard,
-    config: RunConfig,
-    claim: str,
-    exc: NonFiniteError,
-    report: Report,
-) -> None:
-    """The claimed config becomes a FAILED run that holds the base model's error; the shard's configs after it
-    are not run."""
-    tags = {**config_tags(config), CLAIM_TAG: claim, NOTE_TAG: config_note(config)}
-    with (
-        contextlib.suppress(NonFiniteError),
-        tracker.run(context.experiment_id, config.label, tags, parent=parent) as run,
-    ):
-        run.log_params({**config_params(config), **context.provenance})
-        raise exc
-    report(Outcome(config.hash, config.label, "failed", f"{type(exc).__name__}: {exc}"))
-    rest = shard.configs[shard.configs.index(config) + 1 :]
-    for other in rest:
-        report(Outcome(other.hash, other.label, "failed", f"not run: {shard.model}'s base model failed"))
+    session = Session(prepare)
+    for i, config in enumerate(shard.configs):
+        outcome = run_config(target, session, config)
+        report(outcome)
+        if outcome.base_failed:
+            for other in shard.configs[i + 1 :]:
+                report(
+                    Outcome(other.hash, other.label, "failed", f"not run: {shard.model}'s base model failed")
+                )
+            return
 
 
 class LocalExecutor:
@@ -165,7 +112,7 @@ class LocalExecutor:
 
     workers = 1
 
-    def run(self, shards: Sequence[Shard], context: SweepContext, report: Report) -> None:
+    def run(self, shards: Sequence[Shard], context: SweepContext, report: OnOutcome) -> None:
         for shard in shards:
             run_shard(context, shard, report)
 
@@ -178,7 +125,7 @@ class RayExecutor:
     address: str | None = None
     workers: int = 2
 
-    def run(self, shards: Sequence[Shard], context: SweepContext, report: Report) -> None:
+    def run(self, shards: Sequence[Shard], context: SweepContext, report: OnOutcome) -> None:
         import ray
         from ray.util.queue import Queue
 

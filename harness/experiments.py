@@ -349,7 +349,7 @@ class RunConfig:
             "eval": self.eval.model_dump(mode="json"),
             "format": self.format,
             "block_size": self.block_size,
-            "double_quant": None if dq is None else {"block_size": dq.block_size, "code": dq.code},
+            "double_quant": None if dq is None else dq.spec(),
             "constant_dtype": self.constant_dtype,
             "model_dtype": self.model_dtype,
             "compute_dtype": self.compute_dtype,
@@ -379,9 +379,7 @@ class RunConfig:
             return [("mixed", self.mix_name or f"mixed-{self.hash[:6]}"), *dtypes]
         parts = [("format", self.format), ("block_size", f"b{self.block_size}")]
         if (dq := self.double_quant) is not None:
-            parts.append(
-                ("double_quant", "dq" if dq == DoubleQuantConfig() else f"dq-{dq.code}-{dq.block_size}")
-            )
+            parts.append(("double_quant", dq.label))
         if self.constant_dtype != "float32":
             parts.append(("constant_dtype", f"c{self.constant_dtype}"))
         parts += dtypes
@@ -446,7 +444,7 @@ class LayerOverride:
             "layers": self.layers,
             "format": self.format,
             "block_size": self.block_size,
-            "double_quant": None if dq is None else {"block_size": dq.block_size, "code": dq.code},
+            "double_quant": None if dq is None else dq.spec(),
         }
 
 
@@ -777,5 +775,5 @@ def _axis_value(axis: str, value: Any) -> Any:
 
 def _shown(value: Any) -> str:
     if isinstance(value, DoubleQuantConfig):
-        return f"{value.code}/{value.block_size}"
+        return value.text
     return "off" if value is None else str(value)

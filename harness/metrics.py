@@ -364,8 +364,8 @@ register_metric("tokens_scored", "Tokens", "", None, "model", "scored evaluation
 # Agreement with the unquantized model, token by token
 register_metric(
     "kld_mean", "KLD", "nats", "lower", "model",
-    "mean over scored tokens of KL(unquantized ‖ quantized); with a top-k reference the tail is one "
-    "bucket (a lower bound)", stderr="kld_mean_se",
+    "mean over scored tokens of KL(unquantized ‖ quantized); with a top-k reference the head is exact "
+    "and the tail is estimated without bias from tokens sampled ∝ p", stderr="kld_mean_se",
     per_token="kld",
 )  # fmt: skip
 register_metric(

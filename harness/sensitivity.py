@@ -23,10 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from tqdm import tqdm
 from harness import NUMERICS_VERSION
 from harness.allocation import allocate, more_bits_allocation, random_allocation, use_more_bits
 from harness.cache import cache_dir
+from harness.double_quant import DoubleQuantConfig
 from harness.errors import HarnessError
 from harness.evaluate.divergence import BaseReference, divergence_of, whole_rows
 from harness.evaluate.perplexity import LogitHead, ScoredRows, WindowBatch, window_batches
@@ -50,15 +52,26 @@ from harness.experiments import (
     RunConfig,
     SensitivitySettings,
 )
-from harness.measure import Measurement, ModelSession, measure
+from harness.measure import ModelSession
 from harness.metrics import aggregate
-from harness.models import Blocks, apply, blocks, declared_dtype, layer_table, logit_split, restore
+from harness.models import (
+    Blocks,
+    LayerInfo,
+    apply,
+    blocks,
+    declared_dtype,
+    layer_table,
+    logit_split,
+    restore,
+    source_bits,
+)
 from harness.plots import allocation_pareto, save, sensitivity_heatmap
 from harness.quantize import COMPUTE_DTYPES, CONSTANT_DTYPES, QuantConfig
+from harness.runner import Session, Target, run_config
 from harness.stats import paired_difference, resampled_means
 from harness.tracking import (
     KIND_TAG,
-    Run,
+    Owner,
     Tracker,
     allocation_tags,
     config_params,
@@ -70,6 +83,7 @@ from harness.tracking import (
 PROXIES = ("nmse", "output_rel_err", "kurtosis", "max_over_rms", "act_weighted_err")
 LLAMA_CPP_MORE_BITS = ("v_proj", "down_proj")  # attn_v and ffn_down in llama.cpp's names
 TABLE = "sensitivity.csv"
+ALLOCATION_CLAIM = "allocation."  # its runs' claims: apart from a sweep's, which may hold a config's hash
 
 
 class SensitivityError(HarnessError, ValueError):
@@ -118,7 +132,9 @@ def choice_config(choice: Choice | LayerOverride, base: RunConfig) -> QuantConfi
 
 
 def choice_label(config: QuantConfig) -> str:
-    return f"{config.format}-b{config.block_size}{'-dq' if config.double_quant else ''}"
+    """A menu choice's name, as a config's label has it: ``nf4-b64-dq``, ``nf4-b64-dq-fp8_e4m3-256``."""
+    dq = config.double_quant
+    return f"{config.format}-b{config.block_size}{f'-{dq.label}' if dq else ''}"
 
 
 class PrefixCache:
@@ -375,7 +391,7 @@ def run_sensitivity(
     experiment_id = tracker.experiment_id(experiment.name)
     tables, paths, found = [], [], {}
     for model in experiment.models:
-        suffix = "" if len(experiment.models) == 1 else f"-{model}"
+        suffix = _model_suffix(experiment.models, model)
         tags = sweep_tags() | {KIND_TAG: "sensitivity", "model": model}
         with tracker.run(experiment_id, f"sensitivity {model}", tags) as run:
             prober = Prober(experiment, model, prefix, progress)
@@ -404,9 +420,9 @@ def run_sensitivity(
                 heat["block"] = [structure.index(u) for u in heat["unit"]]
                 heat["part"] = [structure.part(u) for u in heat["unit"]]
                 heat = heat.dropna(subset=["block"])
-                figure = sensitivity_heatmap(
-                    heat, f"{model}: ΔKLD with one layer at {heat['probe'].iloc[0]} (re-quantized GGUF)"
-                )
+                note = _source_note(prober.session.pristine.layers)
+                title = f"{model}: ΔKLD with one layer at {heat['probe'].iloc[0]}{note}"
+                figure = sensitivity_heatmap(heat, title)
                 run.log_figure(figure, "sensitivity.png")
                 paths += save(figure, out / f"sensitivity{suffix}")
             tables.append(table)
@@ -457,12 +473,20 @@ def run_allocation(
     experiment_id = tracker.experiment_id(experiment.name)
     paths: list[Path] = []
     for model in experiment.models:
-        suffix = "" if len(experiment.models) == 1 else f"-{model}"
+        suffix = _model_suffix(experiment.models, model)
         tags = sweep_tags() | {KIND_TAG: "allocate", "model": model}
         with tracker.run(experiment_id, f"allocate {model}", tags) as parent:
             prober = Prober(experiment, model, progress=progress)
+            target = Target(
+                tracker,
+                experiment_id,
+                tracker.ledger(experiment.name),
+                parent,
+                Owner.here(parent.id),
+                provenance(),
+            )
             try:
-                evaluated = _allocations(prober, budgets, tracker, experiment_id, parent)
+                evaluated = _allocations(prober, budgets, target)
             finally:
                 prober.close()
             table = _comparison(evaluated)
@@ -474,17 +498,28 @@ def run_allocation(
                     path = out / f"allocation{suffix}-{item.budget:g}.yaml"
                     path.write_text(_fragment(item.config))
                     paths.append(path)
-            figure = allocation_pareto(
-                table, f"{model}: KLD vs bits/param, allocations and uniform (re-quantized GGUF)"
-            )
+            note = _source_note(prober.session.pristine.layers)
+            title = f"{model}: KLD vs bits/param, allocations and uniform{note}"
+            figure = allocation_pareto(table, title)
             parent.log_figure(figure, "pareto.png")
             paths += save(figure, out / f"pareto{suffix}")
     return paths
 
 
-def _allocations(
-    prober: Prober, budgets: list[float], tracker: Tracker, experiment_id: str, parent: Run
-) -> list[Evaluated]:
+def _model_suffix(models: list[str], model: str) -> str:
+    """Where an experiment has several models, each one's output files carry its name, made safe for a file
+    name (``Qwen/Qwen2.5-0.5B`` → ``-Qwen-Qwen2.5-0.5B``)."""
+    return "" if len(models) == 1 else "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")
+
+
+def _source_note(layers: Sequence[LayerInfo]) -> str:
+    """A plot title's note when the probed layers' source already lies on a quantized grid (a GGUF's
+    Q4_1, Q8_0): their errors are those of re-quantizing it."""
+    grids = sorted({i.source_precision for i in layers if source_bits(i.source_precision) <= 8})
+    return f" (re-quantized {'/'.join(grids)} weights)" if grids else ""
+
+
+def _allocations(prober: Prober, budgets: list[float], target: Target) -> list[Evaluated]:
     settings, base = prober.settings, prober.config
     menu = [choice_config(c, base) for c in settings.menu]
     units = prober.units(["layer"])
@@ -517,7 +552,9 @@ def _allocations(
         plans.append(("use_more_bits", budget, more_bits_allocation(costs, boosted, total), base))
         plans.append(("random", budget, random_allocation(costs, total, settings.seed), base))
         plans.append(("nearest uniform", budget, None, _uniform(base, _nearest_uniform(budget, base))))
-    stored = tracker.finished_runs(experiment_id, kind="allocation")
+    tracker = target.tracker
+    stored = tracker.finished_runs(target.experiment_id, kind="allocation")
+    session = Session(lambda: prober.session)
     evaluated: list[Evaluated] = []
     seen: dict[str, Evaluated] = {}
     for method, budget, chosen, config in tqdm(
@@ -537,14 +574,12 @@ def _allocations(
             run_id, metrics = stored[config.hash]
             kld = read_tokens(tracker.download_artifact(run_id, "tokens.npz"))["kld"]
         else:
-            with tracker.run(
-                experiment_id, config.label, allocation_tags(config, method, budget), parent=parent
-            ) as run:
-                run.log_params({**config_params(config), **prober.session.params, **provenance()})
-                measurement: Measurement = measure(prober.session, config)
-                metrics = measurement.metrics | {"predicted_delta_kld": predicted, "budget_bits": budget}
-                run.log_measurement(replace(measurement, metrics=metrics))
-            kld = measurement.tokens["kld"]
+            tags = allocation_tags(config, method, budget)
+            extra = {"predicted_delta_kld": predicted, "budget_bits": budget}
+            outcome = run_config(target, session, config, tags, extra, claim_as=ALLOCATION_CLAIM)
+            if outcome.status != "finished" or outcome.kld is None:
+                raise SensitivityError(f"allocation run {config.label} {outcome.status}: {outcome.detail}")
+            metrics, kld = dict(outcome.metrics), outcome.kld
         seen[config.hash] = Evaluated(method, budget, config, metrics, np.asarray(kld, np.float64), predicted)
         evaluated.append(seen[config.hash])
     return evaluated
@@ -606,8 +641,8 @@ def _comparison(evaluated: list[Evaluated]) -> pd.DataFrame:
 def _fragment(config: RunConfig) -> str:
     """The allocation as an experiment YAML fragment: base settings plus one rule per differing layer."""
 
-    def settings(format: str, block_size: object, dq: object) -> dict[str, object]:
-        return {"format": format, "block_size": block_size, "double_quant": "on" if dq else "off"}
+    def settings(format: str, block_size: object, dq: DoubleQuantConfig | None) -> dict[str, object]:
+        return {"format": format, "block_size": block_size, "double_quant": dq.spec() if dq else "off"}
 
     body = {
         "fixed": settings(config.format or "", config.block_size, config.double_quant),

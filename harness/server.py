@@ -9,8 +9,8 @@ root) and nobody else. Root's home is closed to other users, so for root the clu
 
 A server killed outright (SIGKILL to its process group) leaves nothing that blocks the next one: the MLflow
 server dies with it (``PR_SET_PDEATHSIG``), what is left of its process group (recorded in
-``server/mlflow.pgid`` under the cache) is killed when the next server starts, and the PostgreSQL postmaster,
-which runs in a session of its own, is adopted by the next server and stopped by it.
+``server/tracking.pgid`` under the cache) is killed when the next server starts, and the PostgreSQL
+postmaster, which runs in a session of its own, is adopted by the next server and stopped by it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 from harness.cache import cache_dir
 from harness.errors import HarnessError
 from harness.liveness import die_with_parent, sigterm_as_interrupt, stop_group
+from harness.tracking import is_server_process, server_command, wait_until_serving
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DATABASE = "harness"  # the role and the database
@@ -118,7 +119,6 @@ def _tail(log: Path) -> str:
 
 def serve(port: int) -> int:
     """Run the tracking server until Ctrl-C (or SIGTERM); the database stops with it."""
-    from harness.tracking import server_command, wait_until_serving
 
     if not (PG_BIN / "initdb").is_file():
         raise ServerError(f"PostgreSQL 15 is not installed ({PG_BIN}): `make server` installs it")
@@ -127,7 +127,7 @@ def serve(port: int) -> int:
     uri = f"http://{HOST}:{port}"
     artifacts = cache_dir() / "server" / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
-    pid_file = cache_dir() / "server" / "mlflow.pgid"
+    pid_file = cache_dir() / "server" / "tracking.pgid"
     stop_stale_group(pid_file)
     with sigterm_as_interrupt(), cluster.running():
         process = subprocess.Popen(
@@ -156,7 +156,7 @@ def stop_stale_group(pid_file: Path) -> None:
     with contextlib.suppress(OSError, ValueError):
         group = int(pid_file.read_text())
         members = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _group_of(int(p.name)) == group]
-        if any(b"mlflow" in (member / "cmdline").read_bytes() for member in members):
+        if any(is_server_process((member / "cmdline").read_bytes()) for member in members):
             os.killpg(group, signal.SIGKILL)
             while any(_group_of(int(member.name)) == group for member in members):
                 time.sleep(0.05)

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 import pandas as pd
 from tqdm import tqdm
 
-from harness.executors import Executor, LocalExecutor, Outcome, Shard, SweepContext
+from harness.executors import Executor, LocalExecutor, Shard, SweepContext
 from harness.experiments import DTYPE_LABELS, Experiment, RunConfig
 from harness.floor import PassCost, gemm_rates
 from harness.liveness import sigterm_as_interrupt
 from harness.models.sources import DeclaredDtype, declared_dtype
 from harness.quantize import COMPUTE_DTYPES
+from harness.runner import Outcome
 from harness.tracking import NOTE_TAG, Tracker, provenance, sweep_tags
 
 

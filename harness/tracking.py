@@ -123,7 +123,7 @@ def config_params(config: RunConfig) -> dict[str, Any]:
         "model": config.model,
         "format": config.format or "none",
         "block_size": config.block_size if config.block_size is not None else "none",
-        "double_quant": f"{dq.code}/{dq.block_size}" if dq else "off",
+        "double_quant": dq.text if dq else "off",
         "dq_code": dq.code if dq else "none",
         "dq_block_size": dq.block_size if dq else 0,
         "constant_dtype": config.constant_dtype,
@@ -154,7 +154,7 @@ def config_params(config: RunConfig) -> dict[str, Any]:
 
 def _rule_text(rule: Any) -> str:
     dq = rule.double_quant
-    return f"{rule.layers}={rule.format}-b{rule.block_size}{'-dq' if dq else ''}"
+    return f"{rule.layers}={rule.format}-b{rule.block_size}{f'-{dq.label}' if dq else ''}"
 
 
 def config_tags(config: RunConfig) -> dict[str, str]:
@@ -194,7 +194,7 @@ def config_note(config: RunConfig) -> str:
         dq = config.double_quant
         quant = (
             f"{config.format} block {config.block_size}, double quant "
-            f"{f'{dq.code}/{dq.block_size}' if dq else 'off'}, constants {config.constant_dtype}, "
+            f"{dq.text if dq else 'off'}, constants {config.constant_dtype}, "
             f"compute {config.compute_dtype}, rounding {config.rounding}"
         )
     kld = (
@@ -634,6 +634,11 @@ def wait_until_serving(uri: str, process: subprocess.Popen[bytes], timeout_s: fl
         if time.monotonic() > deadline:
             raise RuntimeError(f"the MLflow server for {uri} did not answer within {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+def is_server_process(cmdline: bytes) -> bool:
+    """Whether a process's ``/proc/PID/cmdline`` is an MLflow server's or one of its workers'."""
+    return b"mlflow" in cmdline
 
 
 def server_command(backend_store_uri: str, artifacts: Path, host: str, port: int) -> list[str]:

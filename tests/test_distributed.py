@@ -116,7 +116,7 @@ def test_a_server_killed_with_its_group_is_started_again_and_leaves_nothing_behi
     assert first.process is not None
     cluster = Cluster.for_cache(cache)
     postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
-    mlflow_group = int((cache / "server" / "mlflow.pgid").read_text())
+    mlflow_group = int((cache / "server" / "tracking.pgid").read_text())
     assert len(group_members(mlflow_group)) >= 2  # the MLflow server and the workers it started
     os.killpg(first.process.pid, signal.SIGKILL)  # the harness server's own group, as a terminal's kill does
     first.process.wait()
@@ -134,7 +134,7 @@ def test_a_server_killed_with_its_group_is_started_again_and_leaves_nothing_behi
     deadline = time.monotonic() + 30  # pg_ctl's stop returns once the pid file is gone, just before the exit
     while pid_alive(postmaster) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not pid_alive(postmaster) and not (cache / "server" / "mlflow.pgid").exists()
+    assert not pid_alive(postmaster) and not (cache / "server" / "tracking.pgid").exists()
 
 
 @pytest.fixture(scope="module")

@@ -90,3 +90,14 @@ def test_reference_numbers_reproduce() -> None:
     assert gaussian_rate_distortion(4) == 0.00390625
     assert gaussian_rate_distortion(4.127) == pytest.approx(0.003276, abs=1e-6)
     assert lloyd_max_mse(2) == pytest.approx(1 - 2 / math.pi, rel=1e-6)  # 1-bit optimum, closed form
+
+
+def test_the_kld_definition_says_what_a_top_k_reference_computes() -> None:
+    """The head of a top-k reference is exact and its tail an unbiased sampled estimate (see
+    ``harness.evaluate.divergence``): the definition the tables and the README show says the same."""
+    from harness.evaluate import divergence
+
+    definition = metric("kld_mean").definition
+    assert "lower bound" not in definition
+    assert "head is exact" in definition and "without bias" in definition
+    assert "has its head exact" in divergence.__doc__ and "without\n  bias" in divergence.__doc__

@@ -3,6 +3,7 @@ tiny random Llama, then `harness sensitivity` and `harness allocate` on the ship
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from harness.allocation import (
     random_allocation,
     use_more_bits,
 )
+from harness.double_quant import DoubleQuantConfig
 from harness.evaluate.divergence import BaseReference
 from harness.evaluate.perplexity import PerplexityProtocol
 from harness.experiments import ExperimentError, load_experiment
@@ -88,6 +90,26 @@ def test_a_mixed_config_stores_each_layer_at_its_own_bits() -> None:
     bits = {r.name: 8 * r.stored_bytes / r.numel for r in result.layers}
     assert bits["model.layers.0.self_attn.v_proj"] == pytest.approx(8 + 32 / 128)
     assert bits["model.layers.0.self_attn.q_proj"] == pytest.approx(4 + 32 / 64)
+
+
+def test_two_double_quant_variants_of_one_menu_stay_apart(tmp_path: Path) -> None:
+    """A menu holding QLoRA's DQ and an fp8 DQ: its choices have names of their own, a mix keeps each layer's,
+    and the YAML fragment an allocation writes says which DQ, so loading it gives the same config back."""
+    default, fp8 = DoubleQuantConfig(), DoubleQuantConfig(128, "fp8_e4m3")
+    plain, qlora, other = (QuantConfig("nf4", 64, dq) for dq in (None, default, fp8))
+    assert [sensitivity.choice_label(c) for c in (plain, qlora, other)] == [
+        "nf4-b64",
+        "nf4-b64-dq",
+        "nf4-b64-dq-fp8_e4m3-128",
+    ]
+    base = load_experiment(str(_experiment(tmp_path, MIXED.split("mixed:")[0]))).configs[0]
+    mixed = sensitivity._mixed(base, ["a", "b", "c"], [qlora, qlora, other], "two-dq")
+    assert mixed.double_quant == default
+    assert [(o.layers, o.double_quant) for o in mixed.overrides] == [("c", fp8)]
+    fragment = sensitivity._fragment(mixed)
+    (tmp_path / "mixed-test.yaml").write_text("name: mixed-test\nmodel: smollm2-135m\n" + fragment)
+    [loaded] = load_experiment(str(tmp_path / "mixed-test.yaml")).configs
+    assert loaded.double_quant == default and loaded.overrides == mixed.overrides
 
 
 def _tiny_session() -> ModelSession:
@@ -234,3 +256,16 @@ def test_sensitivity_and_allocate_commands_on_the_smoke_experiment(tmp_path: Pat
     assert np.isfinite(sens["metrics.spearman_nmse"].iloc[0])
     fragment = (tmp_path / "results/sensitivity-smoke/allocation-4.25.yaml").read_text()
     assert "mixed:" in fragment and "rules:" in fragment
+
+
+def test_output_names_and_plot_titles_follow_the_models() -> None:
+    """A hub id names a file, not a folder; a title says "re-quantized" only of a source on a quantized
+    grid."""
+    assert sensitivity._model_suffix(["Qwen/Qwen2.5-0.5B"], "Qwen/Qwen2.5-0.5B") == ""
+    suffix = sensitivity._model_suffix(["smollm2-135m", "Qwen/Qwen2.5-0.5B"], "Qwen/Qwen2.5-0.5B")
+    assert suffix == "-Qwen-Qwen2.5-0.5B"
+    checkpoint = discover_layers(tiny_llama())  # a checkpoint in fp32: nothing is re-quantized
+    assert {info.source_precision for info in checkpoint} == {"torch.float32"}
+    assert sensitivity._source_note(checkpoint) == ""
+    gguf = [dataclasses.replace(info, source_precision="Q4_1") for info in checkpoint]
+    assert sensitivity._source_note(gguf) == " (re-quantized Q4_1 weights)"

@@ -16,7 +16,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from harness import NUMERICS_VERSION, executors, experiments, tracking
+from harness import NUMERICS_VERSION, experiments, runner, tracking
 from harness.experiments import load_experiment
 from harness.report import select_runs, write_report
 from harness.sweep import SweepOptions, run_sweep
@@ -137,14 +137,14 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    measure = executors.measure
+    measure = runner.measure
 
     def broken_for_int4(session, config):  # type: ignore[no-untyped-def]
         if config.format == "int4":
             raise RuntimeError("simulated failure in int4")
         return measure(session, config)
 
-    monkeypatch.setattr(executors, "measure", broken_for_int4)
+    monkeypatch.setattr(runner, "measure", broken_for_int4)
     summary = run_sweep(
         load_experiment("smoke", [*QUICK, "eval.tasks=[]"]), SweepOptions(tracking_uri=uri, progress=False)
     )
@@ -154,7 +154,7 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(
     assert child.loc["int4-b64", "tags.harness.error"] == "RuntimeError: simulated failure in int4"
     assert (child.drop("int4-b64")["status"] == "FINISHED").all()
 
-    monkeypatch.setattr(executors, "measure", measure)
+    monkeypatch.setattr(runner, "measure", measure)
     retry = run_sweep(
         load_experiment("smoke", [*QUICK, "eval.tasks=[]"]), SweepOptions(tracking_uri=uri, progress=False)
     )
