@@ -39,8 +39,8 @@ from harness.data import token_splits
 from harness.evaluate.divergence import BaseReference, evaluate_against
 from harness.evaluate.perplexity import PerplexityProtocol, make_windows, perplexity, text_counts
 from harness.floor import PassCost, floor_seconds, gemm_rates, pass_cost
-from harness.models import load_model, load_tokenizer
-from harness.quantize import QuantConfig, fake_quant
+from harness.models import LoadedModel, discover_layers, load_model, load_tokenizer, quantized, snapshot
+from harness.quantize import QuantConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -139,21 +139,14 @@ def reference_and_floor(
     return ref
 
 
-def int4_example(model: nn.Module, ref: BaseReference) -> None:
+def int4_example(loaded: LoadedModel, ref: BaseReference) -> None:
     """What int4 at block 256 on every block Linear does to perplexity, KLD and top-1."""
-    originals = {}
-    config = QuantConfig("int4", 256)
-    with torch.no_grad():
-        for mod_name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and ".layers." in mod_name:
-                originals[mod_name] = module.weight.data
-                module.weight.data = fake_quant(module.weight.data, config)
-    q_ppl, q_div = evaluate_against(model, ref, progress=False)
-    for mod_name, module in model.named_modules():
-        if mod_name in originals:
-            module.weight.data = originals[mod_name]
+    layers = discover_layers(loaded)
+    dtype = loaded.model.get_output_embeddings().weight.dtype  # dequantized into the model's own dtype
+    with quantized(snapshot(loaded.model, layers), QuantConfig("int4", 256), dtype, quiet=True):
+        q_ppl, q_div = evaluate_against(loaded.model, ref, progress=False)
     print(
-        f"int4 block 256 on {len(originals)} block Linears: "
+        f"int4 block 256 on {len(layers)} block Linears: "
         f"ppl {ref.perplexity().ppl:.3f} -> {q_ppl.ppl:.3f}, "
         f"KLD mean {q_div.kld_mean:.4f} p50 {np.median(q_div.kld):.4f} "
         f"p99 {np.percentile(q_div.kld, 99):.4f} max {q_div.kld.max():.3f}, "
@@ -208,7 +201,7 @@ def bench_model(name: str, corpus: str, n_tokens: int, context: int, runs: int) 
                 with tempfile.TemporaryDirectory() as cache:
                     ref = reference_and_floor(model, tokens, proto, Path(cache), name, kw, rates, runs)
                     if proto.name == "llamacpp":
-                        int4_example(model, ref)
+                        int4_example(loaded, ref)
     for proto in protocols:
         print(
             f"\nbf16 vs fp32 ({proto.name} {context}, each loaded in its dtype): bf16 "

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +53,12 @@ def worker(gguf: str, measure_apply: bool, table: bool) -> dict[str, Any]:
 
     from harness.metrics import aggregate
     from harness.models import (
-        apply,
         capture_inputs,
         discover_layers,
         layer_table,
         load_model,
         load_tokenizer,
-        restore,
+        quantized,
     )
     from harness.models import snapshot as take_snapshot
     from harness.quantize import QuantConfig
@@ -92,12 +90,9 @@ def worker(gguf: str, measure_apply: bool, table: bool) -> dict[str, Any]:
     _reset_peak_rss()
     pristine = take_snapshot(loaded.model, layers)
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = apply(pristine, QuantConfig("nf4", 64), torch.bfloat16, inputs=inputs)
-    out["apply_s"] = time.perf_counter() - start
-    out["rss_applied"] = process.memory_info().rss
-    restore(pristine)
+    with quantized(pristine, QuantConfig("nf4", 64), torch.bfloat16, inputs=inputs, quiet=True) as result:
+        out["apply_s"] = time.perf_counter() - start
+        out["rss_applied"] = process.memory_info().rss
     out["peak_apply"] = _peak_rss()
     out["layers"] = len(layers)
     out["linear_params"] = sum(info.numel for info in layers)

@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from harness.experiments import load_experiment
-from harness.models import apply, restore
+from harness.models import quantized
 from harness.sensitivity import Prober, choice_config, probe
 
 EXPERIMENTS = {"gemma-3-270m": "sensitivity-gemma", "smollm2-135m": "sensitivity-smollm2"}
@@ -48,11 +48,10 @@ def main() -> None:
                     probe(prober.cache, prober.base, unit, config, prefix)
                     seconds.append(time.perf_counter() - start)
                 timings[prefix].append(statistics.median(seconds))
-            apply(prober.session.pristine, config, plan={name: config for name in unit.layers})
-            with torch.inference_mode():
+            plan = {name: config for name in unit.layers}
+            with quantized(prober.session.pristine, config, plan=plan), torch.inference_mode():
                 cached = torch.cat([lg for lg, _ in prober.cache.chunks(unit.first_block)])
                 full = torch.cat([lg for lg, _ in prober.cache.chunks(None)])
-            restore(prober.session.pristine)
             worst = max(worst, float((cached - full).abs().max()))
         prober.close()
         with_cache, without = sum(timings[True]), sum(timings[False])

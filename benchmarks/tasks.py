@@ -124,19 +124,18 @@ def _score(scores: dict[str, float], name: str, primary: str) -> str:
 
 def quantized_suites(loaded: Any, tokenizer: Any, args: argparse.Namespace, names: tuple[str, ...]) -> None:
     """The suite with every transformer-block Linear fake-quantized to each format ("none": unquantized)."""
-    from harness.models import apply, discover_layers, restore, snapshot
+    from harness.models import discover_layers, quantized, snapshot
     from harness.quantize import QuantConfig
 
     print(f"suite {', '.join(names)}: limit {args.suite} per task, batch size {args.batch_size}")
     pristine = snapshot(loaded.model, discover_layers(loaded))
     for fmt in args.formats:
         print(f"{args.model}, {'unquantized' if fmt == 'none' else f'{fmt} block {args.block_size}'}:")
-        if fmt != "none":
-            apply(pristine, QuantConfig(fmt, args.block_size))
-        try:
+        if fmt == "none":
             suite(loaded.model, tokenizer, names, args.suite, args.batch_size)
-        finally:
-            restore(pristine)
+            continue
+        with quantized(pristine, QuantConfig(fmt, args.block_size)):
+            suite(loaded.model, tokenizer, names, args.suite, args.batch_size)
 
 
 def main() -> None:

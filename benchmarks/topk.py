@@ -24,7 +24,7 @@ import torch
 from harness.data import token_splits
 from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
 from harness.evaluate.perplexity import PerplexityProtocol, text_counts
-from harness.models import LoadedModel, apply, discover_layers, load_model, load_tokenizer, restore, snapshot
+from harness.models import LoadedModel, discover_layers, load_model, load_tokenizer, quantized, snapshot
 from harness.quantize import QuantConfig
 
 KS = (16, 64, 256)
@@ -57,13 +57,12 @@ def main() -> None:
         references |= {f"top-{k}": reference(ReferenceStorage("topk", k=k)) for k in KS}
         pristine = snapshot(loaded.model, discover_layers(loaded))
         for fmt in FORMATS:
-            apply(pristine, QuantConfig(fmt, 64))
             found, seconds = {}, {}
-            for label, ref in references.items():
-                start = time.perf_counter()
-                found[label] = evaluate_against(loaded.model, ref, progress=False)[1].kld_mean
-                seconds[label] = time.perf_counter() - start
-            restore(pristine)
+            with quantized(pristine, QuantConfig(fmt, 64)):
+                for label, ref in references.items():
+                    start = time.perf_counter()
+                    found[label] = evaluate_against(loaded.model, ref, progress=False)[1].kld_mean
+                    seconds[label] = time.perf_counter() - start
             exact = found["exact"]
             errors = [f"{(found[f'top-{k}'] - exact) / exact:+.3%}" for k in KS]
             print(f"| {name} | {fmt}-b64 | {exact:.4f} | {' | '.join(errors)} |", flush=True)

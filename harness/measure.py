@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +40,6 @@ from harness.models import (
     ApplyResult,
     LoadedModel,
     Pristine,
-    apply,
     capture_inputs,
     declared_dtype,
     discover_layers,
@@ -50,7 +48,7 @@ from harness.models import (
     layer_table,
     load_model,
     load_tokenizer,
-    restore,
+    quantized,
     snapshot,
 )
 from harness.plots import layer_error_plot
@@ -198,18 +196,14 @@ def _applied(session: ModelSession, config: RunConfig) -> Iterator[ApplyResult |
     if quant is None:
         yield None
         return
-    with warnings.catch_warnings():  # returned in the Measurement instead, so a sweep says each once
-        warnings.simplefilter("ignore", UserWarning)
-        plan = None
-        if config.overrides:
-            names = [info.name for info in session.pristine.layers]
-            plan = layer_plan(names, quant, config.layer_rules())
-        dtype = COMPUTE_DTYPES[str(config.compute_dtype)]
-        result = apply(session.pristine, quant, dtype, session.calibration, plan)
-    try:
+    plan = None
+    if config.overrides:
+        names = [info.name for info in session.pristine.layers]
+        plan = layer_plan(names, quant, config.layer_rules())
+    dtype = COMPUTE_DTYPES[str(config.compute_dtype)]
+    # quiet: the warnings go into the Measurement, so that a sweep says each once
+    with quantized(session.pristine, quant, dtype, session.calibration, plan, quiet=True) as result:
         yield result
-    finally:
-        restore(session.pristine)
 
 
 @contextmanager

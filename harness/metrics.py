@@ -19,8 +19,6 @@ import torch
 from harness.quantize import COMPUTE_DTYPES, QuantizedTensor
 from harness.stats import METHOD
 
-PROJECTION_PARAMS = {"7B": 7e9, "70B": 70e9}
-
 
 def stored_bytes(qt: QuantizedTensor) -> int:
     return sum(t.numel() * t.element_size() for t in qt.stored_tensors().values())

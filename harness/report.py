@@ -341,8 +341,8 @@ def _unresolved_from_best(
 def select_runs(frame: pd.DataFrame, experiment: str, store: str = "the store") -> list[Runs]:
     """The latest FINISHED run per config, per model, from ``Tracker.runs``; ReportError if none.
 
-    A config is its config id, so a rerun under a newer numerics version supersedes the older run. Each
-    quantized run gets ``delta_ppl`` against the baseline it names (same model, data and evaluation)."""
+    A config is its config id, so a rerun under a newer numerics version supersedes the older run. A run's
+    ``delta_ppl`` and its interval are the ones it logged, paired token by token with the base reference."""
     if frame.empty:
         raise ReportError(f"no runs of experiment {experiment!r} in {store} (run `harness sweep` first)")
     configs = frame[_column(frame, run_column(KIND_TAG)) == "config"].sort_values("start_time")
@@ -359,12 +359,6 @@ def select_runs(frame: pd.DataFrame, experiment: str, store: str = "the store") 
     if quantized.empty:
         raise ReportError(f"experiment {experiment!r} has no FINISHED quantized runs, only the baseline")
     baselines = latest[is_baseline].set_index("config_id")
-    if "metrics.ppl" in latest:
-        base_ppl = (
-            baselines["metrics.ppl"].reindex(_column(quantized, run_column(BASELINE_ID_TAG))).to_numpy()
-        )
-        quantized = quantized.assign(**{"metrics.delta_ppl": quantized["metrics.ppl"].to_numpy() - base_ppl})
-        baselines = baselines.assign(**{"metrics.delta_ppl": 0.0})
     format_order = {f: i for i, f in enumerate(dict.fromkeys(quantized["params.format"]))}
 
     def order(row: pd.Series) -> tuple[object, ...]:

@@ -57,12 +57,11 @@ from harness.metrics import aggregate
 from harness.models import (
     Blocks,
     LayerInfo,
-    apply,
     blocks,
     declared_dtype,
     layer_table,
     logit_split,
-    restore,
+    quantized,
     source_bits,
 )
 from harness.plots import allocation_pareto, save, sensitivity_heatmap
@@ -236,13 +235,9 @@ def probe(
     start = time.perf_counter()
     plan = {name: config for name in unit.layers}
     dtype = compute_dtype or session.pristine.weights[unit.layers[0]].dtype
-    with warnings.catch_warnings():  # the source-precision warning: said once per run by ``Prober.run``
-        warnings.simplefilter("ignore", UserWarning)
-        result = apply(session.pristine, config, dtype, session.calibration, plan)
-    try:
+    # quiet: the source-precision warning is said once per run by ``Prober.run``
+    with quantized(session.pristine, config, dtype, session.calibration, plan, quiet=True) as result:
         tokens = cache.evaluate(unit.first_block if prefix else None)
-    finally:
-        restore(session.pristine)
     layers = aggregate(layer_table(result))
     kld = paired_difference(tokens["kld"], base["kld"])
     nll = paired_difference(tokens["nll"], base["nll"])

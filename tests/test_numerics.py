@@ -42,6 +42,7 @@ NOT_NUMERICAL = [
     "__init__.py",  # holds the version itself
     "cache.py",
     "cli.py",
+    "errors.py",
     "evaluate/__init__.py",
     "executors.py",  # where measure runs; the torch threads it sets are logged with each run
     "floor.py",  # FLOP counts and matmul rates: estimates and the sweep's floor multiple, no run's number
@@ -53,6 +54,7 @@ NOT_NUMERICAL = [
     "preflight.py",  # checks inputs; measures nothing
     "progress.py",
     "report.py",
+    "runner.py",  # claims, logs and releases around measure; the torch threads are logged with each run
     "server.py",
     "sweep.py",
     "tracking.py",

@@ -76,8 +76,11 @@ def test_every_format_roundtrips_in_every_dtype(name: str, dtype: torch.dtype) -
 
 
 def test_fake_quant_into_compute_dtype() -> None:
+    """The dequantized weight, cast once into the compute dtype: bf16 rounding of the fp32 values."""
     w = weight("gaussian", (64, 64))
-    assert fake_quant(w, QuantConfig("nf4"), torch.bfloat16).dtype == torch.bfloat16
+    cast = fake_quant(w, QuantConfig("nf4"), torch.bfloat16)
+    assert cast.dtype == torch.bfloat16 and torch.equal(cast, fake_quant(w, QuantConfig("nf4")).bfloat16())
+    assert not torch.equal(cast.float(), fake_quant(w, QuantConfig("nf4")))  # it did round
 
 
 @pytest.mark.parametrize("name", FOUR_BIT)
@@ -136,7 +139,7 @@ def test_nvfp4_scales() -> None:
 def test_empty_tensor() -> None:
     for name in ["nf4", "int4_asym", "mxfp4", "nvfp4"]:
         qt = quantize(torch.empty(0, 16), QuantConfig(name))
-        assert dequantize(qt).shape == (0, 16)
+        assert torch.equal(dequantize(qt), torch.empty(0, 16))
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,7 @@ def config(fmt: str, block: int, dq: bool) -> tuple[dict[str, str], dict[str, fl
         "nmse": nmse,
         "output_rel_err": math.sqrt(nmse) * 0.8,
         "ppl": ppl,
+        "delta_ppl": ppl - BASELINE_PPL,  # a sweep logs it, paired with the base reference
         "kld_mean": nmse * 3,
         "top1_agreement": 1 - nmse * 4,
         **task_scores(nmse),
@@ -155,7 +156,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
         parent.log_params({"experiment": "synthetic", "n_configs": 8})
         baseline = {**SETTING, "format": "none", "block_size": "None", "double_quant": "off"}
         baseline |= {"label": "baseline", "config_hash": "hash-baseline"}
-        child(tracker, exp_id, parent, baseline, {"ppl": BASELINE_PPL, **task_scores(0.0)})
+        child(tracker, exp_id, parent, baseline, {"ppl": BASELINE_PPL, "delta_ppl": 0.0, **task_scores(0.0)})
         stale_params, stale = config("nf4", 64, False)
         child(tracker, exp_id, parent, stale_params, {**stale, "ppl": 99.0})  # superseded by the rerun below
         time.sleep(0.01)

@@ -162,10 +162,13 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(
     child = children(runs(uri))
     redone = child[(child["tags.mlflow.runName"] == "int4-b64") & (child["status"] == "FINISHED")]
     base = child[child["tags.mlflow.runName"] == "baseline"]
-    # Δ against the baseline of the earlier sweep, though this sweep did not run it: the report pairs them
+    # Δ as the run logged it, paired with the base reference the earlier sweep's baseline was measured on
     [selected] = select_runs(runs(uri), "smoke")
     int4 = selected.quantized.set_index("params.label").loc["int4-b64"]
-    assert int4["metrics.delta_ppl"] == redone["metrics.ppl"].item() - base["metrics.ppl"].item()
+    assert int4["metrics.delta_ppl"] == redone["metrics.delta_ppl"].item()
+    assert int4["metrics.delta_ppl"] == pytest.approx(
+        redone["metrics.ppl"].item() - base["metrics.ppl"].item()
+    )
 
 
 def test_a_run_from_an_older_numerics_version_is_redone(
@@ -306,10 +309,11 @@ def test_report_from_a_real_sweep_is_byte_reproducible(store: str, tmp_path: Pat
     table = (tmp_path / "a" / "datatypes.md").read_text()
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
     assert rows == ["unquantized", "nf4-b64", "nf4-b64-dq", "int4-b64"]
-    [selected] = select_runs(runs(store), "smoke")
-    base_ppl = selected.baseline["metrics.ppl"].item()
-    expected = selected.quantized["metrics.ppl"] - base_ppl
-    assert (selected.quantized["metrics.delta_ppl"] == expected).all()
+    [selected] = select_runs(runs(store), "smoke")  # Δppl has one source: what each run logged
+    logged = children(runs(store)).set_index("run_id")["metrics.delta_ppl"]
+    shown = selected.quantized.set_index("run_id")["metrics.delta_ppl"]
+    assert (shown == logged.loc[shown.index]).all() and (shown > 0).all()
+    assert selected.baseline["metrics.delta_ppl"].item() == 0.0
 
 
 def test_only_tracking_talks_to_mlflow() -> None:

@@ -256,10 +256,17 @@ def quantized(
     compute_dtype: torch.dtype = torch.float32,
     inputs: Mapping[str, torch.Tensor] | None = None,
     plan: Mapping[str, QuantConfig] | None = None,
+    quiet: bool = False,
 ) -> Iterator[ApplyResult]:
-    """``apply`` for the duration of a block, restoring even when the block raises."""
+    """The one way to quantize for a while: ``apply`` for the duration of a block, and ``restore`` even when
+    the block raises. ``quiet`` keeps the source-precision warnings in ``ApplyResult.warnings`` only, for a
+    caller that says each once."""
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore", UserWarning)
+        result = apply(pristine, config, compute_dtype, inputs, plan)
     try:
-        yield apply(pristine, config, compute_dtype, inputs, plan)
+        yield result
     finally:
         restore(pristine)
 
