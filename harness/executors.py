@@ -78,7 +78,7 @@ def run_shard(
     a model that cannot be prepared fails that config and leaves the shard's others not run."""
     if context.threads:
         set_threads(context.threads)
-    tracker = Tracker(context.tracking_uri)
+    tracker = Tracker.of(context.tracking_uri)
     target = Target(
         tracker,
         context.experiment_id,

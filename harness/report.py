@@ -712,7 +712,7 @@ def write_report(
     """
     if (rows is None) != (cols is None):
         raise ReportError("--rows and --cols go together, e.g. --rows format --cols block_size")
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker.of(tracking_uri)
     selected = select_runs(tracker.runs(experiment), experiment, tracker.uri)
     out = out_dir or Path.cwd() / "results" / experiment
     out.mkdir(parents=True, exist_ok=True)
@@ -846,7 +846,7 @@ def compare(experiment: str, first: str, second: str, tracking_uri: str | None =
     """The paired difference ``first − second`` of two configs (by label) from their per-token results:
     mean NLL, PPL, mean KLD and top-1 agreement, each with its SE, 95 % interval and whether it is resolved.
     No model runs: everything comes from the runs' ``tokens.npz`` artifacts."""
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker.of(tracking_uri)
     rows = {}
     for runs in select_runs(tracker.runs(experiment), experiment, tracker.uri):
         frame = pd.concat([runs.baseline.assign(**{"params.label": "baseline"}), runs.quantized])

@@ -382,7 +382,7 @@ def run_sensitivity(
     """Probe every unit of the experiment's ``sensitivity`` section on each model; log and write the table."""
     out = out_dir or Path.cwd() / "results" / experiment.name
     out.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker.of(tracking_uri)
     experiment_id = tracker.experiment_id(experiment.name)
     tables, paths, found = [], [], {}
     for model in experiment.models:
@@ -464,7 +464,7 @@ def run_allocation(
     comparisons with full evaluations logged as runs, and write the report."""
     out = out_dir or Path.cwd() / "results" / experiment.name
     out.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker.of(tracking_uri)
     experiment_id = tracker.experiment_id(experiment.name)
     paths: list[Path] = []
     for model in experiment.models:

@@ -86,7 +86,7 @@ def run_sweep(
     experiment: Experiment, options: SweepOptions, executor: Executor | None = None
 ) -> SweepSummary:
     executor = executor or LocalExecutor()
-    tracker = Tracker(options.tracking_uri)
+    tracker = Tracker.of(options.tracking_uri)
     experiment_id = tracker.experiment_id(experiment.name)
     ledger = tracker.ledger(experiment.name)
     summary = SweepSummary(experiment.name, tracker.uri, reaped=tracker.reap_stale(experiment_id))

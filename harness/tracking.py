@@ -342,7 +342,13 @@ def process_alive(owner: Owner) -> bool:
     return owner.host != socket.gethostname() or pid_alive(owner.pid)
 
 
+_TRACKERS: dict[tuple[int, str], Tracker] = {}
+
+
 class Tracker:
+    """One store's client. ``Tracker.of`` gives the process's one tracker per store; constructing one directly
+    makes a client of its own (a test reading a store a sweep writes)."""
+
     def __init__(self, tracking_uri: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own bar shows progress
         import mlflow
@@ -359,6 +365,14 @@ class Tracker:
                 self._client = MlflowClient(self.uri)
         else:
             self._client = MlflowClient(self.uri)
+
+    @classmethod
+    def of(cls, tracking_uri: str | None = None) -> Tracker:
+        """This process's tracker of a store (``None``: the default store of the working directory now)."""
+        key = (os.getpid(), tracking_uri or default_tracking_uri())  # a forked child makes its own
+        if key not in _TRACKERS:
+            _TRACKERS[key] = cls(key[1])
+        return _TRACKERS[key]
 
     def experiment_id(self, name: str) -> str:
         """The experiment's id, created if missing; of two processes creating it at once, the one that
@@ -521,6 +535,7 @@ class Tracker:
         found = self._client.get_experiment_by_name(experiment_name)
         if found is None:
             return pd.DataFrame()
+        mlflow.set_tracking_uri(self.uri)  # search_runs reads the global store; trackers of others set it too
         return mlflow.search_runs([found.experiment_id], max_results=100_000)
 
     def log_report(self, experiment_name: str, paths: list[Path]) -> None:
@@ -597,7 +612,7 @@ def serve_ui(
 ) -> int:
     """Open the experiment's runs: on the tracking server itself for an http(s) store, else on an MLflow UI
     started here over the local store (until Ctrl-C)."""
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker.of(tracking_uri)
     if tracker.uri.startswith(("http://", "https://")):
         print(f"{tracker.landing_view(experiment, tracker.uri.rstrip('/'))}\n{UI_CLICKS}", flush=True)
         return 0
