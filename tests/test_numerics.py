@@ -53,7 +53,13 @@ NOT_NUMERICAL = [
     "plots.py",
     "preflight.py",  # checks inputs; measures nothing
     "progress.py",
-    "report.py",
+    "report/__init__.py",
+    "report/compare.py",
+    "report/export.py",
+    "report/layouts.py",
+    "report/render.py",
+    "report/runs.py",
+    "report/table.py",
     "runner.py",  # claims, logs and releases around measure; the torch threads are logged with each run
     "server.py",
     "sweep.py",

@@ -1,0 +1,289 @@
+"""The layouts: the data-type table, the zero-shot table, block size, double quantization and any pivot.
+
+Bold marks a best value and every value the paired tests cannot tell from it."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+from typing import Any, Literal
+
+import pandas as pd
+
+from harness.evaluate.tasks import PRIMARY
+from harness.metrics import MetricSpec
+from harness.report.runs import Runs, sort_key
+from harness.report.table import DATATYPE_COLUMNS, Column, ReportError, Table, metric_info
+from harness.stats import METHOD, Difference, paired_difference, ppl_difference
+
+# ---- the built-in layouts -------------------------------------------------------------------------------
+
+
+def _notes(runs: Runs, columns: list[Column], extra: list[str] | None = None) -> str:
+    """The caption's key: direction, what bold means, how each uncertainty was computed, the token count."""
+    notes = ["↓/↑: lower/higher is better", *(extra or [])]
+    tested = list(dict.fromkeys(c.metric.label for c in columns if c.tied is not None))
+    if tested:
+        notes.append(
+            f"bold: the best quantized value; for {', '.join(tested)} also every value a paired test "
+            f"cannot tell from it (the 95% interval of the per-token difference holds 0; {METHOD} on the "
+            "same tokens)"
+        )
+    elif any(c.metric.better for c in columns):
+        kept = runs.has_tokens()
+        notes.append("bold: the best quantized value" + ("" if kept else " (no per-token results: untested)"))
+    if any(c.intervals for c in columns):
+        notes.append(f"[low, high]: 95% interval ({METHOD})")
+    if any(c.errors for c in columns):
+        notes.append(f"±: one standard error ({METHOD}; task accuracies: lm-eval's stderr)")
+    tokens = [int(v) for v in runs.metric("tokens_scored") if math.isfinite(v)]
+    if tokens:
+        notes.append(f"{'/'.join(f'{n:,}' for n in dict.fromkeys(tokens))} scored tokens")
+    return "; ".join(notes) + "."
+
+
+def datatypes_table(runs: Runs) -> Table:
+    """QLoRA Table 2's shape: a row per config, the unquantized baseline on top as a reference."""
+    keys = [k for k in (*DATATYPE_COLUMNS, "acc_avg") if runs.has(k)]
+    frame = pd.concat([runs.baseline, runs.quantized])
+    columns = [runs.column(key, frame, skip=len(runs.baseline)) for key in keys]
+    labels = [["unquantized"]] * len(runs.baseline) + [[str(v)] for v in runs.quantized["params.label"]]
+    against = ["KLD and top-1 against the unquantized model"] if runs.has("kld_mean") else []
+    caption = f"Data types on {runs.setting()}. " + _notes(runs, columns, against)
+    return Table("datatypes", caption, ["Config"], labels, columns, reference_rows=len(runs.baseline))
+
+
+def tasks_table(runs: Runs) -> Table | None:
+    """Zero-shot accuracy: a row per config, a column per task (its primary score) and the suite average.
+
+    lm-eval keeps no per-document scores here, so "not resolved from the best" is the unpaired z-test on
+    lm-eval's standard errors; the configs answer the same documents, whose shared difficulty makes the paired
+    test sharper, so this one errs towards calling differences unresolved."""
+    found = [c.removeprefix("metrics.") for c in runs.quantized if _is_task(c)]
+    named = dict.fromkeys(re.sub(r"^acc_(norm_)?", "", k) for k in found if k != "acc_avg")
+    order = list(PRIMARY)  # the suite's order first, then any other task alphabetically
+    tasks = sorted(named, key=lambda t: (order.index(t) if t in order else len(order), t))
+    keys = [f"{PRIMARY.get(t, 'acc')}_{t}" for t in tasks]
+    keys = [k for k in keys if runs.has(k)] + (["acc_avg"] if runs.has("acc_avg") else [])
+    if not keys:
+        return None
+    frame = pd.concat([runs.baseline, runs.quantized])
+    skip = len(runs.baseline)
+    columns = []
+    for key in keys:
+        column = runs.column(key, frame, skip=skip)
+        if column.errors is not None:
+            column.tied = _within_errors(column.values, column.errors, column.metric.better, skip)
+        columns.append(column)
+    labels = [["unquantized"]] * skip + [[str(v)] for v in runs.quantized["params.label"]]
+    limit = frame.get("params.limit", pd.Series(dtype=str)).dropna()
+    limits = [v for v in dict.fromkeys(limit) if v != "None"]
+    docs = f"the first {'/'.join(limits)} documents of each task" if limits else "every document of each task"
+    primary = ", ".join(f"{t}: {PRIMARY.get(t, 'acc')}" for t in tasks)
+    notes = [
+        f"lm-eval 0.4.13 stock tasks, zero-shot, {docs}; the score shown per task: {primary}",
+        "bold: the best quantized value and every value within 1.96·√(se₁² + se₂²) of it (unpaired z-test "
+        "on lm-eval's standard errors: a difference it does not resolve may still be real)",
+        "±: one standard error (lm-eval's; the average's: √(Σ se²)/n, the tasks taken as independent)",
+    ]
+    caption = f"Zero-shot accuracy (%) on {runs.model}, ↑: higher is better; " + "; ".join(notes) + "."
+    return Table("tasks", caption, ["Config"], labels, columns, reference_rows=skip)
+
+
+def _within_errors(values: list[float], errors: list[float], better: str | None, skip: int) -> set[int]:
+    """Rows whose value is within 1.96 combined standard errors of the best row's."""
+    rows = [i for i in range(skip, len(values)) if math.isfinite(values[i]) and math.isfinite(errors[i])]
+    if len(rows) < 2 or better is None:
+        return set()
+    best = (min if better == "lower" else max)(rows, key=lambda i: values[i])
+    return {
+        i
+        for i in rows
+        if abs(values[i] - values[best]) <= 1.96 * math.hypot(errors[i], errors[best]) and i != best
+    }
+
+
+def blocksize_table(runs: Runs, key: str) -> Table:
+    """Data type × block size: the chosen metric with the bits/param it costs beside it.
+
+    The axis with more values runs down the page, so that a ten-block sweep and a six-variant grid both fit.
+    """
+    frame = runs.quantized.assign(variant=runs.quantized["params.variant"])
+    blocks = sorted(dict.fromkeys(frame["params.block_size"]), key=sort_key)
+    variants = list(dict.fromkeys(frame["variant"]))
+    blocks_down = len(blocks) >= len(variants)
+    down, across = (blocks, variants) if blocks_down else (variants, blocks)
+    indexed = frame.set_index(
+        ["params.block_size", "variant"] if blocks_down else ["variant", "params.block_size"]
+    )
+    bits = replace(metric_info("bits_per_param"), label="Bits")
+    unresolved = _unresolved_steps(runs, frame, key, blocks)
+    columns = []
+    for group in across:
+        cells = indexed.reindex([(row, group) for row in down])
+        name = group if blocks_down else _block_name(group)
+        column = runs.column(key, cells, group=name)
+        pairs = [(row, group) if blocks_down else (group, row) for row in down]  # (block, variant)
+        column.marks = ["≈" if pair in unresolved else "" for pair in pairs]
+        columns += [column, Column(bits, runs.metric("bits_per_param", cells), group=name)]
+    extra = ["bits: bits/param of the quantized layers, block constants included"]
+    if unresolved:
+        extra.append("≈: a paired test cannot tell it from the next smaller block size of the same data type")
+    elif any(c.tied is not None for c in columns):
+        extra.append("every step to the next smaller block size is resolved")
+    caption = f"{metric_info(key).label} by block size and data type on {runs.setting()}. " + _notes(
+        runs, columns, extra
+    )
+    rows = [[_block_name(row) if blocks_down else row] for row in down]
+    return Table(f"blocksize-{key}", caption, ["Block" if blocks_down else "Data type"], rows, columns)
+
+
+def _unresolved_steps(runs: Runs, frame: pd.DataFrame, key: str, blocks: list[str]) -> set[tuple[str, str]]:
+    """(block, variant) cells whose per-token series a paired test cannot tell from the same variant's at
+    the next smaller block size."""
+    name = metric_info(key).per_token
+    if name is None:
+        return set()
+    found = set()
+    for variant, group in frame.groupby("variant", sort=False):
+        ordered = group.iloc[
+            sorted(range(len(group)), key=lambda i: blocks.index(group["params.block_size"].iloc[i]))
+        ]
+        series, sizes = runs.series(ordered, name), list(ordered["params.block_size"])
+        for i in range(1, len(ordered)):
+            a, b = series[i - 1], series[i]
+            if a is not None and b is not None and len(a) == len(b) and not paired_difference(b, a).resolved:
+                found.add((str(sizes[i]), str(variant)))
+    return found
+
+
+def _shown(label: str, unit: str, better: Literal["lower", "higher"], **display: Any) -> MetricSpec:
+    """A column a table derives from two runs' metrics (a difference, a saving): shown, never logged."""
+    return MetricSpec(label, label, unit, better, "model", "", **display)
+
+
+def _block_name(block: str) -> str:
+    return f"block {block}" if block.isdigit() else f"per {block}"
+
+
+def doublequant_table(runs: Runs) -> Table | None:
+    """Each DQ variant against the same format and block without DQ: bits saved, error added."""
+    frame = runs.quantized
+    same = [
+        "params.format",
+        "params.block_size",
+        "params.constant_dtype",
+        "params.compute_dtype",
+        "params.rounding",
+    ]
+    same = [c for c in same if c in frame]
+    off = frame[frame["params.double_quant"] == "off"].drop_duplicates(same).set_index(same)
+    on = frame[frame["params.double_quant"] != "off"]
+    pairs = [
+        (i, off.index.get_loc(tuple(on.loc[i, same])))
+        for i in on.index
+        if tuple(on.loc[i, same]) in off.index
+    ]
+    if not pairs:
+        return None
+    with_dq = on.loc[[i for i, _ in pairs]]
+    without = off.iloc[[j for _, j in pairs]]
+
+    def delta(key: str, relative: bool = False) -> list[float]:
+        a, b = runs.metric(key, with_dq), runs.metric(key, without)
+        return [(x / y - 1) * 100 if relative else x - y for x, y in zip(a, b, strict=True)]
+
+    saved = [-d for d in delta("bits_per_param")]
+    columns = [
+        Column(metric_info("bits_per_param"), runs.metric("bits_per_param", with_dq)),
+        Column(_shown("Saved", "bits", "higher", decimals=3), saved),
+        Column(_shown("Saved at 70B", "GB", "higher", decimals=2), [s * 70e9 / 8 / 1e9 for s in saved]),
+    ]
+    added = [
+        ("nmse", _shown("ΔnMSE", "%", "lower", decimals=2, signed=True), True),
+        ("output_rel_err", _shown("ΔOut. err.", "%", "lower", decimals=2, signed=True), True),
+        ("ppl", _shown("ΔPPL", "", "lower", decimals=2, signed=True), False),
+        ("kld_mean", _shown("ΔKLD", "nats", "lower", sig=2, signed=True), False),
+    ]
+    for key, spec, relative in added:
+        if not runs.has(key):
+            continue
+        paired = _paired(runs, key, with_dq, without)
+        errors = [d.se if d else math.nan for d in paired] if any(paired) else None
+        columns.append(Column(spec, delta(key, relative), errors))
+    rows = [[str(label)] for label in with_dq["params.label"]]
+    extra = [
+        "Δ: each against the same data type and block size without DQ",
+        "ΔnMSE and Δoutput error in % of their value without DQ",
+    ]
+    caption = f"Double quantization (DQ) of the block constants on {runs.setting()}. " + _notes(
+        runs, columns, extra
+    )
+    return Table("doublequant", caption, ["Config"], rows, columns)
+
+
+def _paired(runs: Runs, key: str, a: pd.DataFrame, b: pd.DataFrame) -> list[Difference | None]:
+    """Row by row, the paired difference of ``key`` between the runs of ``a`` and of ``b`` on the same
+    tokens (ppl as exp of the mean NLL), or None without per-token results."""
+    name = metric_info(key).per_token
+    if name is None:
+        return [None] * len(a)
+    out: list[Difference | None] = []
+    for x, y in zip(runs.series(a, name), runs.series(b, name), strict=True):
+        if x is None or y is None or len(x) != len(y):
+            out.append(None)
+        else:
+            out.append(ppl_difference(x, y) if key == "ppl" else paired_difference(x, y))
+    return out
+
+
+def pivot_table(runs: Runs, rows: str, cols: str, key: str) -> Table:
+    """Any params (comma-separated) down and across; each cell must be exactly one config."""
+    frame = runs.quantized
+    row_fields, col_fields = _fields(frame, rows), _fields(frame, cols)
+    fields = [f"params.{f}" for f in row_fields + col_fields]
+    if frame.duplicated(fields).any():
+        names = [c.removeprefix("params.") for c in frame if c.startswith("params.") and c not in fields]
+        also = [n for n in names if n not in _NOT_AXES and frame[f"params.{n}"].nunique() > 1] or ["label"]
+        raise ReportError(
+            f"--rows {rows} --cols {cols} leave several runs per cell; add one of {', '.join(also)} to them"
+        )
+    metric = metric_info(key)
+
+    def labels(fs: list[str]) -> list[tuple[str, ...]]:
+        keys = dict.fromkeys(tuple(str(v) for v in r) for r in frame[[f"params.{f}" for f in fs]].to_numpy())
+        return sorted(keys, key=lambda t: [sort_key(v) for v in t])
+
+    row_keys, col_keys = labels(row_fields), labels(col_fields)
+    indexed = frame.set_index(fields)
+    columns = []
+    for ck in col_keys:
+        cells = indexed.reindex([(*rk, *ck) for rk in row_keys]).reset_index()
+        columns.append(runs.column(key, cells, group=" / ".join(ck)))
+    caption = (
+        f"{metric.label} by {' / '.join(row_fields)} (rows) and {' / '.join(col_fields)} (columns) on "
+        f"{runs.setting()}. " + _notes(runs, columns)
+    )
+    name = f"pivot-{key}-{'+'.join(row_fields)}-by-{'+'.join(col_fields)}"
+    return Table(name, caption, row_fields, [list(rk) for rk in row_keys], columns)
+
+
+_NOT_AXES = ("label", "variant", "config_hash", "git_commit")  # differ between runs, derived or provenance
+
+
+def _fields(frame: pd.DataFrame, spec: str) -> list[str]:
+    fields = [f.strip().removeprefix("params.") for f in spec.split(",") if f.strip()]
+    known = sorted(c.removeprefix("params.") for c in frame if c.startswith("params."))
+    for f in fields:
+        if f not in known:
+            raise ReportError(f"unknown field {f!r} for --rows/--cols; known: {', '.join(known)}")
+    if not fields:
+        raise ReportError(
+            "--rows and --cols need at least one field each, e.g. --rows format --cols block_size"
+        )
+    return fields
+
+
+def _is_task(column: str) -> bool:
+    return column.startswith("metrics.acc_") and not column.endswith("_stderr")
