@@ -67,7 +67,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "56aa76aaea62aeaf47aa54f868126657d24fca01b33b057d9bdf16b0b00798e9",
+    "4": "e6ee0b6975665cb82595695daac964364f333ad0e5e6ed25dc3bab30224efc1e",
 }
 
 
