@@ -25,6 +25,7 @@ from harness.tracking import (
     Owner,
     Run,
     Tracker,
+    claim,
     config_note,
     config_params,
     config_tags,
@@ -84,7 +85,8 @@ def run_config(
     its method); ``metrics`` are logged with the measured ones; ``claim_as`` keeps a kind of run's claims
     apart from a sweep's, which may hold a config of the same hash. A config that raises is a FAILED run with
     its error, and its outcome says so: the caller goes on."""
-    key = target.tracker.claim(
+    key = claim(
+        target.tracker,
         target.ledger,
         target.experiment_id,
         f"{claim_as}{config.hash}",

@@ -74,6 +74,7 @@ from harness.tracking import (
     Tracker,
     allocation_tags,
     config_params,
+    ledger,
     provenance,
     read_tokens,
     sweep_tags,
@@ -475,7 +476,7 @@ def run_allocation(
             target = Target(
                 tracker,
                 experiment_id,
-                tracker.ledger(experiment.name),
+                ledger(tracker, experiment.name),
                 parent,
                 Owner.here(parent.id),
                 provenance(),

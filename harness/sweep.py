@@ -31,7 +31,7 @@ from harness.liveness import sigterm_as_interrupt
 from harness.models.sources import DeclaredDtype, declared_dtype
 from harness.quantize import COMPUTE_DTYPES
 from harness.runner import Outcome
-from harness.tracking import NOTE_TAG, Tracker, provenance, sweep_tags
+from harness.tracking import NOTE_TAG, Tracker, ledger, provenance, sweep_tags
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def run_sweep(
     executor = executor or LocalExecutor()
     tracker = Tracker.of(options.tracking_uri)
     experiment_id = tracker.experiment_id(experiment.name)
-    ledger = tracker.ledger(experiment.name)
+    ledger_id = ledger(tracker, experiment.name)
     summary = SweepSummary(experiment.name, tracker.uri, reaped=tracker.reap_stale(experiment_id))
     done = set() if options.force else tracker.finished_hashes(experiment_id)
     running = tracker.running_hashes(experiment_id)  # live owners only: the stale ones were just reaped
@@ -149,7 +149,7 @@ def run_sweep(
             bar.set_postfix_str(outcome.label)
             bar.update()
 
-        context = SweepContext(tracker.uri, experiment_id, ledger, parent.id, versions, options.force)
+        context = SweepContext(tracker.uri, experiment_id, ledger_id, parent.id, versions, options.force)
         executor.run(shards, context, report)
         bar.close()
         summary.wall_s = time.perf_counter() - start

@@ -63,11 +63,15 @@ NOT_NUMERICAL = [
     "runner.py",  # claims, logs and releases around measure; the torch threads are logged with each run
     "server.py",
     "sweep.py",
-    "tracking.py",
+    "tracking/__init__.py",
+    "tracking/claims.py",
+    "tracking/schema.py",
+    "tracking/store.py",
+    "tracking/ui.py",
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "e6ee0b6975665cb82595695daac964364f333ad0e5e6ed25dc3bab30224efc1e",
+    "4": "cfe8abebc4920a0a76984938d9e2c3b0fa201db0c354d1fb9a48df29965de174",
 }
 
 
