@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from harness.report.export import _tokens
+from harness.report.export import run_tokens
 from harness.report.runs import select_runs
 from harness.report.table import ReportError
 from harness.stats import METHOD, paired_difference, ppl_difference
@@ -36,7 +36,7 @@ def compare(experiment: str, first: str, second: str, tracking_uri: str | None =
                 f"{label!r} was run on several models ({models}); compare within one experiment"
             )
         _, row = rows[label][0]
-        tokens = _tokens(tracker, str(row["run_id"]))
+        tokens = run_tokens(tracker, str(row["run_id"]))
         if tokens is None:
             raise ReportError(f"the run of {label!r} kept no per-token results ({TOKENS_ARTIFACT}); rerun it")
         found.append((str(row["params.model"]), tokens))  # one model in two dtypes pairs on its tokens

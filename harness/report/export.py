@@ -61,7 +61,7 @@ def write_report(
     out = out_dir or Path.cwd() / "results" / experiment
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    tokens = cache(partial(_tokens, tracker))
+    tokens = cache(partial(run_tokens, tracker))
     for runs in selected:
         runs.tokens = tokens
         suffix = "" if len(selected) == 1 else f"-{_slug(runs.model)}"
@@ -162,7 +162,7 @@ def _interval95(column: Column) -> tuple[list[float], list[float]]:
     )
 
 
-def _tokens(tracker: Tracker, run_id: str) -> dict[str, np.ndarray] | None:
+def run_tokens(tracker: Tracker, run_id: str) -> dict[str, np.ndarray] | None:
     """The run's per-token results, or None for a run that kept none (its differences go untested)."""
     try:
         return read_tokens(tracker.download_artifact(run_id, TOKENS_ARTIFACT))

@@ -18,11 +18,6 @@ from filelock import FileLock
 from harness.cache import building, cache_dir
 from harness.liveness import pid_alive
 from harness.metrics import metric
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-    from harness.measure import Measurement
 from harness.tracking.schema import (
     ERROR_TAG,
     EXPERIMENT_KIND,
@@ -39,6 +34,11 @@ from harness.tracking.schema import (
     default_tracking_uri,
     run_column,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from harness.measure import Measurement
 
 # ---- runs ------------------------------------------------------------------------------------------------
 
