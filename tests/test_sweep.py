@@ -333,3 +333,19 @@ def test_a_ledger_left_running_by_an_older_store_is_ended(tmp_path: Path) -> Non
     tracker.client.update_run(ledger, status="RUNNING")  # as every ledger was before they ended at once
     assert tracking.ledger(tracker, "old") == ledger
     assert runs(tracker.uri, "old.claims")["status"].tolist() == ["FINISHED"]
+
+
+def test_compare_pairs_two_configs_on_their_tokens(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`harness compare` from the runs' per-token artifacts alone: its mean KLD difference is the difference
+    of the two runs' logged means (the same tokens), with a block-bootstrap interval around it."""
+    from harness.cli import main
+
+    assert main(["compare", "smoke", "nf4-b64", "int4-b64", "--tracking-uri", store]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("nf4-b64 − int4-b64 on smollm2-135m, 255 scored tokens, paired (")
+    assert "block bootstrap" in lines[0]
+    kld = next(line for line in lines if line.startswith("mean KLD"))
+    difference, se = (float(v) for v in kld.split()[3:5])
+    child = children(runs(store)).set_index("tags.mlflow.runName")["metrics.kld_mean"]
+    assert difference == pytest.approx(child["nf4-b64"] - child["int4-b64"], abs=1e-4)
+    assert se > 0 and kld.split()[-1] in ("yes", "no")
