@@ -11,6 +11,7 @@ across workers.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ import torch
 from harness import memory
 from harness.experiments import RunConfig
 from harness.measure import ModelSession
-from harness.runner import Outcome, Session, Target, run_config
+from harness.runner import Outcome, Target, run_config
 from harness.tracking import Owner, Tracker, process_alive
 
 RAY_RETRIES = 3  # retries of a shard whose worker died (a Python exception is a FAILED run, not a retry)
@@ -95,7 +96,7 @@ def run_shard(
         report(Outcome("", shard.model, "prepared"))  # the bar's rate counts configs, not the load
         return prepared
 
-    session = Session(prepare)
+    session = functools.cache(prepare)
     for i, config in enumerate(shard.configs):
         outcome = run_config(target, session, config)
         report(outcome)

@@ -60,31 +60,19 @@ class Target:
     alive: Callable[[Owner], bool] = process_alive
 
 
-class Session:
-    """A ``ModelSession`` made on first use, once: a shard with nothing left to run loads no model."""
-
-    def __init__(self, make: Callable[[], ModelSession]) -> None:
-        self._make = make
-        self._session: ModelSession | None = None
-
-    def get(self) -> ModelSession:
-        if self._session is None:
-            self._session = self._make()
-        return self._session
-
-
 def run_config(
     target: Target,
-    session: Session,
+    session: Callable[[], ModelSession],
     config: RunConfig,
     tags: Mapping[str, str] | None = None,
     metrics: Mapping[str, float] | None = None,
     claim_as: str = "",
 ) -> Outcome:
-    """Claim, measure and log one config. ``tags`` replace the sweep's config tags (an allocation's run says
-    its method); ``metrics`` are logged with the measured ones; ``claim_as`` keeps a kind of run's claims
-    apart from a sweep's, which may hold a config of the same hash. A config that raises is a FAILED run with
-    its error, and its outcome says so: the caller goes on."""
+    """Claim, measure and log one config. ``session`` is called only once the config is claimed, so a shard
+    with nothing left to run loads no model (``functools.cache`` makes it once for a shard). ``tags`` replace
+    the sweep's config tags (an allocation's run says its method); ``metrics`` are logged with the measured
+    ones; ``claim_as`` keeps a kind of run's claims apart from a sweep's, which may hold a config of the same
+    hash. A config that raises is a FAILED run with its error, and its outcome says so: the caller goes on."""
     key = claim(
         target.tracker,
         target.ledger,
@@ -104,7 +92,7 @@ def run_config(
         with target.tracker.run(target.experiment_id, config.label, run_tags, parent=target.parent) as run:
             run.log_params({**config_params(config), **target.provenance})
             preparing = True  # inside the run: a model that cannot be loaded or measured fails this config
-            prepared = session.get()
+            prepared = session()
             preparing = False
             threads = {"torch_threads": torch.get_num_threads()}  # BLAS sums depend on it
             run.log_params({**prepared.params, **threads})

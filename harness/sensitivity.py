@@ -66,7 +66,7 @@ from harness.models import (
 )
 from harness.plots import allocation_pareto, save, sensitivity_heatmap
 from harness.quantize import COMPUTE_DTYPES, CONSTANT_DTYPES, QuantConfig
-from harness.runner import Session, Target, run_config
+from harness.runner import Target, run_config
 from harness.stats import paired_difference, resampled_means
 from harness.tracking import (
     KIND_TAG,
@@ -550,7 +550,7 @@ def _allocations(prober: Prober, budgets: list[float], target: Target) -> list[E
         plans.append(("nearest uniform", budget, None, _uniform(base, _nearest_uniform(budget, base))))
     tracker = target.tracker
     stored = tracker.finished_runs(target.experiment_id, kind="allocation")
-    session = Session(lambda: prober.session)
+
     evaluated: list[Evaluated] = []
     seen: dict[str, Evaluated] = {}
     for method, budget, chosen, config in tqdm(
@@ -572,7 +572,9 @@ def _allocations(prober: Prober, budgets: list[float], target: Target) -> list[E
         else:
             tags = allocation_tags(config, method, budget)
             extra = {"predicted_delta_kld": predicted, "budget_bits": budget}
-            outcome = run_config(target, session, config, tags, extra, claim_as=ALLOCATION_CLAIM)
+            outcome = run_config(
+                target, lambda: prober.session, config, tags, extra, claim_as=ALLOCATION_CLAIM
+            )
             if outcome.status != "finished" or outcome.kld is None:
                 raise SensitivityError(f"allocation run {config.label} {outcome.status}: {outcome.detail}")
             metrics, kld = dict(outcome.metrics), outcome.kld

@@ -35,6 +35,7 @@ from harness.tracking import is_server_process, server_command, wait_until_servi
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DATABASE = "harness"  # the role and the database
 HOST = "127.0.0.1"
+STALE_GRACE_S = 10  # for an earlier server's killed processes to be gone
 
 
 class ServerError(HarnessError, RuntimeError):
@@ -158,7 +159,10 @@ def stop_stale_group(pid_file: Path) -> None:
         members = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _group_of(int(p.name)) == group]
         if any(is_server_process((member / "cmdline").read_bytes()) for member in members):
             os.killpg(group, signal.SIGKILL)
+            deadline = time.monotonic() + STALE_GRACE_S
             while any(_group_of(int(member.name)) == group for member in members):
+                if time.monotonic() > deadline:
+                    raise ServerError(f"processes of an earlier server (group {group}) survive SIGKILL")
                 time.sleep(0.05)
     pid_file.unlink(missing_ok=True)
 

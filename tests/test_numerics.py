@@ -71,7 +71,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "cfe8abebc4920a0a76984938d9e2c3b0fa201db0c354d1fb9a48df29965de174",
+    "4": "1bf1550d7e40a83dc2df2911c484591d72333004114d40817125fcdbc1e4ec54",
 }
 
 
