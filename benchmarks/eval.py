@@ -40,7 +40,7 @@ from harness.evaluate.divergence import BaseReference, evaluate_against
 from harness.evaluate.perplexity import PerplexityProtocol, make_windows, perplexity, text_counts
 from harness.floor import PassCost, floor_seconds, gemm_rates, pass_cost
 from harness.models import LoadedModel, discover_layers, load_model, load_tokenizer, quantized, snapshot
-from harness.quantize import QuantConfig
+from harness.quant.quantize import QuantConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -61,7 +61,7 @@ def worker(gguf: str, measure_apply: bool, table: bool) -> dict[str, Any]:
         quantized,
     )
     from harness.models import snapshot as take_snapshot
-    from harness.quantize import QuantConfig
+    from harness.quant.quantize import QuantConfig
 
     out: dict[str, Any] = {
         "import_s": time.perf_counter() - start,

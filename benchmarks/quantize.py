@@ -25,8 +25,8 @@ warnings.filterwarnings("ignore")
 import bitsandbytes.functional as bnb  # noqa: E402
 from torchao.quantization import to_nf4  # noqa: E402
 
-from harness.double_quant import DoubleQuantConfig  # noqa: E402
-from harness.quantize import QuantConfig, dequantize, fake_quant, quantize  # noqa: E402
+from harness.quant.double_quant import DoubleQuantConfig  # noqa: E402
+from harness.quant.quantize import QuantConfig, dequantize, fake_quant, quantize  # noqa: E402
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

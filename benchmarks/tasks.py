@@ -125,7 +125,7 @@ def _score(scores: dict[str, float], name: str, primary: str) -> str:
 def quantized_suites(loaded: Any, tokenizer: Any, args: argparse.Namespace, names: tuple[str, ...]) -> None:
     """The suite with every transformer-block Linear fake-quantized to each format ("none": unquantized)."""
     from harness.models import discover_layers, quantized, snapshot
-    from harness.quantize import QuantConfig
+    from harness.quant.quantize import QuantConfig
 
     print(f"suite {', '.join(names)}: limit {args.suite} per task, batch size {args.batch_size}")
     pristine = snapshot(loaded.model, discover_layers(loaded))

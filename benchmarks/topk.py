@@ -25,7 +25,7 @@ from harness.data import token_splits
 from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
 from harness.evaluate.perplexity import PerplexityProtocol, text_counts
 from harness.models import LoadedModel, discover_layers, load_model, load_tokenizer, quantized, snapshot
-from harness.quantize import QuantConfig
+from harness.quant.quantize import QuantConfig
 
 KS = (16, 64, 256)
 FORMATS = ("nf4", "int4", "fp4")

@@ -38,13 +38,13 @@ from pydantic import (
 )
 
 from harness import NUMERICS_VERSION
-from harness.codebook import ROUNDING_RULES
 from harness.data import CORPORA, CORPUS_PREFIXES, TokenSplits, token_splits
-from harness.double_quant import DOUBLE_QUANT_CODES, DoubleQuantConfig
 from harness.errors import HarnessError
 from harness.evaluate.perplexity import PROTOCOLS
-from harness.formats import get_format
-from harness.quantize import COMPUTE_DTYPES, CONSTANT_DTYPES, BlockSize, QuantConfig
+from harness.quant.codebook import ROUNDING_RULES
+from harness.quant.double_quant import DOUBLE_QUANT_CODES, DoubleQuantConfig
+from harness.quant.formats import get_format
+from harness.quant.quantize import COMPUTE_DTYPES, CONSTANT_DTYPES, BlockSize, QuantConfig
 
 # The dtype a model is loaded and run in; ``auto``: the checkpoint's own (``harness.models.declared_dtype``).
 MODEL_DTYPES = ("auto", *COMPUTE_DTYPES)

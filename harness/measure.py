@@ -52,7 +52,7 @@ from harness.models import (
     snapshot,
 )
 from harness.plots import layer_error_plot
-from harness.quantize import COMPUTE_DTYPES
+from harness.quant.quantize import COMPUTE_DTYPES
 from harness.stats import kld_percentiles, token_statistics
 
 PROJECTIONS = {"7B": 7e9, "70B": 70e9}  # model sizes whose memory at the measured bits/param is reported

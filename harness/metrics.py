@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness.quantize import COMPUTE_DTYPES, QuantizedTensor
+from harness.quant.quantize import COMPUTE_DTYPES, QuantizedTensor
 from harness.stats import METHOD
 
 

@@ -41,7 +41,6 @@ from tqdm import tqdm
 from harness import NUMERICS_VERSION
 from harness.allocation import allocate, more_bits_allocation, random_allocation, use_more_bits
 from harness.cache import cache_dir
-from harness.double_quant import DoubleQuantConfig
 from harness.errors import HarnessError
 from harness.evaluate.divergence import BaseReference, divergence_of, whole_rows
 from harness.evaluate.perplexity import LogitHead, ScoredRows, WindowBatch, window_batches
@@ -65,7 +64,8 @@ from harness.models import (
     source_bits,
 )
 from harness.plots import allocation_pareto, save, sensitivity_heatmap
-from harness.quantize import COMPUTE_DTYPES, CONSTANT_DTYPES, QuantConfig
+from harness.quant.double_quant import DoubleQuantConfig
+from harness.quant.quantize import COMPUTE_DTYPES, CONSTANT_DTYPES, QuantConfig
 from harness.runner import Target, run_config
 from harness.stats import paired_difference, resampled_means
 from harness.tracking import (

@@ -29,7 +29,7 @@ from harness.experiments import DTYPE_LABELS, Experiment, RunConfig
 from harness.floor import PassCost, gemm_rates
 from harness.liveness import sigterm_as_interrupt
 from harness.models.sources import DeclaredDtype, declared_dtype
-from harness.quantize import COMPUTE_DTYPES
+from harness.quant.quantize import COMPUTE_DTYPES
 from harness.runner import Outcome
 from harness.tracking import NOTE_TAG, Tracker, ledger, provenance, sweep_tags
 

@@ -280,7 +280,7 @@ def smollm2() -> tuple[nn.Module, object]:
 def test_smollm2_int4_divergence(tmp_path: Path) -> None:
     from harness.data import token_splits
     from harness.evaluate.perplexity import text_counts
-    from harness.quantize import QuantConfig, fake_quant
+    from harness.quant.quantize import QuantConfig, fake_quant
 
     model, tokenizer = smollm2()
     tokens = token_splits(
@@ -343,7 +343,7 @@ def _restored(model: nn.Module, originals: dict[str, torch.Tensor]) -> nn.Module
 
 
 def _kld_with(model: nn.Module, originals: dict, config, reference: BaseReference) -> float:
-    from harness.quantize import fake_quant
+    from harness.quant.quantize import fake_quant
 
     try:
         with torch.no_grad():

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from harness import experiments
-from harness.double_quant import DoubleQuantConfig
 from harness.experiments import ExperimentError, list_experiments, load_experiment
+from harness.quant.double_quant import DoubleQuantConfig
 
 SHIPPED = {"default", "qlora-datatypes", "blocksize", "double-quant", "kbit", "formats-beyond", "smoke"}
 

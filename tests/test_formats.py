@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.formats import UnknownFormatError, get_format, known_format_names
+from harness.quant.formats import UnknownFormatError, get_format, known_format_names
 
 NF4_BNB = [
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import weight
 
-from harness.double_quant import DoubleQuantConfig
 from harness.metrics import (
     METRICS,
     bits_per_param,
@@ -21,7 +20,8 @@ from harness.metrics import (
     register_metric,
     stored_bytes,
 )
-from harness.quantize import QuantConfig, dequantize, quantize
+from harness.quant.double_quant import DoubleQuantConfig
+from harness.quant.quantize import QuantConfig, dequantize, quantize
 
 
 def test_qlora_storage_arithmetic() -> None:

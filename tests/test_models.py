@@ -17,7 +17,6 @@ from torch import nn
 
 from harness import assets
 from harness.cache import cache_dir
-from harness.codebook import codebook
 from harness.metrics import aggregate, output_error
 from harness.models import (
     LoadedModel,
@@ -36,7 +35,8 @@ from harness.models import (
     sources,
 )
 from harness.models.sources import converted_dir
-from harness.quantize import QuantConfig
+from harness.quant.codebook import codebook
+from harness.quant.quantize import QuantConfig
 
 VOCAB = 256
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}

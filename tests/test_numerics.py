@@ -19,18 +19,18 @@ PACKAGE = Path(harness.__file__).parent
 NUMERICAL = [
     "allocation.py",
     "assets.py",  # which model and corpus files are pinned
-    "codebook.py",
-    "cpu_kernels.py",
     "data.py",
-    "double_quant.py",
-    "formats.py",
     "gemm.py",  # how 16-bit products run on CPUs without native 16-bit GEMMs
     "measure.py",
     "metrics.py",
-    "packing.py",
-    "quantize.py",
     "sensitivity.py",
     "stats.py",
+    "quant/codebook.py",
+    "quant/cpu_kernels.py",
+    "quant/double_quant.py",
+    "quant/formats.py",
+    "quant/packing.py",
+    "quant/quantize.py",
     "evaluate/divergence.py",
     "evaluate/perplexity.py",
     "evaluate/tasks.py",
@@ -53,6 +53,7 @@ NOT_NUMERICAL = [
     "plots.py",
     "preflight.py",  # checks inputs; measures nothing
     "progress.py",
+    "quant/__init__.py",
     "report/__init__.py",
     "report/compare.py",
     "report/export.py",

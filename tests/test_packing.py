@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.packing import pack, packed_nbytes, unpack
+from harness.quant.packing import pack, packed_nbytes, unpack
 
 
 def test_four_bit_is_bnb_order() -> None:

@@ -9,9 +9,9 @@ from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from conftest import WEIGHT_SHAPES, weight
 from torchao.quantization import to_nf4
 
-from harness.double_quant import DoubleQuantConfig, dynamic_map
 from harness.metrics import error_metrics
-from harness.quantize import QuantConfig, dequantize, quantize
+from harness.quant.double_quant import DoubleQuantConfig, dynamic_map
+from harness.quant.quantize import QuantConfig, dequantize, quantize
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

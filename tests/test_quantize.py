@@ -8,12 +8,12 @@ from conftest import weight
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import harness.quantize as quantize_module
-from harness.double_quant import DoubleQuantConfig
-from harness.formats import get_format
+import harness.quant.quantize as quantize_module
 from harness.metrics import bits_per_param
-from harness.packing import unpack
-from harness.quantize import QuantConfig, QuantizationError, dequantize, fake_quant, quantize
+from harness.quant.double_quant import DoubleQuantConfig
+from harness.quant.formats import get_format
+from harness.quant.packing import unpack
+from harness.quant.quantize import QuantConfig, QuantizationError, dequantize, fake_quant, quantize
 
 FOUR_BIT = ["nf4", "fp4", "fp4_e2m1", "fp4_e3m0", "int4", "af4", "int4_asym", "mxfp4", "nvfp4"]
 ALL = [*FOUR_BIT, "nf2", "nf3", "int8", "int3_asym", "nf8", "fp8_e4m3", "fp8_e5m2"]

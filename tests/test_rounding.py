@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import weight
 
-import harness.quantize as quantize_module
+import harness.quant.quantize as quantize_module
 from harness import assets
-from harness.codebook import ROUNDING_RULES, codebook
-from harness.formats import get_format
-from harness.packing import unpack
-from harness.quantize import QuantConfig, dequantize, quantize, tie_fraction, tie_mask
+from harness.quant.codebook import ROUNDING_RULES, codebook
+from harness.quant.formats import get_format
+from harness.quant.packing import unpack
+from harness.quant.quantize import QuantConfig, dequantize, quantize, tie_fraction, tie_mask
 
 FOUR_BIT = ["nf4", "fp4", "fp4_e2m1", "fp4_e3m0", "int4", "af4", "int4_asym", "mxfp4", "nvfp4"]
 TORCH_PATH_ONLY = ["int8", "nf3", "fp8_e4m3", "fp8_e5m2"]  # fp8: no lookup table, the bucketize path

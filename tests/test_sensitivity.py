@@ -22,13 +22,13 @@ from harness.allocation import (
     random_allocation,
     use_more_bits,
 )
-from harness.double_quant import DoubleQuantConfig
 from harness.evaluate.divergence import BaseReference
 from harness.evaluate.perplexity import PerplexityProtocol
 from harness.experiments import ExperimentError, load_experiment
 from harness.measure import ModelSession
 from harness.models import LoadedModel, apply, blocks, discover_layers, layer_plan, restore, snapshot
-from harness.quantize import QuantConfig
+from harness.quant.double_quant import DoubleQuantConfig
+from harness.quant.quantize import QuantConfig
 
 MIXED = """
 name: mixed-test

@@ -27,7 +27,7 @@ from harness.metrics import (
 )
 from harness.models.anatomy import body
 from harness.models.sources import LoadedModel, ModelError, source_bits
-from harness.quantize import QuantConfig, dequantize, quantize, tie_fraction
+from harness.quant.quantize import QuantConfig, dequantize, quantize, tie_fraction
 
 CAPTURE_ROWS = 256
 TIE_WARNING_FRACTION = 1e-3  # above this share of exact ties in a layer, the tie rule visibly moves results

@@ -29,7 +29,7 @@ from harness import assets, gemm
 from harness.cache import building, cache_dir
 from harness.errors import HarnessError
 from harness.progress import quiet_peer_logs, ticking
-from harness.quantize import COMPUTE_DTYPES
+from harness.quant.quantize import COMPUTE_DTYPES
 
 PRECISION_FILE = "source_precision.json"
 
@@ -55,7 +55,7 @@ class DeclaredDtype:
     """The dtype a checkpoint declares for itself (what ``model_dtype: auto`` loads) and the rule that
     decided it."""
 
-    dtype: str  # a key of harness.quantize.COMPUTE_DTYPES
+    dtype: str  # a key of harness.quant.quantize.COMPUTE_DTYPES
     rule: str
 
 

@@ -23,8 +23,8 @@ from typing import Literal
 
 import torch
 
-from harness.codebook import block_reduce, codebook, expand_blocks, scale_blocks
-from harness.formats import fp8_levels
+from harness.quant.codebook import block_reduce, codebook, expand_blocks, scale_blocks
+from harness.quant.formats import fp8_levels
 
 DoubleQuantCode = Literal["dynamic", "linear_int8", "fp8_e4m3"]
 DOUBLE_QUANT_CODES: tuple[str, ...] = ("dynamic", "linear_int8", "fp8_e4m3")

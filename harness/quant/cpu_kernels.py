@@ -1,6 +1,6 @@
 """Fused CPU kernels (numba) for the hot path: 4-bit absmax formats, quantize-and-pack and unpack-and-scale.
 
-They compute exactly what ``harness.codebook`` computes with separate torch ops (same float32 arithmetic,
+They compute exactly what ``codebook`` computes with separate torch ops (same float32 arithmetic,
 same lookup table, same decision thresholds, which carry the tie rule); tests assert bit-identical output.
 Fusing scaling, level search and nibble packing into one pass over memory is what makes quantization several
 times faster than bitsandbytes' CPU path, which runs a single-threaded ``torch.bucketize``.
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from harness.codebook import Codebook
+from harness.quant.codebook import Codebook
 
 # Work is split into chunks of two blocks: a chunk always starts on a whole byte, even for odd block sizes.
 

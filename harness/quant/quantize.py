@@ -1,9 +1,9 @@
-"""Blockwise quantize / dequantize / fake_quant for every format in ``harness.formats``.
+"""Blockwise quantize / dequantize / fake_quant for every format in ``harness.quant.formats``.
 
 A tensor is flattened (row-major) and cut into contiguous blocks of ``block_size`` elements, as
 bitsandbytes does; ``channel`` means one block per output row (the leading dimension) and ``tensor`` one
 block for everything. Each block gets its constant(s) from the format's scale rule, each element the code
-of its nearest level, an exact tie decided by ``rounding`` (see ``harness.codebook``). For nf4 and fp4 with
+of its nearest level, an exact tie decided by ``rounding`` (see ``codebook``). For nf4 and fp4 with
 fp32 constants and the default ``ties_down``, the codes, constants and dequantized values are bit-identical
 to ``bitsandbytes.functional.quantize_4bit``/``dequantize_4bit`` (tests pin this).
 """
@@ -15,8 +15,9 @@ from typing import Literal
 
 import torch
 
-from harness import cpu_kernels
-from harness.codebook import (
+from harness.errors import HarnessError
+from harness.quant import cpu_kernels
+from harness.quant.codebook import (
     ROUNDING_RULES,
     Codebook,
     Rounding,
@@ -25,10 +26,9 @@ from harness.codebook import (
     expand_blocks,
     scale_blocks,
 )
-from harness.double_quant import DoubleQuantConfig, DoubleQuantized, double_quantize
-from harness.errors import HarnessError
-from harness.formats import Format, get_format
-from harness.packing import pack, unpack
+from harness.quant.double_quant import DoubleQuantConfig, DoubleQuantized, double_quantize
+from harness.quant.formats import Format, get_format
+from harness.quant.packing import pack, unpack
 
 BlockSize = int | Literal["channel", "tensor"]
 CONSTANT_DTYPES: dict[str, torch.dtype] = {
@@ -108,7 +108,7 @@ class QuantConfig:
 class QuantizedTensor:
     """What is stored: packed codes plus the constants. ``stored_tensors`` is what the bytes count."""
 
-    codes: torch.Tensor  # uint8, densely packed (harness.packing)
+    codes: torch.Tensor  # uint8, densely packed (harness.quant.packing)
     scales: torch.Tensor | DoubleQuantized  # per block: absmax, range, E8M0 byte or E4M3 byte
     minimums: torch.Tensor | None  # affine formats: the block minimum (a float zero point)
     tensor_scale: torch.Tensor | None  # nvfp4: the fp32 second-level scale
