@@ -1,7 +1,7 @@
 """Speed and cost of the evaluation loops on the real models (CPU), in bf16 and in fp32.
 
 For each model asset that is fetched (smollm2-135m, gemma-3-270m), loaded in each dtype:
-- tokens/s of harness.evaluate.perplexity against a plain transformers loop (one ``model(ids, labels=...)``
+- tokens/s of harness.evaluate.windows against a plain transformers loop (one ``model(ids, labels=...)``
   per window, as the HF guide writes it) on the same tokens and windows, disjoint and llamacpp protocols;
 - the FLOP floor of one pass (blocks + head, ``harness.floor``) at the fastest torch.mm rate this CPU reaches
   on the pass's own GEMM shapes in that dtype, and each pass's time as a multiple of it;
@@ -36,8 +36,9 @@ from torch import nn
 
 from harness import assets
 from harness.data import token_splits
-from harness.evaluate.divergence import BaseReference, evaluate_against
-from harness.evaluate.perplexity import PerplexityProtocol, make_windows, perplexity, text_counts
+from harness.evaluate.divergence import evaluate_against
+from harness.evaluate.reference import BaseReference
+from harness.evaluate.windows import PerplexityProtocol, make_windows, perplexity, text_counts
 from harness.floor import PassCost, floor_seconds, gemm_rates, pass_cost
 from harness.models import LoadedModel, discover_layers, load_model, load_tokenizer, quantized, snapshot
 from harness.quant.quantize import QuantConfig

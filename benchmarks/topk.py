@@ -22,8 +22,9 @@ from functools import partial
 import torch
 
 from harness.data import token_splits
-from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
-from harness.evaluate.perplexity import PerplexityProtocol, text_counts
+from harness.evaluate.divergence import evaluate_against
+from harness.evaluate.reference import BaseReference, ReferenceStorage
+from harness.evaluate.windows import PerplexityProtocol, text_counts
 from harness.models import LoadedModel, discover_layers, load_model, load_tokenizer, quantized, snapshot
 from harness.quant.quantize import QuantConfig
 

@@ -24,6 +24,8 @@ from harness.errors import HarnessError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from harness.experiments import RunConfig
+
 
 @dataclass(frozen=True)
 class Corpus:
@@ -200,6 +202,18 @@ def token_splits(
         )
     evaluation = torch.tensor([bos + eval_ids], dtype=torch.int64)
     return TokenSplits(calibration, evaluation, corpus, n_docs_cal, n_docs_eval)
+
+
+def config_splits(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TokenSplits:
+    """The calibration and evaluation tokens of ``config``'s corpus under ``tokenizer``."""
+    return token_splits(
+        config.data.corpus,
+        tokenizer,
+        calibration_sequences=config.data.calibration_sequences,
+        calibration_length=config.data.calibration_length,
+        eval_tokens=config.eval.tokens,
+        add_bos=config.eval.bos,
+    )
 
 
 def _stream(

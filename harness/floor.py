@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import gemm
-from harness.evaluate.perplexity import ROWS_PER_PASS, VOCAB_SLICE, PerplexityProtocol, make_windows
+from harness.evaluate.logits import ROWS_PER_PASS, VOCAB_SLICE
+from harness.evaluate.windows import PerplexityProtocol, make_windows
 
 GEMM_BATCH = 4  # windows per forward batch, the evaluation's default batch_size
 

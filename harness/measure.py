@@ -23,8 +23,11 @@ from matplotlib.figure import Figure
 
 from harness import assets, gemm
 from harness.cache import cache_dir
-from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
-from harness.evaluate.perplexity import (
+from harness.data import config_splits
+from harness.evaluate.divergence import evaluate_against
+from harness.evaluate.reference import BaseReference, ReferenceStorage
+from harness.evaluate.tasks import run_tasks
+from harness.evaluate.windows import (
     NonFiniteError,
     PerplexityProtocol,
     PerplexityResult,
@@ -32,7 +35,6 @@ from harness.evaluate.perplexity import (
     perplexity,
     text_counts,
 )
-from harness.evaluate.tasks import run_tasks
 from harness.experiments import RunConfig
 from harness.memory import release_freed
 from harness.metrics import aggregate
@@ -93,7 +95,7 @@ class ModelSession:
         torch.manual_seed(config.seed)
         dtype = COMPUTE_DTYPES[config.model_dtype]
         tokenizer = load_tokenizer(config.model, dtype)
-        splits = config.token_splits(tokenizer)
+        splits = config_splits(config, tokenizer)
         text_bytes, text_words = text_counts(tokenizer, splits.evaluation)
         bos_token_id = tokenizer.bos_token_id if config.eval.bos else None
         if not config.eval.tasks:  # let go before the weights load, so that the peak holds one, not both

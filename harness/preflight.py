@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness import assets
-from harness.data import CORPORA, DataError
-from harness.evaluate.perplexity import PerplexityProtocol
+from harness.data import CORPORA, DataError, config_splits
+from harness.evaluate.windows import PerplexityProtocol
 from harness.experiments import Experiment, ExperimentError
 from harness.floor import PassCost, pass_cost
 from harness.models import ModelError, discover_layers
@@ -89,7 +89,7 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
             unchecked.append(settings.data.corpus)  # `show` downloads nothing
             continue
         try:
-            settings.token_splits(outline.tokenizer)
+            config_splits(settings, outline.tokenizer)
         except DataError as exc:
             problems.append(f"data.corpus: {exc}")
     if problems:

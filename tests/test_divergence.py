@@ -14,8 +14,9 @@ import torch
 from conftest import tiny_llama
 from torch import nn
 
-from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
-from harness.evaluate.perplexity import NonFiniteError, PerplexityProtocol, perplexity
+from harness.evaluate.divergence import evaluate_against
+from harness.evaluate.reference import BaseReference, ReferenceStorage
+from harness.evaluate.windows import NonFiniteError, PerplexityProtocol, perplexity
 
 VOCAB, BOS = 256, 1
 EXACT16, EXACT32 = ReferenceStorage("exact", dtype="float16"), ReferenceStorage("exact", dtype="float32")
@@ -196,6 +197,7 @@ def test_cache_hit_does_not_run_the_model(base: nn.Module, tmp_path: Path) -> No
             build(blocked, tokens, PROTOCOL, tmp_path, storage=EXACT16)
     finally:
         torch.set_num_threads(threads)
+
     assert entries(tmp_path) == [first.path]  # failed builds leave nothing behind
 
 
@@ -279,7 +281,7 @@ def smollm2() -> tuple[nn.Module, object]:
 @pytest.mark.integration
 def test_smollm2_int4_divergence(tmp_path: Path) -> None:
     from harness.data import token_splits
-    from harness.evaluate.perplexity import text_counts
+    from harness.evaluate.windows import text_counts
     from harness.quant.quantize import QuantConfig, fake_quant
 
     model, tokenizer = smollm2()

@@ -224,7 +224,7 @@ def test_two_spellings_of_one_config_share_a_hash(tmp_path: Path) -> None:
 def test_hash_covers_the_numerics_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = load_experiment(write(tmp_path, BASE)).configs[0]
     before, identity = config.hash, config.config_id
-    monkeypatch.setattr(experiments, "NUMERICS_VERSION", "older")
+    monkeypatch.setattr(experiments.config, "NUMERICS_VERSION", "older")
     assert config.hash != before and config.config_id == identity
 
 

@@ -271,7 +271,7 @@ def test_every_error_of_input_or_circumstance_is_a_harness_error() -> None:
 
     import harness
     from harness.errors import HarnessError
-    from harness.evaluate.perplexity import NonFiniteError  # a FAILED run's reason, never shown by the CLI
+    from harness.evaluate.windows import NonFiniteError  # a FAILED run's reason, never shown by the CLI
 
     defined = set()
     for module in pkgutil.walk_packages(harness.__path__, "harness."):

@@ -17,13 +17,15 @@ import harness
 
 PACKAGE = Path(harness.__file__).parent
 NUMERICAL = [
-    "allocation.py",
     "assets.py",  # which model and corpus files are pinned
     "data.py",
     "gemm.py",  # how 16-bit products run on CPUs without native 16-bit GEMMs
     "measure.py",
     "metrics.py",
-    "sensitivity.py",
+    "sensitivity/allocate.py",
+    "sensitivity/drivers.py",
+    "sensitivity/prefix_cache.py",
+    "sensitivity/probe.py",
     "stats.py",
     "quant/codebook.py",
     "quant/cpu_kernels.py",
@@ -32,8 +34,10 @@ NUMERICAL = [
     "quant/packing.py",
     "quant/quantize.py",
     "evaluate/divergence.py",
-    "evaluate/perplexity.py",
+    "evaluate/logits.py",
+    "evaluate/reference.py",
     "evaluate/tasks.py",
+    "evaluate/windows.py",
     "models/anatomy.py",
     "models/layers.py",
     "models/sources.py",
@@ -46,7 +50,11 @@ NOT_NUMERICAL = [
     "evaluate/__init__.py",
     "executors.py",  # where measure runs; the torch threads it sets are logged with each run
     "floor.py",  # FLOP counts and matmul rates: estimates and the sweep's floor multiple, no run's number
-    "experiments.py",  # what it resolves is part of the config, and so of the hash already
+    "experiments/__init__.py",
+    "experiments/config.py",  # what it resolves is part of the config, and so of the hash already
+    "experiments/grid.py",
+    "experiments/loader.py",
+    "experiments/schema.py",
     "liveness.py",
     "memory.py",  # where freed blocks go, never what they held
     "models/__init__.py",
@@ -61,6 +69,7 @@ NOT_NUMERICAL = [
     "report/render.py",
     "report/runs.py",
     "report/table.py",
+    "sensitivity/__init__.py",
     "runner.py",  # claims, logs and releases around measure; the torch threads are logged with each run
     "server.py",
     "sweep.py",

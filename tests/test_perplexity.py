@@ -13,13 +13,14 @@ from conftest import tiny_llama
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from transformers import LlamaForCausalLM
 
-import harness.evaluate.perplexity as perplexity_module
-from harness.evaluate.divergence import BaseReference, ReferenceStorage, evaluate_against
-from harness.evaluate.perplexity import (
+import harness.evaluate.logits as perplexity_module
+from harness.evaluate.divergence import evaluate_against
+from harness.evaluate.logits import reduce_logits
+from harness.evaluate.reference import BaseReference, ReferenceStorage
+from harness.evaluate.windows import (
     PerplexityProtocol,
     make_windows,
     perplexity,
-    reduce_logits,
     text_counts,
 )
 

@@ -15,20 +15,21 @@ import torch
 from conftest import TINY_BOS, tiny_llama
 
 from harness import sensitivity
-from harness.allocation import (
+from harness.evaluate.reference import BaseReference
+from harness.evaluate.windows import PerplexityProtocol
+from harness.experiments import ExperimentError, load_experiment
+from harness.measure import ModelSession
+from harness.models import LoadedModel, apply, blocks, discover_layers, layer_plan, restore, snapshot
+from harness.quant.double_quant import DoubleQuantConfig
+from harness.quant.quantize import QuantConfig
+from harness.sensitivity import drivers
+from harness.sensitivity.allocate import (
     BudgetError,
     allocate,
     more_bits_allocation,
     random_allocation,
     use_more_bits,
 )
-from harness.evaluate.divergence import BaseReference
-from harness.evaluate.perplexity import PerplexityProtocol
-from harness.experiments import ExperimentError, load_experiment
-from harness.measure import ModelSession
-from harness.models import LoadedModel, apply, blocks, discover_layers, layer_plan, restore, snapshot
-from harness.quant.double_quant import DoubleQuantConfig
-from harness.quant.quantize import QuantConfig
 
 MIXED = """
 name: mixed-test
@@ -103,10 +104,10 @@ def test_two_double_quant_variants_of_one_menu_stay_apart(tmp_path: Path) -> Non
         "nf4-b64-dq-fp8_e4m3-128",
     ]
     base = load_experiment(str(_experiment(tmp_path, MIXED.split("mixed:")[0]))).configs[0]
-    mixed = sensitivity._mixed(base, ["a", "b", "c"], [qlora, qlora, other], "two-dq")
+    mixed = drivers._mixed(base, ["a", "b", "c"], [qlora, qlora, other], "two-dq")
     assert mixed.double_quant == default
     assert [(o.layers, o.double_quant) for o in mixed.overrides] == [("c", fp8)]
-    fragment = sensitivity._fragment(mixed)
+    fragment = drivers._fragment(mixed)
     (tmp_path / "mixed-test.yaml").write_text("name: mixed-test\nmodel: smollm2-135m\n" + fragment)
     [loaded] = load_experiment(str(tmp_path / "mixed-test.yaml")).configs
     assert loaded.double_quant == default and loaded.overrides == mixed.overrides
@@ -261,11 +262,11 @@ def test_sensitivity_and_allocate_commands_on_the_smoke_experiment(tmp_path: Pat
 def test_output_names_and_plot_titles_follow_the_models() -> None:
     """A hub id names a file, not a folder; a title says "re-quantized" only of a source on a quantized
     grid."""
-    assert sensitivity._model_suffix(["Qwen/Qwen2.5-0.5B"], "Qwen/Qwen2.5-0.5B") == ""
-    suffix = sensitivity._model_suffix(["smollm2-135m", "Qwen/Qwen2.5-0.5B"], "Qwen/Qwen2.5-0.5B")
+    assert drivers._model_suffix(["Qwen/Qwen2.5-0.5B"], "Qwen/Qwen2.5-0.5B") == ""
+    suffix = drivers._model_suffix(["smollm2-135m", "Qwen/Qwen2.5-0.5B"], "Qwen/Qwen2.5-0.5B")
     assert suffix == "-Qwen-Qwen2.5-0.5B"
     checkpoint = discover_layers(tiny_llama())  # a checkpoint in fp32: nothing is re-quantized
     assert {info.source_precision for info in checkpoint} == {"torch.float32"}
-    assert sensitivity._source_note(checkpoint) == ""
+    assert drivers._source_note(checkpoint) == ""
     gguf = [dataclasses.replace(info, source_precision="Q4_1") for info in checkpoint]
-    assert sensitivity._source_note(gguf) == " (re-quantized Q4_1 weights)"
+    assert drivers._source_note(gguf) == " (re-quantized Q4_1 weights)"

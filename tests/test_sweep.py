@@ -178,7 +178,7 @@ def test_a_run_from_an_older_numerics_version_is_redone(
     quick = [*QUICK, "eval.tasks=[]", "eval.kld=false", "grid.format=[nf4]", "grid.double_quant=[off]"]
     first = run_sweep(load_experiment("smoke", quick), SweepOptions(tracking_uri=uri, progress=False))
     assert first.finished == ["baseline", "nf4-b64"]
-    for module in (experiments, tracking.schema):
+    for module in (experiments.config, tracking.schema):
         monkeypatch.setattr(module, "NUMERICS_VERSION", "next")
     again = run_sweep(load_experiment("smoke", quick), SweepOptions(tracking_uri=uri, progress=False))
     assert again.finished == ["baseline", "nf4-b64"] and not again.skipped  # nothing reused
