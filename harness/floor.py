@@ -67,7 +67,7 @@ def matmul_rate(
     median of ``runs`` after a warm-up. Measuring leaves the process's products as they were."""
     x, weight = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     times = []
-    with contextlib.nullcontext() if gemm.native(dtype) else gemm.WidenedProducts():
+    with contextlib.nullcontext() if gemm.native(dtype) else gemm.WidenedProducts(frozenset({dtype})):
         F.linear(x, weight)
         for _ in range(runs):
             start = time.perf_counter()

@@ -33,6 +33,9 @@ _PRODUCTS: set[Callable[..., Any]] = {
 }
 
 
+_SIXTEEN_BIT = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @cache
 def native(dtype: torch.dtype) -> bool:
     """Whether PyTorch runs ``dtype`` GEMMs on this CPU with oneDNN's native kernels."""
@@ -44,20 +47,38 @@ def native(dtype: torch.dtype) -> bool:
 
 
 def method(dtype: torch.dtype) -> str:
-    """How ``dtype`` matrix products run here, in words (logged with every run)."""
+    """How ``dtype`` matrix products run in this thread now, in words."""
+    if _widened(dtype):
+        return "fp32 products of the widened operands, rounded back (this CPU has no native 16-bit GEMM)"
     if native(dtype):
         return "native"
-    return "fp32 products of the widened operands, rounded back (this CPU has no native 16-bit GEMM)"
+    return "PyTorch's generic loop (this CPU has no native 16-bit GEMM)"
+
+
+def _widened(dtype: torch.dtype) -> bool:
+    stack = _get_current_function_mode_stack()
+    return any(isinstance(m, WidenedProducts) and dtype in m.dtypes for m in stack)
+
+
+def methods() -> dict[str, str]:
+    """``method`` of each 16-bit dtype: logged with every run, and part of a base reference's cache key, since
+    a widened product's bits differ from a native kernel's in summation order."""
+    return {f"gemm_{name}": method(dtype) for name, dtype in _SIXTEEN_BIT.items()}
 
 
 class WidenedProducts(TorchFunctionMode):
-    """Within it, matrix products whose tensors are all 16-bit floats on CPU run in fp32 and round back."""
+    """Within it, matrix products whose tensors are all of one of ``dtypes`` on CPU run in fp32 and round
+    back. Products of any other dtype (native bf16 beside widened fp16, say) pass untouched."""
+
+    def __init__(self, dtypes: frozenset[torch.dtype] = frozenset({torch.bfloat16, torch.float16})) -> None:
+        super().__init__()
+        self.dtypes = dtypes
 
     def __torch_function__(
         self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func not in _PRODUCTS or not _narrow_on_cpu(args):
+        if func not in _PRODUCTS or not self._widens(args):
             return func(*args, **kwargs)
         dtype = args[0].dtype
         if func is F.linear:
@@ -69,12 +90,9 @@ class WidenedProducts(TorchFunctionMode):
         result = func(*wide, **kwargs).to(dtype)
         return result if out is None else out.copy_(result)
 
-
-def _narrow_on_cpu(args: tuple) -> bool:
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    return bool(tensors) and all(
-        t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16) for t in tensors
-    )
+    def _widens(self, args: tuple) -> bool:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        return bool(tensors) and all(t.device.type == "cpu" and t.dtype in self.dtypes for t in tensors)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -91,6 +109,6 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 def use_for(dtype: torch.dtype) -> None:
     """From now on in this thread, widen ``dtype`` products if this CPU has no native kernel for them
     (``load_model`` calls this for a 16-bit model; again is a no-op)."""
-    if native(dtype) or any(isinstance(m, WidenedProducts) for m in _get_current_function_mode_stack()):
+    if native(dtype) or _widened(dtype):
         return
-    WidenedProducts().__enter__()  # left entered: it holds for the thread's remaining work
+    WidenedProducts(frozenset({dtype})).__enter__()  # left entered: it holds for the thread's remaining work

@@ -143,7 +143,7 @@ class ModelSession:
             "n_docs_eval": splits.n_docs_eval,
             "declared_dtype": declared.dtype,
             "declared_dtype_rule": declared.rule,
-            **{f"gemm_{name}": gemm.method(COMPUTE_DTYPES[name]) for name in ("bfloat16", "float16")},
+            **gemm.methods(),
         }
         pristine = snapshot(loaded.model, layers)
         return cls(

@@ -5,6 +5,7 @@ cache hits that skip the model, and atomic cache writes."""
 from __future__ import annotations
 
 import copy
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -14,9 +15,11 @@ import torch
 from conftest import tiny_llama
 from torch import nn
 
+from harness import gemm
 from harness.evaluate.divergence import evaluate_against
 from harness.evaluate.reference import BaseReference, ReferenceStorage
 from harness.evaluate.windows import NonFiniteError, PerplexityProtocol, perplexity
+from harness.gemm import WidenedProducts
 
 VOCAB, BOS = 256, 1
 EXACT16, EXACT32 = ReferenceStorage("exact", dtype="float16"), ReferenceStorage("exact", dtype="float32")
@@ -198,6 +201,22 @@ def test_cache_hit_does_not_run_the_model(base: nn.Module, tmp_path: Path) -> No
     finally:
         torch.set_num_threads(threads)
 
+    # and another summation order: bf16 products widened where this thread runs them unwidened, or the
+    # reverse in a fresh thread, which has no mode entered
+    def other_products() -> None:
+        with pytest.raises(Forbidden):
+            build(blocked, tokens, PROTOCOL, tmp_path, storage=EXACT16)
+        checked.append(True)
+
+    checked: list[bool] = []
+    if gemm.method(torch.bfloat16).startswith("fp32 products"):
+        thread = threading.Thread(target=other_products)
+        thread.start()
+        thread.join()
+    else:
+        with WidenedProducts(frozenset({torch.bfloat16})):
+            other_products()
+    assert checked == [True]
     assert entries(tmp_path) == [first.path]  # failed builds leave nothing behind
 
 

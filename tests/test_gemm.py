@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,14 +89,37 @@ def test_a_bf16_model_is_the_same_model_widened() -> None:
 
 
 def test_use_for_enters_the_mode_once_and_only_where_it_is_needed() -> None:
-    def entered() -> int:
-        return sum(isinstance(m, WidenedProducts) for m in _get_current_function_mode_stack())
+    """Each dtype gets its own mode, entered once per thread where its GEMM is not native (a fresh thread, so
+    that modes other tests' model loads left entered in this one do not count)."""
 
-    before = entered()
-    gemm.use_for(torch.float32)
-    assert entered() == before
-    gemm.use_for(torch.bfloat16)
-    gemm.use_for(torch.bfloat16)
-    assert entered() == (0 if gemm.native(torch.bfloat16) else 1)
+    def modes() -> list[frozenset[torch.dtype]]:
+        return [m.dtypes for m in _get_current_function_mode_stack() if isinstance(m, WidenedProducts)]
+
+    def body() -> None:
+        gemm.use_for(torch.float32)
+        assert modes() == []
+        for _ in range(2):
+            gemm.use_for(torch.bfloat16)
+            gemm.use_for(torch.float16)
+        widened = [dtype for dtype in (torch.bfloat16, torch.float16) if not gemm.native(dtype)]
+        assert modes() == [frozenset({dtype}) for dtype in widened]
+        seen.append(True)
+
+    seen: list[bool] = []
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [True]
     assert gemm.method(torch.float32) == "native"
     assert (gemm.method(torch.bfloat16) == "native") == gemm.native(torch.bfloat16)
+
+
+def test_a_float16_mode_leaves_bfloat16_products_to_their_own_kernel() -> None:
+    x, w = _pair(64, 320, 96)
+    with torch._C.DisableTorchFunction():
+        own = F.linear(x, w)
+    with WidenedProducts(frozenset({torch.float16})):
+        passed = F.linear(x, w)
+        half = F.linear(x.half(), w.half())
+    assert torch.equal(passed, own)
+    assert torch.equal(half, F.linear(x.half().float(), w.half().float()).half())

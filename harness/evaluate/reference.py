@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness import gemm
 from harness.cache import building
 from harness.evaluate.logits import column_tiles, reduce_logits
 from harness.evaluate.windows import (
@@ -182,10 +183,11 @@ class BaseReference:
         """Load the reference from ``cache_dir`` or compute it with one pass of the (unquantized) ``model``.
 
         ``key`` names the model (asset, compute dtype); with the weight fingerprint, the tokens, the protocol,
-        the batch size and torch's thread count it decides the cache entry. The last two are part of it
-        because on some CPUs a bf16 pass's bits can depend on the GEMM shapes and on how the threads split
-        them, and bf16 rounding makes a one-ulp flip visible: a bf16 smollm2-135m baseline read against a
-        reference cached by another process was seen at a KLD of 1.2e-3 from itself.
+        the batch size, torch's thread count and how 16-bit products run (``gemm.methods``) it decides the
+        cache entry. The last three are part of it because a bf16 pass's bits can depend on the GEMM shapes,
+        on how the threads split them and on the kernel's summation order, and bf16 rounding makes a one-ulp
+        flip visible: a bf16 smollm2-135m baseline read against a reference cached by another process was
+        seen at a KLD of 1.2e-3 from itself.
         Build before quantizing: the fingerprint keeps a quantized model from hitting the base's entry, but
         cannot tell that a model is not the base.
         ``text_bytes``/``text_words`` only feed the perplexity numbers.
@@ -237,6 +239,7 @@ def _digest(
             "storage": asdict(storage),
             "batch_size": batch_size,
             "threads": torch.get_num_threads(),
+            "products": gemm.methods(),
         },
         sort_keys=True,
     )
