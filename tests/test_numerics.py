@@ -81,7 +81,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "1bf1550d7e40a83dc2df2911c484591d72333004114d40817125fcdbc1e4ec54",
+    "4": "9affd44f0fc0b03165f009144896aa259f666d4a4d3b3a6b791a7357ac2fb95a",
 }
 
 
