@@ -269,8 +269,10 @@ def _keeps_logits(model: nn.Module) -> bool:
 
 @contextmanager
 def _in_process() -> Iterator[None]:
-    """lm-eval's bootstrap forks a pool of cpu_count() workers unless DISABLE_MULTIPROC is set; forking a
-    process that holds a model is wasteful for a 1,000-resample bootstrap."""
+    """lm-eval's bootstrap forks a pool of cpu_count() workers unless DISABLE_MULTIPROC is set. Forking a
+    process that runs threads (torch's, MLflow's, tqdm's monitor) can leave a worker waiting for ever on a
+    lock held at the fork (seen: lambada's perplexity bootstrap hung a test run), and a 1,000-resample
+    bootstrap needs no pool."""
     before = os.environ.get("DISABLE_MULTIPROC")
     os.environ["DISABLE_MULTIPROC"] = "1"
     try:
