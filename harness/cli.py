@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left early (`harness list | head`): nothing went wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush is quiet
+        return 0
     except HarnessError as exc:
         for line in str(exc).splitlines():
             print(f"harness: error: {line}", file=sys.stderr)
@@ -36,27 +39,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    """Every subcommand, each with the function that runs it (``run``)."""
-    from harness.tracking import STORE_HELP
-
+    """Every subcommand of ``COMMANDS``, each with its arguments and the function that runs it (``run``)."""
     parser = argparse.ArgumentParser(
         prog="harness",
         description="Measure how faithfully 4-bit weight quantization (QLoRA family) preserves a model.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, arguments, run) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text)
+        arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
 
-    p = commands.add_parser("list", help="list the experiments: ./experiments/*.yaml and the shipped ones")
-    p.set_defaults(run=_list)
 
-    p = commands.add_parser("show", help="check an experiment and show its grid: size and first configs")
-    p.add_argument("experiment", help="experiment name (see `harness list`) or a path to a YAML file")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
-    )
-    p.add_argument("--all", action="store_true", help=f"list every config, not only the first {SHOWN}")
-    p.set_defaults(run=_show)
-
-    p = commands.add_parser("sweep", help="run an experiment's grid, logging each config to MLflow")
+def _experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="experiment name (see `harness list`) or a path to a YAML file")
     p.add_argument(
         "--set",
@@ -66,16 +62,34 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a key of the experiment, e.g. --set eval.tokens=1024 --set grid.format=[nf4]",
     )
+
+
+def _store(p: argparse.ArgumentParser) -> None:
+    from harness.tracking import STORE_HELP
+
+    p.add_argument("--tracking-uri", help=STORE_HELP)
+
+
+def _out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, help="folder to write into (default: ./results/EXPERIMENT)")
+
+
+def _show_args(p: argparse.ArgumentParser) -> None:
+    _experiment(p)
+    p.add_argument("--all", action="store_true", help=f"list every config, not only the first {SHOWN}")
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    _experiment(p)
     p.add_argument("--limit", type=int, help="run only the first N configs (a quick look)")
     p.add_argument("--force", action="store_true", help="redo configs that already have a FINISHED run")
     p.add_argument("--yes", action="store_true", help="run a grid of more than 1,000 configs")
-    p.add_argument("--tracking-uri", help=STORE_HELP)
+    _store(p)
     p.add_argument(
         "--executor", choices=["local", "ray"], default="local", help="where configs run (default: local)"
     )
     p.add_argument(
-        "--address",
-        help="Ray cluster: auto or ray://HOST:PORT (default: a local Ray started for the sweep)",
+        "--address", help="Ray cluster: auto or ray://HOST:PORT (default: a local Ray started for the sweep)"
     )
     p.add_argument(
         "--workers",
@@ -83,26 +97,19 @@ def _parser() -> argparse.ArgumentParser:
         default=2,
         help="Ray tasks per model, each with cores/N torch threads (default 2)",
     )
-    p.set_defaults(run=_sweep)
 
-    p = commands.add_parser(
-        "sensitivity", help="quantize each unit alone (see the `sensitivity:` section) and rank by ΔKLD"
-    )
-    p.add_argument("experiment", help="experiment name (see `harness list`) or a path to a YAML file")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
-    )
+
+def _sensitivity_args(p: argparse.ArgumentParser) -> None:
+    _experiment(p)
     p.add_argument(
         "--no-prefix-cache", action="store_true", help="evaluate each probe by full forward passes"
     )
-    p.add_argument("--tracking-uri", help=STORE_HELP)
-    p.add_argument("--out", type=Path, help="folder to write into (default: ./results/EXPERIMENT)")
-    p.set_defaults(run=_sensitivity)
+    _store(p)
+    _out(p)
 
-    p = commands.add_parser(
-        "allocate", help="choose a menu entry per layer under a bits/param budget, then validate it"
-    )
-    p.add_argument("experiment", help="experiment name (see `harness list`) or a path to a YAML file")
+
+def _allocate_args(p: argparse.ArgumentParser) -> None:
+    _experiment(p)
     p.add_argument(
         "--budget",
         type=float,
@@ -111,62 +118,51 @@ def _parser() -> argparse.ArgumentParser:
         metavar="BITS",
         help="bits/param over the quantized layers (repeat for several budgets)",
     )
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
-    )
-    p.add_argument("--tracking-uri", help=STORE_HELP)
-    p.add_argument("--out", type=Path, help="folder to write into (default: ./results/EXPERIMENT)")
-    p.set_defaults(run=_allocate)
+    _store(p)
+    _out(p)
 
-    p = commands.add_parser("fetch", help="download the pinned offline assets into the cache")
+
+def _fetch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("assets", nargs="*", help="asset names (default: all)")
     p.add_argument("--for-experiment", metavar="EXP", help="fetch what an experiment needs")
     p.add_argument("--force", action="store_true", help="download again even if cached")
-    p.set_defaults(run=_fetch)
 
-    p = commands.add_parser("cache", help="check the cache's entries, or remove the broken and unused ones")
+
+def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("verify", "clean"), help="verify: check every entry; clean: remove")
     p.add_argument("--all", action="store_true", help="clean: remove every entry, not only broken/unused")
-    p.set_defaults(run=_cache)
 
-    p = commands.add_parser(
-        "layers", help="list a model's quantizable layers with shapes and source precision"
-    )
+
+def _layers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="asset name, Hugging Face id, local directory or .gguf file")
     p.add_argument("--include", action="append", default=[], metavar="GLOB", help="keep layers matching")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="drop layers matching")
-    p.set_defaults(run=_layers)
 
-    p = commands.add_parser("ui", help="serve the MLflow UI on 127.0.0.1:5000, opened on the runs table")
+
+def _port(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+
+
+def _ui_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", nargs="?", default="default", help="experiment to open (default: default)")
-    p.add_argument("--tracking-uri", help=STORE_HELP)
-    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
-    p.set_defaults(run=_ui)
+    _store(p)
+    _port(p)
 
-    p = commands.add_parser(
-        "server", help="serve an MLflow tracking server on 127.0.0.1 backed by PostgreSQL, for a team"
-    )
-    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
-    p.set_defaults(run=_server)
 
-    p = commands.add_parser("tables", help="write paper-ready tables and plots of an experiment")
+def _tables_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="experiment to tabulate (into ./results/EXPERIMENT/)")
-    p.add_argument("--tracking-uri", help=STORE_HELP)
+    _store(p)
     p.add_argument("--rows", help="generic pivot: the row field (e.g. format)")
     p.add_argument("--cols", help="generic pivot: the column field (e.g. block_size)")
     p.add_argument("--metric", help="generic pivot: the metric (e.g. ppl)")
-    p.add_argument("--out", type=Path, help="folder to write into (default: ./results/EXPERIMENT)")
-    p.set_defaults(run=_tables)
+    _out(p)
 
-    p = commands.add_parser(
-        "compare", help="paired difference of two configs from their per-token results (no model run)"
-    )
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="the experiment both configs belong to")
     p.add_argument("first", help="config label, e.g. nf4-b64 (see `harness tables` or the UI)")
     p.add_argument("second", help="config label to subtract, e.g. nf4-b256, or baseline")
-    p.add_argument("--tracking-uri", help=STORE_HELP)
-    p.set_defaults(run=_compare)
-    return parser
+    _store(p)
 
 
 def _log_traceback(exc: BaseException) -> Path:
@@ -375,6 +371,38 @@ def _compare(args: argparse.Namespace) -> int:
     print(compare(args.experiment, args.first, args.second, args.tracking_uri))
     return 0
 
+
+Arguments = Callable[[argparse.ArgumentParser], None]
+COMMANDS: dict[str, tuple[str, Arguments, Callable[[argparse.Namespace], int]]] = {
+    "list": ("list the experiments: ./experiments/*.yaml and the shipped ones", lambda p: None, _list),
+    "show": ("check an experiment and show its grid: size and first configs", _show_args, _show),
+    "sweep": ("run an experiment's grid, logging each config to MLflow", _sweep_args, _sweep),
+    "sensitivity": (
+        "quantize each unit alone (see the `sensitivity:` section) and rank by ΔKLD",
+        _sensitivity_args,
+        _sensitivity,
+    ),
+    "allocate": (
+        "choose a menu entry per layer under a bits/param budget, then validate it",
+        _allocate_args,
+        _allocate,
+    ),
+    "fetch": ("download the pinned offline assets into the cache", _fetch_args, _fetch),
+    "cache": ("check the cache's entries, or remove the broken and unused ones", _cache_args, _cache),
+    "layers": ("list a model's quantizable layers with shapes and source precision", _layers_args, _layers),
+    "ui": ("serve the MLflow UI on 127.0.0.1:5000, opened on the runs table", _ui_args, _ui),
+    "server": (
+        "serve an MLflow tracking server on 127.0.0.1 backed by PostgreSQL, for a team",
+        _port,
+        _server,
+    ),
+    "tables": ("write paper-ready tables and plots of an experiment", _tables_args, _tables),
+    "compare": (
+        "paired difference of two configs from their per-token results (no model run)",
+        _compare_args,
+        _compare,
+    ),
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@ nothing reaches the store; a model whose outputs are not finite gives a FAILED r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -237,6 +238,20 @@ def test_an_error_of_the_machine_is_one_line_and_a_log(
     log = Path(lines[0].rsplit("traceback in ", 1)[1].rstrip(")"))
     assert "Traceback (most recent call last)" in log.read_text()
     assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.integration
+def test_a_reader_that_leaves_early_is_no_error(tmp_path: Path) -> None:
+    """``harness list | head -1``: the pipe closes under the command, which says nothing and writes no log."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HARNESS_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        f"{sys.executable} -m harness.cli list | head -1", shell=True, capture_output=True, text=True, env=env
+    )
+    assert done.stdout.count("\n") == 1 and done.stderr == ""
+    assert not (tmp_path / "cache" / "logs").exists()
 
 
 def test_the_estimate_says_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) -> None:
