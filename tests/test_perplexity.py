@@ -294,19 +294,23 @@ def test_fallback_when_split_does_not_reproduce_forward() -> None:
 
 
 def test_reduce_logits_matches_whole_row_reductions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiles of 512 columns over 2,500 (a ragged last tile), with the largest logit tied across two tiles:
-    log-sum-exp, first argmax, picked logits and the dot product equal whole-row computations."""
+    """Tiles of 512 columns over 2,500 (a ragged last tile), with the largest logit tied across two tiles,
+    tied within one, and first met in the last: log-sum-exp, first argmax, picked logits and the dot product
+    equal whole-row computations."""
     monkeypatch.setattr(perplexity_module, "VOCAB_SLICE", 512)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(37, 2500, generator=g) * 6
     logits[3, [100, 1900]] = logits[3].max() + 1.0  # a tie: the first one is the argmax
+    logits[4, [600, 700]] = logits[4].max() + 1.0  # a tie within one tile
+    logits[5, 2400] = logits[5].max() + 1.0  # a maximum the last tile raises
     targets = torch.randint(0, 2500, (37,), generator=g)
     index = torch.randint(0, 2500, (37, 9), generator=g)
     weights = torch.rand(37, 2500, generator=g)
     scores = reduce_logits(perplexity_module.column_tiles(logits.clone()), targets, index, weights)
     whole = logits.double()
     assert torch.allclose(scores.lse, torch.logsumexp(whole, dim=1), rtol=0, atol=1e-6)
-    assert torch.equal(scores.argmax, logits.argmax(dim=1)) and int(scores.argmax[3]) == 100
+    assert torch.equal(scores.argmax, logits.argmax(dim=1))
+    assert scores.argmax[3:6].tolist() == [100, 600, 2400]
     assert torch.equal(scores.picked[:, 0], logits.gather(1, targets[:, None])[:, 0])
     assert torch.equal(scores.picked[:, 1:], logits.gather(1, index))
     assert scores.dot is not None

@@ -94,9 +94,11 @@ def reduce_logits(
     """Scores of logits that arrive as column tiles ``(lo, z[:, lo:lo + w])`` (in the head's dtype, in
     vocabulary order, covering it; a tile is read, never written, and need not outlive its step).
 
-    Each tile gives its max m_s, argmax and S_s = Σ exp(z − m_s), in fp32 (a bf16 tile is widened exactly
-    first); then lse = M + log Σ_s S_s exp(m_s − M) in float64, with M the largest m_s, and the argmax is the
-    first of the tile holding M.
+    Each tile gives its max m_s and S_s = Σ exp(z − m_s), in fp32 (a bf16 tile is widened exactly first);
+    then lse = M + log Σ_s S_s exp(m_s − M) in float64, with M the largest m_s. The argmax is the first index
+    of M in the first tile holding it: a tile's argmax is taken only for the rows whose running maximum it
+    raises (torch's max with indices costs ten times a plain max, and after the first few tiles a row's
+    maximum rarely moves).
     ``index`` (C, P) asks for z at those vocabulary entries; ``weights`` (C, V) for the dot product
     Σ_v w_v z_v, in float64."""
     wanted = targets[:, None] if index is None else torch.cat([targets[:, None], index], dim=1)
@@ -106,7 +108,9 @@ def reduce_logits(
     row_of = order // wanted.shape[1]
     picked = torch.empty(wanted.shape, dtype=torch.float32)
     dot = None if weights is None else torch.zeros(len(targets), dtype=torch.float64)
-    maxima, argmaxes, sums = [], [], []
+    maxima, sums = [], []
+    best = torch.full((len(targets),), -torch.inf)
+    argmax = torch.zeros(len(targets), dtype=torch.int64)
     scratch = torch.empty(0)
     for lo, z in tiles:
         first, last = torch.searchsorted(ordered, torch.tensor([lo, lo + z.shape[1]])).tolist()
@@ -116,19 +120,19 @@ def reduce_logits(
         if scratch.numel() < z.numel():
             scratch = torch.empty(z.numel())
         wide = scratch[: z.numel()].view(z.shape)
-        if z.dtype == torch.float32:
-            top, arg = z.max(dim=1)
-            torch.sub(z, top[:, None], out=wide)
-        else:  # widened exactly into a reused buffer (fresh pages per tile cost more than the copy), then
-            wide.copy_(z)  # the very fp32 operations
-            top, arg = wide.max(dim=1)
-            wide.sub_(top[:, None])
+        if z.dtype != torch.float32:  # widened exactly into a reused buffer (fresh pages per tile cost more
+            wide.copy_(z)  # than the copy), then the very fp32 operations
+            z = wide
+        top = z.amax(dim=1)
+        raised = (top > best).nonzero()[:, 0]
+        if len(raised):
+            argmax[raised] = z[raised].argmax(dim=1) + lo
+            best[raised] = top[raised]
+        torch.sub(z, top[:, None], out=wide)
         sums.append(wide.exp_().sum(dim=1))
         maxima.append(top)
-        argmaxes.append(arg + lo)
     tops = torch.stack(maxima, dim=1)
-    top, which = tops.max(dim=1)
-    argmax = torch.stack(argmaxes, dim=1).gather(1, which[:, None])[:, 0]
+    top = tops.amax(dim=1)
     scale = (tops.double() - top.double()[:, None]).exp_()
     lse = top.double() + (torch.stack(sums, dim=1).double() * scale).sum(dim=1).log()
     return Scores(lse, argmax, picked, dot)
