@@ -92,6 +92,21 @@ def ppl_difference(nll_a: np.ndarray, nll_b: np.ndarray) -> Difference:
     return Difference(shown, float(samples.std(ddof=1)), low, high, len(nll_a))
 
 
+def unresolved_from_best(
+    values: list[float], series: list[np.ndarray | None], better: str, skip: int
+) -> set[int] | None:
+    """Rows (from ``skip`` on) whose paired difference from the best row's per-token series has a 95 %
+    interval holding 0: those a table cannot tell from the best. None when any row lacks its series or the
+    rows do not share their tokens."""
+    rows = [i for i in range(skip, len(values)) if math.isfinite(values[i])]
+    if len(rows) < 2 or any(series[i] is None for i in rows):
+        return None
+    if len({len(series[i]) for i in rows}) != 1:  # type: ignore[arg-type]
+        return None
+    best = (min if better == "lower" else max)(rows, key=lambda i: values[i])
+    return {i for i in rows if i != best and not paired_difference(series[i], series[best]).resolved}
+
+
 def _exp(x: np.ndarray | float) -> np.ndarray | float:
     with np.errstate(over="ignore"):
         return np.exp(x)

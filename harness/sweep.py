@@ -90,7 +90,7 @@ def run_sweep(
     experiment_id = tracker.experiment_id(experiment.name)
     ledger_id = ledger(tracker, experiment.name)
     summary = SweepSummary(experiment.name, tracker.uri, reaped=tracker.reap_stale(experiment_id))
-    done = set() if options.force else tracker.finished_hashes(experiment_id)
+    done = set() if options.force else set(tracker.finished_runs(experiment_id))
     running = tracker.running_hashes(experiment_id)  # live owners only: the stale ones were just reaped
     declared = {m: _declared(m, options).dtype for m in experiment.models}
     selected = experiment.resolved_configs(declared, options.limit)

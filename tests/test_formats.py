@@ -16,7 +16,7 @@ NF4_BNB = [
 
 
 def test_nf4_is_bnb_table_bit_for_bit() -> None:
-    assert torch.equal(get_format("nf4").levels_tensor(), torch.tensor(NF4_BNB, dtype=torch.float32))
+    assert torch.equal(torch.tensor(get_format("nf4").levels), torch.tensor(NF4_BNB, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -54,7 +54,7 @@ def test_fp8_levels_are_the_finite_values() -> None:
 def test_fixed_block_formats() -> None:
     assert get_format("mxfp4").block_size == 32 and get_format("mxfp4").scale_rule == "e8m0"
     assert get_format("nvfp4").block_size == 16 and get_format("nvfp4").scale_rule == "e4m3_fp32"
-    assert get_format("nf4").takes_any_block_size
+    assert get_format("nf4").block_size is None
 
 
 def test_unknown_format_lists_known_ones() -> None:

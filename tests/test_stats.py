@@ -14,6 +14,7 @@ from harness.stats import (
     paired_difference,
     resampled_means,
     token_statistics,
+    unresolved_from_best,
 )
 
 
@@ -102,3 +103,25 @@ def test_kld_percentiles_are_llamacpps_set() -> None:
 def test_paired_series_must_share_tokens() -> None:
     with pytest.raises(ValueError, match="same tokens"):
         paired_difference(np.zeros(10), np.zeros(11))
+
+
+def test_only_rows_a_paired_test_cannot_tell_from_the_best_are_unresolved() -> None:
+    """Four configs on the same 8,192 tokens of shared difficulty: one best, one a hair worse (unresolved),
+    one clearly worse; a row from before ``skip`` (the baseline) is never compared."""
+    shared = ar1(8192, 0.8, seed=3)
+    noise = np.random.default_rng(4).normal(0, 0.01, (3, 8192))
+    noise -= noise.mean(axis=1, keepdims=True)  # so that the offsets alone order the rows
+    series = [
+        shared + 5.0,
+        shared + noise[0],
+        shared + 2e-5 + noise[1],
+        shared + 0.1 + noise[2],
+    ]  # 0: skipped
+    values = [float(s.mean()) for s in series]
+    assert unresolved_from_best(values, series, "lower", skip=1) == {2}
+    flipped = [-s for s in series]
+    assert unresolved_from_best([-v for v in values], flipped, "higher", skip=1) == {2}
+    assert unresolved_from_best(values, [*series[:3], None], "lower", skip=1) is None  # a series missing
+    assert (
+        unresolved_from_best(values, [*series[:3], series[3][:-1]], "lower", skip=1) is None
+    )  # other tokens

@@ -295,3 +295,14 @@ def test_smollm2_runs_offline() -> None:
     assert results["piqa"]["n"] == results["lambada_openai"]["n"] == 16
     assert 0.0 <= results["piqa"]["acc"] <= 1.0 and 0.0 <= results[T.AVERAGE]["acc"] <= 1.0
     assert 1.0 < results["lambada_openai"]["ppl"] < 1e4 and results["lambada_openai"]["acc"] > 0
+
+
+@pytest.mark.integration
+def test_one_document_gives_a_score_without_a_standard_error() -> None:
+    """lm-eval writes "N/A" for the standard error of one document, and of a group of one-document tasks:
+    the score is kept and its standard error is unknown (NaN), instead of the config failing."""
+    model, tokenizer = tiny()
+    results = T.run_tasks(model, tokenizer, ["arc_easy", "mmlu"], limit=1, batch_size=4)
+    for name, n in (("arc_easy", 1), ("mmlu", 57)):
+        assert results[name]["n"] == n and 0 <= results[name]["acc"] <= 1
+        assert math.isnan(results[name]["acc_stderr"]), results[name]

@@ -116,7 +116,8 @@ def task_manager() -> TaskManager:
     stock = Path(lm_eval.tasks.__file__).parent
     manager = TaskManager(include_path=[str(stock / d) for d in STOCK_DIRS], include_defaults=False)
     index = manager.task_index
-    leaves = [*SOURCES, *(leaf for group in GROUPS for leaf in _leaves(index, group))]
+    # each leaf once: groups may share subjects (mmlu_stem's are mmlu's)
+    leaves = dict.fromkeys([*SOURCES, *(leaf for group in GROUPS for leaf in _leaves(index, group))])
     for name in leaves:
         entry = index[name]
         config = load_yaml(entry.yaml_path, resolve_func=True)
@@ -341,7 +342,8 @@ def _scores(out: dict[str, Any], name: str) -> dict[str, float]:
     for ours, theirs in (("acc", "acc"), ("acc_norm", "acc_norm"), ("ppl", "perplexity")):
         if f"{theirs},none" in metrics:
             scores[ours] = float(metrics[f"{theirs},none"])
-            scores[f"{ours}_stderr"] = float(metrics[f"{theirs}_stderr,none"])
+            stderr = metrics[f"{theirs}_stderr,none"]  # lm-eval writes "N/A" where one document was scored
+            scores[f"{ours}_stderr"] = math.nan if stderr == "N/A" else float(stderr)
     return scores
 
 

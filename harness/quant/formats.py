@@ -40,13 +40,6 @@ class Format:
     block_size: int | None = None  # fixed by the format (MX, NVFP4, AF4); None = any block size
     description: str = ""
 
-    @property
-    def takes_any_block_size(self) -> bool:
-        return self.block_size is None
-
-    def levels_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.tensor(self.levels, dtype=torch.float32, device=device)
-
 
 # ---- codebook constructions ------------------------------------------------------------------------------
 
@@ -143,33 +136,16 @@ def _normalised(values: tuple[float, ...]) -> tuple[float, ...]:
 
 # ---- registry ----------------------------------------------------------------------------------------------
 
-_FIXED: dict[str, Format] = {
-    f.name: f
-    for f in (
-        Format("fp4", 4, _normalised(_BNB_FP4), description="bitsandbytes fp4 (QLoRA's 'Float4 (E2M1)' row)"),
-        Format("fp4_e2m1", 4, _normalised(_E2M1), description="OCP E2M1 elements with an absmax scale"),
-        Format("fp4_e3m0", 4, _E3M0, description="exponent-only 4-bit float (QLoRA Table 2 'Float4 (E3M0)')"),
-        Format("af4", 4, _normalised(_AF4), block_size=64, description="bitsandbytes AbnormalFloat4 (b64)"),
-        Format("fp8_e4m3", 8, fp8_levels(torch.float8_e4m3fn), description="FP8 E4M3 elements, absmax scale"),
-        Format("fp8_e5m2", 8, fp8_levels(torch.float8_e5m2), description="FP8 E5M2 elements, absmax scale"),
-        Format(
-            "mxfp4",
-            4,
-            _E2M1,
-            scale_rule="e8m0",
-            block_size=32,
-            description="OCP MX v1.0: E2M1 elements, E8M0 power-of-two scale per 32",
-        ),
-        Format(
-            "nvfp4",
-            4,
-            _E2M1,
-            scale_rule="e4m3_fp32",
-            block_size=16,
-            description="NVFP4: E2M1 elements, E4M3 scale per 16, fp32 tensor scale",
-        ),
-    )
-}
+FORMATS: dict[str, Format] = {}  # the formats of fixed levels, by name; the families are generated below
+
+
+def register_format(fmt: Format) -> Format:
+    """Declare a format: experiments, ``get_format`` and ``harness show`` accept its name from then on."""
+    if fmt.name in FORMATS or fmt.name in known_format_names():
+        raise ValueError(f"format {fmt.name!r} is declared twice")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
 
 _FAMILIES: tuple[tuple[str, str], ...] = (
     (r"nf([2-8])", "NormalFloat quantiles of N(0,1) (QLoRA), absmax scale"),
@@ -181,8 +157,8 @@ _FAMILIES: tuple[tuple[str, str], ...] = (
 @cache
 def get_format(name: str) -> Format:
     """The format called ``name``; an unknown name raises with the list of known ones."""
-    if name in _FIXED:
-        return _FIXED[name]
+    if name in FORMATS:
+        return FORMATS[name]
     if m := re.fullmatch(r"nf([2-8])", name):
         bits = int(m[1])
         return Format(name, bits, normal_float_levels(bits), description=_FAMILIES[0][1])
@@ -197,8 +173,36 @@ def get_format(name: str) -> Format:
 
 def known_format_names() -> list[str]:
     families = [f"{p}{k}{s}" for p, s in (("nf", ""), ("int", ""), ("int", "_asym")) for k in range(2, 9)]
-    return sorted(families) + sorted(_FIXED)
+    return sorted(families) + sorted(FORMATS)
 
 
 class UnknownFormatError(HarnessError, ValueError):
     """A format name no registry entry has; the message lists the known ones."""
+
+
+# The formats of fixed levels (the nf/int/int_asym families come from ``get_format``).
+for _fmt in (
+    Format("fp4", 4, _normalised(_BNB_FP4), description="bitsandbytes fp4 (QLoRA's 'Float4 (E2M1)' row)"),
+    Format("fp4_e2m1", 4, _normalised(_E2M1), description="OCP E2M1 elements with an absmax scale"),
+    Format("fp4_e3m0", 4, _E3M0, description="exponent-only 4-bit float (QLoRA Table 2 'Float4 (E3M0)')"),
+    Format("af4", 4, _normalised(_AF4), block_size=64, description="bitsandbytes AbnormalFloat4 (b64)"),
+    Format("fp8_e4m3", 8, fp8_levels(torch.float8_e4m3fn), description="FP8 E4M3 elements, absmax scale"),
+    Format("fp8_e5m2", 8, fp8_levels(torch.float8_e5m2), description="FP8 E5M2 elements, absmax scale"),
+    Format(
+        "mxfp4",
+        4,
+        _E2M1,
+        scale_rule="e8m0",
+        block_size=32,
+        description="OCP MX v1.0: E2M1 elements, E8M0 power-of-two scale per 32",
+    ),
+    Format(
+        "nvfp4",
+        4,
+        _E2M1,
+        scale_rule="e4m3_fp32",
+        block_size=16,
+        description="NVFP4: E2M1 elements, E4M3 scale per 16, fp32 tensor scale",
+    ),
+):
+    register_format(_fmt)

@@ -11,10 +11,12 @@ one-format experiment gets no block-size table and an experiment without double 
 from harness.report.compare import compare
 from harness.report.export import Report, write_report
 from harness.report.layouts import (
+    LAYOUTS,
     blocksize_table,
     datatypes_table,
     doublequant_table,
     pivot_table,
+    register_layout,
     tasks_table,
 )
 from harness.report.render import to_csv, to_latex, to_markdown
@@ -22,6 +24,7 @@ from harness.report.runs import Runs, select_runs
 from harness.report.table import Column, ReportError, Table
 
 __all__ = [
+    "LAYOUTS",
     "Column",
     "Report",
     "ReportError",
@@ -32,6 +35,7 @@ __all__ = [
     "datatypes_table",
     "doublequant_table",
     "pivot_table",
+    "register_layout",
     "select_runs",
     "tasks_table",
     "to_csv",

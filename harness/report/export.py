@@ -13,13 +13,7 @@ import numpy as np
 import pandas as pd
 
 from harness import plots
-from harness.report.layouts import (
-    blocksize_table,
-    datatypes_table,
-    doublequant_table,
-    pivot_table,
-    tasks_table,
-)
+from harness.report.layouts import LAYOUTS, pivot_table
 from harness.report.render import to_csv, to_latex, to_markdown
 from harness.report.runs import Runs, mixed_provenance, select_runs
 from harness.report.table import Column, ReportError, Table, metric_info
@@ -76,19 +70,12 @@ def write_report(
 
 
 def tables(runs: Runs, rows: str | None, cols: str | None, metric: str | None) -> list[Table]:
-    """The built-in layouts whose axes vary in these runs, then the requested pivot."""
+    """Every registered layout whose axes vary in these runs, then the requested pivot."""
     if metric is not None and f"metrics.{metric}" not in runs.quantized:
         known = sorted(c.removeprefix("metrics.") for c in runs.quantized if c.startswith("metrics."))
         raise ReportError(f"unknown metric {metric!r}; this experiment has: {', '.join(known)}")
     key = metric or ("ppl" if runs.has("ppl") else "nmse")
-    out = [datatypes_table(runs)]
-    task_table = tasks_table(runs)
-    out += [task_table] if task_table is not None else []
-    if len(runs.varying("block_size")) >= 2:
-        out.append(blocksize_table(runs, key))
-    if "off" in runs.varying("double_quant") and len(runs.varying("double_quant")) >= 2:
-        dq = doublequant_table(runs)
-        out += [dq] if dq is not None else []
+    out = [table for layout in LAYOUTS if (table := layout(runs, key)) is not None]
     if rows is not None and cols is not None:
         out.append(pivot_table(runs, rows, cols, key))
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -16,6 +17,18 @@ from harness.metrics import MetricSpec
 from harness.report.runs import Runs, sort_key
 from harness.report.table import DATATYPE_COLUMNS, Column, ReportError, Table, metric_info
 from harness.stats import METHOD, Difference, paired_difference, ppl_difference
+
+# A layout turns one model's runs into a table, or None where those runs do not vary what it shows; ``metric``
+# is the quality metric a table of one metric shows (``harness tables --metric``). ``tables`` writes every
+# registered layout, in the order registered.
+Layout = Callable[[Runs, str], "Table | None"]
+LAYOUTS: list[Layout] = []
+
+
+def register_layout(layout: Layout) -> Layout:
+    LAYOUTS.append(layout)
+    return layout
+
 
 # ---- the built-in layouts -------------------------------------------------------------------------------
 
@@ -43,7 +56,8 @@ def _notes(runs: Runs, columns: list[Column], extra: list[str] | None = None) ->
     return "; ".join(notes) + "."
 
 
-def datatypes_table(runs: Runs) -> Table:
+@register_layout
+def datatypes_table(runs: Runs, metric: str) -> Table:
     """QLoRA Table 2's shape: a row per config, the unquantized baseline on top as a reference."""
     keys = [k for k in (*DATATYPE_COLUMNS, "acc_avg") if runs.has(k)]
     frame = pd.concat([runs.baseline, runs.quantized])
@@ -54,7 +68,8 @@ def datatypes_table(runs: Runs) -> Table:
     return Table("datatypes", caption, ["Config"], labels, columns, reference_rows=len(runs.baseline))
 
 
-def tasks_table(runs: Runs) -> Table | None:
+@register_layout
+def tasks_table(runs: Runs, metric: str) -> Table | None:
     """Zero-shot accuracy: a row per config, a column per task (its primary score) and the suite average.
 
     lm-eval keeps no per-document scores here, so "not resolved from the best" is the unpaired z-test on
@@ -104,11 +119,14 @@ def _within_errors(values: list[float], errors: list[float], better: str | None,
     }
 
 
-def blocksize_table(runs: Runs, key: str) -> Table:
+@register_layout
+def blocksize_table(runs: Runs, key: str) -> Table | None:
     """Data type × block size: the chosen metric with the bits/param it costs beside it.
 
     The axis with more values runs down the page, so that a ten-block sweep and a six-variant grid both fit.
     """
+    if len(runs.varying("block_size")) < 2:
+        return None
     frame = runs.quantized.assign(variant=runs.quantized["params.variant"])
     blocks = sorted(dict.fromkeys(frame["params.block_size"]), key=sort_key)
     variants = list(dict.fromkeys(frame["variant"]))
@@ -167,8 +185,11 @@ def _block_name(block: str) -> str:
     return f"block {block}" if block.isdigit() else f"per {block}"
 
 
-def doublequant_table(runs: Runs) -> Table | None:
+@register_layout
+def doublequant_table(runs: Runs, metric: str) -> Table | None:
     """Each DQ variant against the same format and block without DQ: bits saved, error added."""
+    if "off" not in runs.varying("double_quant") or len(runs.varying("double_quant")) < 2:
+        return None
     frame = runs.quantized
     same = [
         "params.format",

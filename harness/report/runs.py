@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from harness.report.table import BLOCK_ORDER, Column, ReportError, metric_info
-from harness.stats import paired_difference
+from harness.stats import unresolved_from_best
 from harness.tracking import (
     BASELINE_ID_TAG,
     BASELINE_TAG,
@@ -72,7 +72,7 @@ class Runs:
             intervals = list(zip(lows, highs, strict=True)) if _any(lows) else None
         tied = None
         if spec.per_token and spec.better:
-            tied = _unresolved_from_best(values, self.series(frame, spec.per_token), spec.better, skip)
+            tied = unresolved_from_best(values, self.series(frame, spec.per_token), spec.better, skip)
         return Column(spec, values, errors if _any(errors) else None, intervals, group, tied)
 
     def varying(self, param: str) -> list[str]:
@@ -100,20 +100,6 @@ class Runs:
 
 def _any(values: list[float] | None) -> bool:
     return values is not None and any(math.isfinite(v) for v in values)
-
-
-def _unresolved_from_best(
-    values: list[float], series: list[np.ndarray | None], better: str, skip: int
-) -> set[int] | None:
-    """Rows whose paired difference from the best row's per-token series has a 95 % interval holding 0;
-    None when any row lacks its series or the rows do not share their tokens."""
-    rows = [i for i in range(skip, len(values)) if math.isfinite(values[i])]
-    if len(rows) < 2 or any(series[i] is None for i in rows):
-        return None
-    if len({len(series[i]) for i in rows}) != 1:  # type: ignore[arg-type]
-        return None
-    best = (min if better == "lower" else max)(rows, key=lambda i: values[i])
-    return {i for i in rows if i != best and not paired_difference(series[i], series[best]).resolved}
 
 
 def select_runs(frame: pd.DataFrame, experiment: str, store: str = "the store") -> list[Runs]:

@@ -169,9 +169,6 @@ class Tracker:
         self.client.set_tag(run_id, ERROR_TAG, reason)
         self.client.set_terminated(run_id, "FAILED")
 
-    def finished_hashes(self, experiment_id: str) -> set[str]:
-        return set(self.finished_runs(experiment_id))
-
     def finished_runs(
         self, experiment_id: str, kind: str = "config"
     ) -> dict[str, tuple[str, dict[str, float]]]:
