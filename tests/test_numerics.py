@@ -84,7 +84,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "9affd44f0fc0b03165f009144896aa259f666d4a4d3b3a6b791a7357ac2fb95a",
+    "4": "b91c1006969e8705caed24f4746ce428a9e5eb3be14034e4ef9525c22aefd69c",
 }
 
 
