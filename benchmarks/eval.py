@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from harness import assets
-from harness.data import token_splits
+from harness.data import text_counts, token_splits
 from harness.evaluate.divergence import evaluate_against
 from harness.evaluate.reference import BaseReference
-from harness.evaluate.windows import PerplexityProtocol, make_windows, perplexity, text_counts
+from harness.evaluate.windows import PerplexityProtocol, make_windows, perplexity
 from harness.floor import PassCost, floor_seconds, gemm_rates, pass_cost
 from harness.models import LoadedModel, discover_layers, load_model, load_tokenizer, quantized, snapshot
 from harness.quant.quantize import QuantConfig

@@ -21,10 +21,10 @@ from functools import partial
 
 import torch
 
-from harness.data import token_splits
+from harness.data import text_counts, token_splits
 from harness.evaluate.divergence import evaluate_against
 from harness.evaluate.reference import BaseReference, ReferenceStorage
-from harness.evaluate.windows import PerplexityProtocol, text_counts
+from harness.evaluate.windows import PerplexityProtocol
 from harness.models import LoadedModel, discover_layers, load_model, load_tokenizer, quantized, snapshot
 from harness.quant.quantize import QuantConfig
 

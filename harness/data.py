@@ -204,9 +204,20 @@ def token_splits(
     return TokenSplits(calibration, evaluation, corpus, n_docs_cal, n_docs_eval)
 
 
-def config_splits(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TokenSplits:
-    """The calibration and evaluation tokens of ``config``'s corpus under ``tokenizer``."""
-    return token_splits(
+@dataclass(frozen=True)
+class TokenizedCorpus:
+    """All that evaluation needs of a model's tokenizer for one experiment: the splits of its corpus, what the
+    evaluation text counts (for bits per byte and word perplexity) and the BOS id it opens with."""
+
+    splits: TokenSplits
+    text_bytes: int
+    text_words: int
+    bos_token_id: int | None  # None unless eval.bos
+
+
+def tokenize_corpus(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TokenizedCorpus:
+    """``config``'s corpus under ``tokenizer``: its calibration and evaluation tokens, and their text."""
+    splits = token_splits(
         config.data.corpus,
         tokenizer,
         calibration_sequences=config.data.calibration_sequences,
@@ -214,6 +225,26 @@ def config_splits(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Toke
         eval_tokens=config.eval.tokens,
         add_bos=config.eval.bos,
     )
+    text_bytes, text_words = text_counts(tokenizer, splits.evaluation)
+    return TokenizedCorpus(
+        splits, text_bytes, text_words, tokenizer.bos_token_id if config.eval.bos else None
+    )
+
+
+def text_counts(tokenizer: Any, tokens: torch.Tensor) -> tuple[int, int]:
+    """UTF-8 bytes and words of the text a token stream holds, counted per document as lm-eval does
+    (``len(doc.encode())``, ``len(re.split(r"\\s+", doc))``); special tokens (BOS, EOS separators) split
+    documents and are no text."""
+    special = set(tokenizer.all_special_ids)
+    docs: list[list[int]] = [[]]
+    for token in tokens.reshape(-1).tolist():
+        if token in special:
+            docs.append([])
+        else:
+            docs[-1].append(token)
+    texts = [tokenizer.decode(ids).strip() for ids in docs if ids]
+    texts = [text for text in texts if text]
+    return sum(len(t.encode("utf-8")) for t in texts), sum(len(re.split(r"\s+", t)) for t in texts)
 
 
 def _stream(

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from harness import assets, gemm
 from harness.cache import cache_dir
-from harness.data import config_splits
+from harness.data import tokenize_corpus
 from harness.evaluate.divergence import evaluate_against
 from harness.evaluate.reference import BaseReference, ReferenceStorage
 from harness.evaluate.tasks import run_tasks
@@ -33,7 +33,6 @@ from harness.evaluate.windows import (
     PerplexityResult,
     check_finite,
     perplexity,
-    text_counts,
 )
 from harness.experiments import RunConfig
 from harness.memory import release_freed
@@ -67,7 +66,7 @@ class Measurement:
     config: RunConfig
     metrics: dict[str, float]
     layers: pd.DataFrame | None  # None for the baseline: nothing was quantized
-    tokens: dict[str, np.ndarray]  # per scored token, in order: nll, and against the base kld, top1_match...
+    per_token: dict[str, np.ndarray]  # per scored token, in order: nll, and against the base kld, top1...
     figures: dict[str, Figure] = field(default_factory=dict)
     records: dict[str, dict[str, float]] = field(default_factory=dict)  # small JSON artifacts
     warnings: tuple[str, ...] = ()  # about the source precision; the sweep shows each once
@@ -83,7 +82,7 @@ class ModelSession:
     bos_token_id: int | None  # None unless eval.bos; marks a stream opening with BOS; llamacpp re-seeds
     pristine: Pristine
     calibration: dict[str, torch.Tensor]
-    tokens: torch.Tensor  # the evaluation stream (1, N)
+    evaluation: torch.Tensor  # the evaluation token stream (1, N)
     protocol: PerplexityProtocol
     reference: BaseReference | None  # None when the experiment turns KLD off
     params: dict[str, Any]  # facts of the session, logged as params of every run
@@ -95,9 +94,8 @@ class ModelSession:
         torch.manual_seed(config.seed)
         dtype = COMPUTE_DTYPES[config.model_dtype]
         tokenizer = load_tokenizer(config.model, dtype)
-        splits = config_splits(config, tokenizer)
-        text_bytes, text_words = text_counts(tokenizer, splits.evaluation)
-        bos_token_id = tokenizer.bos_token_id if config.eval.bos else None
+        corpus = tokenize_corpus(config, tokenizer)
+        splits, text_bytes, text_words = corpus.splits, corpus.text_bytes, corpus.text_words
         if not config.eval.tasks:  # let go before the weights load, so that the peak holds one, not both
             tokenizer = None
             release_freed()
@@ -124,7 +122,7 @@ class ModelSession:
                     key=f"{loaded.source}|{config.data.corpus}|{reference_dtype}",
                     text_bytes=text_bytes,
                     text_words=text_words,
-                    bos_token_id=bos_token_id,
+                    bos_token_id=corpus.bos_token_id,
                     storage=ReferenceStorage(config.eval.kld_reference, config.eval.kld_topk),  # type: ignore[arg-type]
                     batch_size=config.eval.batch_size,
                     progress=True,
@@ -149,7 +147,7 @@ class ModelSession:
         return cls(
             loaded,
             tokenizer,
-            bos_token_id,
+            corpus.bos_token_id,
             pristine,
             calibration,
             splits.evaluation,
@@ -174,7 +172,7 @@ def measure(session: ModelSession, config: RunConfig) -> Measurement:
         layers = layer_table(result) if result is not None else None
         metrics = _storage_and_error(session, layers)
         eval_start = time.perf_counter()
-        with _located(session.loaded.model, session.tokens, session.protocol):
+        with _located(session.loaded.model, session.evaluation, session.protocol):
             evaluated, per_token = _evaluate(session, config)
             for name in ("nll", "kld"):
                 if name in per_token:
@@ -250,7 +248,7 @@ def _evaluate(session: ModelSession, config: RunConfig) -> tuple[dict[str, float
     if session.reference is None:
         ppl: PerplexityResult = perplexity(
             model,
-            session.tokens,
+            session.evaluation,
             session.protocol,
             text_bytes=int(session.params["text_bytes"]),
             text_words=int(session.params["text_words"]),

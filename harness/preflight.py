@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness import assets
-from harness.data import CORPORA, DataError, config_splits
+from harness.data import CORPORA, DataError, tokenize_corpus
 from harness.evaluate.windows import PerplexityProtocol
 from harness.experiments import Experiment, ExperimentError
 from harness.floor import PassCost, pass_cost
@@ -89,7 +89,7 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
             unchecked.append(settings.data.corpus)  # `show` downloads nothing
             continue
         try:
-            config_splits(settings, outline.tokenizer)
+            tokenize_corpus(settings, outline.tokenizer)
         except DataError as exc:
             problems.append(f"data.corpus: {exc}")
     if problems:

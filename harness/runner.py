@@ -103,7 +103,7 @@ def run_config(
     except Exception as exc:  # recorded as a FAILED run by tracker.run
         detail = f"{type(exc).__name__}: {exc}"
         return Outcome(config.hash, config.label, "failed", detail, base_failed=preparing)
-    kld = measurement.tokens.get("kld")
+    kld = measurement.per_token.get("kld")
     return Outcome(
         config.hash,
         config.label,

@@ -128,7 +128,7 @@ def run_sweep(
         counted: set[str] = set()  # a Ray retry reports again the configs its dead attempt finished
         finished: list[RunConfig] = []
 
-        def report(outcome: Outcome) -> None:
+        def on_outcome(outcome: Outcome) -> None:
             if outcome.status == "prepared":  # a model loaded and its reference built: not a config's time
                 bar.unpause()
                 return
@@ -150,7 +150,7 @@ def run_sweep(
             bar.update()
 
         context = SweepContext(tracker.uri, experiment_id, ledger_id, parent.id, versions, options.force)
-        executor.run(shards, context, report)
+        executor.run(shards, context, on_outcome)
         bar.close()
         summary.wall_s = time.perf_counter() - start
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB

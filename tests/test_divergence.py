@@ -299,8 +299,7 @@ def smollm2() -> tuple[nn.Module, object]:
 
 @pytest.mark.integration
 def test_smollm2_int4_divergence(tmp_path: Path) -> None:
-    from harness.data import token_splits
-    from harness.evaluate.windows import text_counts
+    from harness.data import text_counts, token_splits
     from harness.quant.quantize import QuantConfig, fake_quant
 
     model, tokenizer = smollm2()

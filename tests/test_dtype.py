@@ -13,7 +13,7 @@ import torch
 import transformers
 from conftest import save_with_tokenizer, tiny_llama, word_corpus
 
-from harness.data import config_splits
+from harness.data import text_counts, tokenize_corpus
 from harness.experiments import load_experiment
 from harness.models import declared_dtype, load_model
 from harness.sweep import SweepOptions, run_sweep
@@ -165,7 +165,7 @@ def test_a_session_without_tasks_lets_the_tokenizer_go_before_the_weights_load(
 ) -> None:
     """The tokenizer serves the splits, the text counts and BOS, and then goes: no pass reads it, and Gemma's
     holds about 0.3 GB. (A session with lm-eval tasks keeps it: the smoke sweep's piqa runs through it.)"""
-    from harness.evaluate.windows import text_counts
+
     from harness.measure import ModelSession
     from harness.models import load_tokenizer
 
@@ -174,6 +174,6 @@ def test_a_session_without_tasks_lets_the_tokenizer_go_before_the_weights_load(
     session = ModelSession.prepare(config)
     tokenizer = load_tokenizer(str(checkpoints["bf16"]))
     assert session.tokenizer is None
-    assert torch.equal(session.tokens, config_splits(config, tokenizer).evaluation)
-    counts = text_counts(tokenizer, session.tokens)
+    assert torch.equal(session.evaluation, tokenize_corpus(config, tokenizer).splits.evaluation)
+    counts = text_counts(tokenizer, session.evaluation)
     assert (session.params["text_bytes"], session.params["text_words"]) == counts and counts[0] > 0

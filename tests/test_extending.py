@@ -120,7 +120,8 @@ summary = run_sweep(
     load_experiment({str(tiny_experiment)!r}), SweepOptions(tracking_uri={uri!r}, progress=False),
     module.ProcessExecutor(),
 )
-assert not summary.failed and sorted(summary.finished) == ["baseline-fp32", "int4-b64-fp32", "nf4-b64-fp32"], summary
+finished = ["baseline-fp32", "int4-b64-fp32", "nf4-b64-fp32"]
+assert not summary.failed and sorted(summary.finished) == finished, summary
 """
     run_with("harness/executors.py", sweep, tmp_path)
     tables = f"""

@@ -84,7 +84,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "b91c1006969e8705caed24f4746ce428a9e5eb3be14034e4ef9525c22aefd69c",
+    "4": "a136e3c6cc21c19fff7a82d88683c3e986c4f44a8fb0a773d12e8b70447ee148",
 }
 
 

@@ -14,15 +14,11 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from transformers import LlamaForCausalLM
 
 import harness.evaluate.logits as perplexity_module
+from harness.data import text_counts
 from harness.evaluate.divergence import evaluate_against
 from harness.evaluate.logits import reduce_logits
 from harness.evaluate.reference import BaseReference, ReferenceStorage
-from harness.evaluate.windows import (
-    PerplexityProtocol,
-    make_windows,
-    perplexity,
-    text_counts,
-)
+from harness.evaluate.windows import PerplexityProtocol, make_windows, perplexity
 
 BOS = 1
 

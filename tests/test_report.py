@@ -350,7 +350,7 @@ def test_blocksize_table_marks_an_unresolved_step(store: str) -> None:
         offset = same.get(labels[run_id])
         return None if offset is None else {"nll": shared + offset + 0.05 * rng.standard_normal(TOKENS)}
 
-    runs.tokens = tokens
+    runs.per_token = tokens
     runs.quantized = runs.quantized[runs.quantized["params.label"].isin(list(same))]
     table = blocksize_table(runs, "ppl")
     marks = {(column.group, row[0]): mark for column in table.columns if column.marks

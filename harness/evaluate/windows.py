@@ -23,7 +23,8 @@ exp(nll_sum / n_bytes), word_perplexity = exp(nll_sum / n_words), with n_bytes a
 under the scored tokens. Convention for partial scoring: n_bytes and n_words are the stream text's counts
 times ``text_fraction`` = scored tokens / (N - 1) predictable tokens, i.e. scored tokens are taken to carry
 the stream's mean bytes and words per token. The fraction is exactly 1 for disjoint and sliding (stride < L),
-about 1/2 for llamacpp. ``text_counts`` gives the stream text's counts the way lm-eval counts a document.
+about 1/2 for llamacpp. ``harness.data.text_counts`` gives the stream text's counts the way lm-eval counts a
+document.
 
 The model's logits at the scored positions, and the reductions each position's numbers come from, are
 ``harness.evaluate.logits``'s: its docstring says in which dtype they are computed and how memory stays
@@ -33,10 +34,9 @@ bounded.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -156,22 +156,6 @@ def starts_with_bos(tokens: torch.Tensor, bos_token_id: int | None) -> bool:
     return bos_token_id is not None and int(tokens.reshape(-1)[0]) == bos_token_id
 
 
-def text_counts(tokenizer: Any, tokens: torch.Tensor) -> tuple[int, int]:
-    """UTF-8 bytes and words of the text a token stream holds, counted per document as lm-eval does
-    (``len(doc.encode())``, ``len(re.split(r"\\s+", doc))``); special tokens (BOS, EOS separators) split
-    documents and are no text."""
-    special = set(tokenizer.all_special_ids)
-    docs: list[list[int]] = [[]]
-    for token in tokens.reshape(-1).tolist():
-        if token in special:
-            docs.append([])
-        else:
-            docs[-1].append(token)
-    texts = [tokenizer.decode(ids).strip() for ids in docs if ids]
-    texts = [text for text in texts if text]
-    return sum(len(t.encode("utf-8")) for t in texts), sum(len(re.split(r"\s+", t)) for t in texts)
-
-
 def summarize(
     protocol: PerplexityProtocol,
     nll: np.ndarray,
@@ -223,8 +207,9 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` on the stream ``tokens`` (1, N) under ``protocol``.
 
-    ``text_bytes``/``text_words`` are the stream text's counts (``text_counts``); ``bos_token_id`` tells
-    whether the stream starts with BOS (recorded, and used by llamacpp to re-seed every chunk).
+    ``text_bytes``/``text_words`` are the stream text's counts (``harness.data.text_counts``);
+    ``bos_token_id`` tells whether the stream starts with BOS (recorded, and used by llamacpp to re-seed every
+    chunk).
     """
     tokens = check_tokens(tokens)
     head, passes = scored_rows(

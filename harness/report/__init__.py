@@ -20,15 +20,15 @@ from harness.report.layouts import (
     tasks_table,
 )
 from harness.report.render import to_csv, to_latex, to_markdown
-from harness.report.runs import Runs, select_runs
+from harness.report.runs import ModelRuns, select_runs
 from harness.report.table import Column, ReportError, Table
 
 __all__ = [
     "LAYOUTS",
     "Column",
+    "ModelRuns",
     "Report",
     "ReportError",
-    "Runs",
     "Table",
     "blocksize_table",
     "compare",

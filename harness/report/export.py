@@ -15,7 +15,7 @@ import pandas as pd
 from harness import plots
 from harness.report.layouts import LAYOUTS, pivot_table
 from harness.report.render import to_csv, to_latex, to_markdown
-from harness.report.runs import Runs, mixed_provenance, select_runs
+from harness.report.runs import ModelRuns, mixed_provenance, select_runs
 from harness.report.table import Column, ReportError, Table, metric_info
 from harness.tracking import (
     LAYERS_ARTIFACT,
@@ -57,7 +57,7 @@ def write_report(
     paths: list[Path] = []
     tokens = cache(partial(run_tokens, tracker))
     for runs in selected:
-        runs.tokens = tokens
+        runs.per_token = tokens
         suffix = "" if len(selected) == 1 else f"-{_slug(runs.model)}"
         for table in tables(runs, rows, cols, metric):
             paths += write_table(
@@ -69,7 +69,7 @@ def write_report(
     return Report(paths, [mixed] if mixed else [])
 
 
-def tables(runs: Runs, rows: str | None, cols: str | None, metric: str | None) -> list[Table]:
+def tables(runs: ModelRuns, rows: str | None, cols: str | None, metric: str | None) -> list[Table]:
     """Every registered layout whose axes vary in these runs, then the requested pivot."""
     if metric is not None and f"metrics.{metric}" not in runs.quantized:
         known = sorted(c.removeprefix("metrics.") for c in runs.quantized if c.startswith("metrics."))
@@ -89,7 +89,7 @@ def write_table(table: Table, stem: Path, label: str) -> list[Path]:
 
 
 def write_plots(
-    runs: Runs, out: Path, suffix: str, layers: Callable[[str], pd.DataFrame | None]
+    runs: ModelRuns, out: Path, suffix: str, layers: Callable[[str], pd.DataFrame | None]
 ) -> list[Path]:
     """Quality and nMSE against bits/param, and the per-layer heatmap at one block size (64 if run)."""
     if not runs.has("bits_per_param"):

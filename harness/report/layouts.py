@@ -14,14 +14,14 @@ import pandas as pd
 
 from harness.evaluate.tasks import PRIMARY
 from harness.metrics import MetricSpec
-from harness.report.runs import Runs, sort_key
+from harness.report.runs import ModelRuns, sort_key
 from harness.report.table import DATATYPE_COLUMNS, Column, ReportError, Table, metric_info
 from harness.stats import METHOD, Difference, paired_difference, ppl_difference
 
 # A layout turns one model's runs into a table, or None where those runs do not vary what it shows; ``metric``
 # is the quality metric a table of one metric shows (``harness tables --metric``). ``tables`` writes every
 # registered layout, in the order registered.
-Layout = Callable[[Runs, str], "Table | None"]
+Layout = Callable[[ModelRuns, str], "Table | None"]
 LAYOUTS: list[Layout] = []
 
 
@@ -33,7 +33,7 @@ def register_layout(layout: Layout) -> Layout:
 # ---- the built-in layouts -------------------------------------------------------------------------------
 
 
-def _notes(runs: Runs, columns: list[Column], extra: list[str] | None = None) -> str:
+def _notes(runs: ModelRuns, columns: list[Column], extra: list[str] | None = None) -> str:
     """The caption's key: direction, what bold means, how each uncertainty was computed, the token count."""
     notes = ["↓/↑: lower/higher is better", *(extra or [])]
     tested = list(dict.fromkeys(c.metric.label for c in columns if c.tied is not None))
@@ -57,7 +57,7 @@ def _notes(runs: Runs, columns: list[Column], extra: list[str] | None = None) ->
 
 
 @register_layout
-def datatypes_table(runs: Runs, metric: str) -> Table:
+def datatypes_table(runs: ModelRuns, metric: str) -> Table:
     """QLoRA Table 2's shape: a row per config, the unquantized baseline on top as a reference."""
     keys = [k for k in (*DATATYPE_COLUMNS, "acc_avg") if runs.has(k)]
     frame = pd.concat([runs.baseline, runs.quantized])
@@ -69,7 +69,7 @@ def datatypes_table(runs: Runs, metric: str) -> Table:
 
 
 @register_layout
-def tasks_table(runs: Runs, metric: str) -> Table | None:
+def tasks_table(runs: ModelRuns, metric: str) -> Table | None:
     """Zero-shot accuracy: a row per config, a column per task (its primary score) and the suite average.
 
     lm-eval keeps no per-document scores here, so "not resolved from the best" is the unpaired z-test on
@@ -120,7 +120,7 @@ def _within_errors(values: list[float], errors: list[float], better: str | None,
 
 
 @register_layout
-def blocksize_table(runs: Runs, key: str) -> Table | None:
+def blocksize_table(runs: ModelRuns, key: str) -> Table | None:
     """Data type × block size: the chosen metric with the bits/param it costs beside it.
 
     The axis with more values runs down the page, so that a ten-block sweep and a six-variant grid both fit.
@@ -157,7 +157,9 @@ def blocksize_table(runs: Runs, key: str) -> Table | None:
     return Table(f"blocksize-{key}", caption, ["Block" if blocks_down else "Data type"], rows, columns)
 
 
-def _unresolved_steps(runs: Runs, frame: pd.DataFrame, key: str, blocks: list[str]) -> set[tuple[str, str]]:
+def _unresolved_steps(
+    runs: ModelRuns, frame: pd.DataFrame, key: str, blocks: list[str]
+) -> set[tuple[str, str]]:
     """(block, variant) cells whose per-token series a paired test cannot tell from the same variant's at
     the next smaller block size."""
     name = metric_info(key).per_token
@@ -186,7 +188,7 @@ def _block_name(block: str) -> str:
 
 
 @register_layout
-def doublequant_table(runs: Runs, metric: str) -> Table | None:
+def doublequant_table(runs: ModelRuns, metric: str) -> Table | None:
     """Each DQ variant against the same format and block without DQ: bits saved, error added."""
     if "off" not in runs.varying("double_quant") or len(runs.varying("double_quant")) < 2:
         return None
@@ -244,7 +246,7 @@ def doublequant_table(runs: Runs, metric: str) -> Table | None:
     return Table("doublequant", caption, ["Config"], rows, columns)
 
 
-def _paired(runs: Runs, key: str, a: pd.DataFrame, b: pd.DataFrame) -> list[Difference | None]:
+def _paired(runs: ModelRuns, key: str, a: pd.DataFrame, b: pd.DataFrame) -> list[Difference | None]:
     """Row by row, the paired difference of ``key`` between the runs of ``a`` and of ``b`` on the same
     tokens (ppl as exp of the mean NLL), or None without per-token results."""
     name = metric_info(key).per_token
@@ -259,7 +261,7 @@ def _paired(runs: Runs, key: str, a: pd.DataFrame, b: pd.DataFrame) -> list[Diff
     return out
 
 
-def pivot_table(runs: Runs, rows: str, cols: str, key: str) -> Table:
+def pivot_table(runs: ModelRuns, rows: str, cols: str, key: str) -> Table:
     """Any params (comma-separated) down and across; each cell must be exactly one config."""
     frame = runs.quantized
     row_fields, col_fields = _fields(frame, rows), _fields(frame, cols)

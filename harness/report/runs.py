@@ -27,14 +27,14 @@ from harness.tracking import (
 
 
 @dataclass
-class Runs:
+class ModelRuns:
     """One model's slice of an experiment: its quantized configs in a stable order and its baseline."""
 
     experiment: str
     model: str
     quantized: pd.DataFrame
     baseline: pd.DataFrame  # zero or one row
-    tokens: Callable[[str], dict[str, np.ndarray] | None] = lambda run_id: None  # a run's per-token results
+    per_token: Callable[[str], dict[str, np.ndarray] | None] = lambda run_id: None  # a run's, by run id
 
     def metric(self, key: str, frame: pd.DataFrame | None = None, scale: float | None = None) -> list[float]:
         """A metric's values in display units (``scale`` defaults to the metric's own); NaN where missing."""
@@ -49,13 +49,13 @@ class Runs:
         return any(math.isfinite(v) for v in self.metric(key))
 
     def has_tokens(self) -> bool:
-        return any(self.tokens(str(run_id)) is not None for run_id in self.quantized["run_id"])
+        return any(self.per_token(str(run_id)) is not None for run_id in self.quantized["run_id"])
 
     def series(self, frame: pd.DataFrame, name: str) -> list[np.ndarray | None]:
         """Each row's per-token ``name`` (nll, kld, top1_match), None where the run kept none."""
         out = []
         for run_id in frame["run_id"]:
-            found = self.tokens(str(run_id)) if isinstance(run_id, str) else None
+            found = self.per_token(str(run_id)) if isinstance(run_id, str) else None
             out.append(found.get(name) if found else None)
         return out
 
@@ -102,7 +102,7 @@ def _any(values: list[float] | None) -> bool:
     return values is not None and any(math.isfinite(v) for v in values)
 
 
-def select_runs(frame: pd.DataFrame, experiment: str, store: str = "the store") -> list[Runs]:
+def select_runs(frame: pd.DataFrame, experiment: str, store: str = "the store") -> list[ModelRuns]:
     """The latest FINISHED run per config, per model, from ``Tracker.runs``; ReportError if none.
 
     A config is its config id, so a rerun under a newer numerics version supersedes the older run. A run's
@@ -141,11 +141,11 @@ def select_runs(frame: pd.DataFrame, experiment: str, store: str = "the store") 
         named = set(_column(group, run_column(BASELINE_ID_TAG)))
         baseline = baselines[baselines.index.isin(named)].tail(1).reset_index()
         name = f"{model} in {model_dtype}" if several[model] else str(model)  # a slice per model dtype
-        out.append(Runs(experiment, name, group.loc[rows], baseline))
+        out.append(ModelRuns(experiment, name, group.loc[rows], baseline))
     return out
 
 
-def mixed_provenance(selected: list[Runs]) -> str | None:
+def mixed_provenance(selected: list[ModelRuns]) -> str | None:
     """One line naming the numerics versions and git commits when the selected runs span more than one."""
     frame = pd.concat([pd.concat([r.baseline, r.quantized]) for r in selected])
     spans = []

@@ -88,7 +88,7 @@ class Run:
             self.client.log_text(self.id, measurement.layers.to_csv(index=False), LAYERS_ARTIFACT)
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / TOKENS_ARTIFACT
-            np.savez_compressed(path, **{k: _compact(v) for k, v in measurement.tokens.items()})
+            np.savez_compressed(path, **{k: _compact(v) for k, v in measurement.per_token.items()})
             self.log_artifact(path)
         for name, record in measurement.records.items():
             self.client.log_dict(self.id, record, name)
