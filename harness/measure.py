@@ -36,20 +36,26 @@ from harness.evaluate.windows import (
 )
 from harness.experiments import RunConfig
 from harness.memory import release_freed
+from harness.methods import awq, hqq
+from harness.methods.sequential import SequentialGptq
 from harness.metrics import aggregate
 from harness.models import (
+    CAPTURE_ROWS,
     ApplyResult,
+    LayerQuantizer,
     LoadedModel,
     Pristine,
     capture_inputs,
     declared_dtype,
     discover_layers,
     first_nonfinite_module,
+    held_out,
     layer_plan,
     layer_table,
     load_model,
     load_tokenizer,
     quantized,
+    rtn,
     snapshot,
 )
 from harness.plots import layer_error_plot
@@ -81,11 +87,13 @@ class ModelSession:
     tokenizer: Any | None  # kept only for the lm-eval tasks
     bos_token_id: int | None  # None unless eval.bos; marks a stream opening with BOS; llamacpp re-seeds
     pristine: Pristine
-    calibration: dict[str, torch.Tensor]
+    calibration: dict[str, torch.Tensor]  # each layer's inputs at the held-out calibration positions
+    calibration_ids: torch.Tensor  # the calibration sequences (n_seq, seq_len)
     evaluation: torch.Tensor  # the evaluation token stream (1, N)
     protocol: PerplexityProtocol
     reference: BaseReference | None  # None when the experiment turns KLD off
     params: dict[str, Any]  # facts of the session, logged as params of every run
+    fitted: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)  # fit_inputs
 
     @classmethod
     def prepare(cls, config: RunConfig) -> ModelSession:
@@ -150,11 +158,25 @@ class ModelSession:
             corpus.bos_token_id,
             pristine,
             calibration,
+            splits.calibration,
             splits.evaluation,
             protocol,
             reference,
             params,
         )
+
+    def fit_inputs(self, rows: int, seed: int) -> dict[str, torch.Tensor]:
+        """Each layer's inputs on the unquantized model at ``rows`` calibration positions apart from the
+        held-out ones: what a method fits on (AWQ), captured once per row count and seed."""
+        if (rows, seed) not in self.fitted:
+            self.fitted[rows, seed] = capture_inputs(
+                self.loaded.model,
+                self.pristine.layers,
+                self.calibration_ids,
+                positions=slice(CAPTURE_ROWS, CAPTURE_ROWS + rows),
+                seed=seed,
+            )
+        return self.fitted[rows, seed]
 
     @property
     def bits_per_param(self) -> float:
@@ -181,6 +203,7 @@ def measure(session: ModelSession, config: RunConfig) -> Measurement:
         eval_s = time.perf_counter() - eval_start
     metrics |= {
         "time_quantize_s": quantize_s,
+        "fit_tokens": _fit_tokens(session, config),
         "time_eval_s": eval_s,
         "time_total_s": time.perf_counter() - start,
     }
@@ -201,9 +224,39 @@ def _applied(session: ModelSession, config: RunConfig) -> Iterator[ApplyResult |
         names = [info.name for info in session.pristine.layers]
         plan = layer_plan(names, quant, config.layer_rules())
     dtype = COMPUTE_DTYPES[str(config.compute_dtype)]
+    quantizer = _quantizer(session, config)
     # quiet: the warnings go into the Measurement, so that a sweep says each once
-    with quantized(session.pristine, quant, dtype, session.calibration, plan, quiet=True) as result:
+    with quantized(
+        session.pristine, quant, dtype, session.calibration, plan, quiet=True, quantizer=quantizer
+    ) as result:
         yield result
+
+
+def _fit_tokens(session: ModelSession, config: RunConfig) -> int:
+    positions = session.calibration_ids.numel()
+    if config.method == "gptq":
+        return positions - int(held_out(session.calibration_ids, config.seed).sum())
+    if config.method == "awq":
+        return min(config.method_settings.awq.rows, max(positions - CAPTURE_ROWS, 0))
+    return 0
+
+
+def _quantizer(session: ModelSession, config: RunConfig) -> LayerQuantizer:
+    """``config.method``'s choice of each layer's codes and constants."""
+    settings = config.method_settings
+    if config.method == "gptq":
+        ids, names = session.calibration_ids, [info.name for info in session.pristine.layers]
+        return SequentialGptq(
+            session.loaded.model, names, ids, ~held_out(ids, config.seed), settings.gptq.model_dump()
+        )
+    if config.method == "awq":
+        inputs = session.fit_inputs(settings.awq.rows, config.seed)
+        return lambda name, weight, quant: awq.quantize_layer(
+            weight, inputs[name], quant, grid=settings.awq.grid, name=name
+        )
+    if config.method == "hqq":
+        return lambda name, weight, quant: hqq.quantize_layer(weight, quant)
+    return rtn
 
 
 @contextmanager

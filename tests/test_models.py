@@ -309,7 +309,7 @@ def test_failed_apply_restores(tiny: LoadedModel) -> None:
 
 def test_result_table_and_aggregate(tiny: LoadedModel) -> None:
     layers = discover_layers(tiny)
-    inputs = capture_inputs(tiny.model, layers, _ids(3, 16), max_rows=40)
+    inputs = capture_inputs(tiny.model, layers, _ids(3, 16), positions=slice(0, 40))
     pristine = snapshot(tiny.model, layers)
     with quantized(pristine, NF4, inputs=inputs) as result:
         table = layer_table(result)
@@ -367,13 +367,13 @@ def test_tie_fraction_per_layer_and_its_warning(tiny: LoadedModel) -> None:
 def test_capture_inputs_is_deterministic_and_bounded(tiny: LoadedModel) -> None:
     layers = discover_layers(tiny)
     ids = _ids(3, 16)
-    first = capture_inputs(tiny.model, layers, ids, max_rows=20)
-    second = capture_inputs(tiny.model, layers, ids, max_rows=20)
+    first = capture_inputs(tiny.model, layers, ids, positions=slice(0, 20))
+    second = capture_inputs(tiny.model, layers, ids, positions=slice(0, 20))
     for info in layers:
         assert first[info.name].shape == (20, info.shape[1])
         assert torch.equal(first[info.name], second[info.name])
         assert first[info.name].is_inference()  # no autograd graph kept alive by the captured rows
-    everything = capture_inputs(tiny.model, layers[:1], ids, max_rows=1000)[layers[0].name]
+    everything = capture_inputs(tiny.model, layers[:1], ids, positions=slice(0, 1000))[layers[0].name]
     assert everything.shape[0] == 48  # never more rows than tokens
 
 
@@ -381,11 +381,11 @@ def test_captured_inputs_keep_the_model_dtype_and_one_copy_per_shared_input(tiny
     model = copy.deepcopy(tiny.model).to(torch.bfloat16)
     layers = discover_layers(tiny)
     ids = _ids(3, 16)
-    inputs = capture_inputs(model, layers, ids, max_rows=20)
+    inputs = capture_inputs(model, layers, ids, positions=slice(0, 20))
     copies = {x.untyped_storage().data_ptr() for x in inputs.values()}
     assert len(copies) < len(layers)  # q/k/v (and gate/up) read one tensor
     for info in layers:
-        alone = capture_inputs(model, [info], ids, max_rows=20)[info.name]
+        alone = capture_inputs(model, [info], ids, positions=slice(0, 20))[info.name]
         assert inputs[info.name].dtype == torch.bfloat16
         assert torch.equal(inputs[info.name], alone)
 

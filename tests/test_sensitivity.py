@@ -133,8 +133,9 @@ def _tiny_session() -> ModelSession:
     calibration = {
         i.name: torch.randn(32, i.shape[1], generator=torch.Generator().manual_seed(1)) for i in layers
     }
+    ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(2))
     return ModelSession(
-        loaded, None, TINY_BOS, snapshot(model, layers), calibration, tokens, protocol, reference, {}
+        loaded, None, TINY_BOS, snapshot(model, layers), calibration, ids, tokens, protocol, reference, {}
     )
 
 

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from harness import NUMERICS_VERSION
-from harness.experiments.schema import Choice, DataSettings, EvalSettings, LayerRule
+from harness import NUMERICS_VERSION, methods
+from harness.experiments.schema import Choice, DataSettings, EvalSettings, LayerRule, MethodSettings
 from harness.quant.double_quant import DoubleQuantConfig
 from harness.quant.formats import get_format
 from harness.quant.quantize import BlockSize, QuantConfig
@@ -39,6 +39,8 @@ class RunConfig:
     model_dtype: str = "auto"  # the dtype the model is loaded and run in; ``resolved`` turns auto into one
     compute_dtype: str | None = None  # of the dequantized matmuls; None: the model dtype
     rounding: str = "ties_down"  # the tie rule between two levels; bitsandbytes' by default
+    method: str = "rtn"  # which codes and constants the layers take (harness.methods)
+    method_settings: MethodSettings = field(default_factory=MethodSettings)
     seed: int = 0
     overrides: tuple[LayerOverride, ...] = ()  # per-layer rules, in order: the last match wins
     mix_name: str | None = None  # the short name of a mixed config (else mixed-<hash6>)
@@ -67,42 +69,53 @@ class RunConfig:
         )
 
     def quant_config(self) -> QuantConfig | None:
+        """The quantization of every layer no override names; ValueError where the method cannot choose it."""
         if self.format is None:
             return None
-        return QuantConfig(
+        quant = QuantConfig(
             self.format, self.block_size, self.double_quant, self.constant_dtype, self.rounding
         )  # type: ignore[arg-type]
+        methods.check(self.method, quant)
+        return quant
 
     def layer_rules(self) -> list[tuple[str, QuantConfig]]:
         """The overrides as (glob, quantization), with this config's constant dtype and tie rule."""
-        return [
-            (
-                o.layers,
-                QuantConfig(o.format, o.block_size, o.double_quant, self.constant_dtype, self.rounding),
-            )  # type: ignore[arg-type]
-            for o in self.overrides
-        ]
+        rules = []
+        for o in self.overrides:
+            quant = QuantConfig(o.format, o.block_size, o.double_quant, self.constant_dtype, self.rounding)  # type: ignore[arg-type]
+            methods.check(self.method, quant)
+            rules.append((o.layers, quant))
+        return rules
 
     def content(self) -> dict[str, Any]:
         """Everything that determines the result, in canonical form (the experiment's name left out; the
         overrides only when there are some, so a uniform config keeps its hash)."""
         dq = self.double_quant
         mixed = {"overrides": [o.content() for o in self.overrides]} if self.overrides else {}
-        return mixed | {
-            "model": self.model,
-            "include": list(self.include),
-            "exclude": list(self.exclude),
-            "data": self.data.model_dump(),
-            "eval": self.eval.model_dump(mode="json"),
-            "format": self.format,
-            "block_size": self.block_size,
-            "double_quant": None if dq is None else dq.spec(),
-            "constant_dtype": self.constant_dtype,
-            "model_dtype": self.model_dtype,
-            "compute_dtype": self.compute_dtype,
-            "rounding": self.rounding,
-            "seed": self.seed,
-        }
+        method = {} if self.method == "rtn" else {"method": self.method, **self._method_settings()}
+        return (
+            mixed
+            | method
+            | {
+                "model": self.model,
+                "include": list(self.include),
+                "exclude": list(self.exclude),
+                "data": self.data.model_dump(),
+                "eval": self.eval.model_dump(mode="json"),
+                "format": self.format,
+                "block_size": self.block_size,
+                "double_quant": None if dq is None else dq.spec(),
+                "constant_dtype": self.constant_dtype,
+                "model_dtype": self.model_dtype,
+                "compute_dtype": self.compute_dtype,
+                "rounding": self.rounding,
+                "seed": self.seed,
+            }
+        )
+
+    def _method_settings(self) -> dict[str, Any]:
+        settings = self.method_settings.of(self.method)
+        return {"method_settings": settings} if settings else {}
 
     @property
     def config_id(self) -> str:
@@ -129,6 +142,8 @@ class RunConfig:
             parts.append(("double_quant", dq.label))
         if self.constant_dtype != "float32":
             parts.append(("constant_dtype", f"c{self.constant_dtype}"))
+        if self.method != "rtn":
+            parts.append(("method", self.method))
         parts += dtypes
         if self.rounding != "ties_down":
             parts.append(("rounding", self.rounding))
@@ -154,6 +169,7 @@ class RunConfig:
             constant_dtype="float32",
             compute_dtype=None if self.model_dtype == "auto" else self.model_dtype,
             rounding="ties_down",
+            method="rtn",
             overrides=(),
             mix_name=None,
         )
@@ -192,6 +208,8 @@ def _digest(content: dict[str, Any]) -> str:
 def axis_value(axis: str, value: Any) -> Any:
     if value is None and axis == "rounding":
         return "ties_down"
+    if value is None and axis == "method":
+        return "rtn"
     if value is None and axis == "model_dtype":
         return "auto"
     if axis == "double_quant" and value is not None:

@@ -18,6 +18,7 @@ from harness.experiments.schema import (
     ExperimentFile,
     SensitivitySettings,
 )
+from harness.methods import METHODS
 from harness.quant.double_quant import DoubleQuantConfig
 
 COUNTED = 200_000  # grid points counted one by one (about 0.2 s); a bigger grid reports its product
@@ -141,6 +142,7 @@ def expand(spec: ExperimentFile, path: Path) -> Experiment:
         eval=evaluation,
         model_dtype=spec.model_dtype,
         seed=spec.seed,
+        method_settings=spec.methods,
         overrides=overrides,
         mix_name=mix_name,
     )
@@ -154,6 +156,13 @@ def expand(spec: ExperimentFile, path: Path) -> Experiment:
         exclusions,
         spec.sensitivity,
     )
+    calibrated = [m for m in axes.get("method", []) if METHODS[m].calibrated]
+    if calibrated and spec.data.calibration_sequences == 0:
+        raise fail(
+            "data.calibration_sequences",
+            f"0, but {' and '.join(calibrated)} {'fits' if len(calibrated) == 1 else 'fit'} on calibration "
+            "tokens; set it to 1 or more",
+        )
     count, _ = experiment.size
     if count == 0:
         raise fail("exclude", "excludes every combination of the grid")

@@ -22,6 +22,7 @@ from pydantic import (
 from harness.data import CORPORA, CORPUS_PREFIXES
 from harness.errors import HarnessError
 from harness.evaluate.windows import PROTOCOLS
+from harness.methods import METHODS
 from harness.quant.codebook import ROUNDING_RULES
 from harness.quant.double_quant import DOUBLE_QUANT_CODES
 from harness.quant.formats import get_format
@@ -110,6 +111,7 @@ ConstantDtype = Annotated[StrictStr, _one_of(CONSTANT_DTYPES)]
 ComputeDtype = Annotated[StrictStr, _one_of(COMPUTE_DTYPES)]
 ModelDtype = Annotated[StrictStr, _one_of(MODEL_DTYPES)]
 RoundingRule = Annotated[StrictStr, _one_of(ROUNDING_RULES)]
+MethodName = Annotated[StrictStr, _one_of(METHODS)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
 
@@ -149,6 +151,28 @@ class EvalSettings(_Strict):
     batch_size: PositiveInt = 4
 
 
+class GptqSettings(_Strict):
+    damp: Annotated[float, Field(gt=0, lt=1, description="a number in (0, 1)")] = 0.01  # × mean(diag H)
+    act_order: StrictBool = False  # columns by decreasing diag H; block constants then fixed up front
+    lazy_block: PositiveInt = 128  # columns whose error updates are batched
+
+
+class AwqSettings(_Strict):
+    grid: PositiveInt = 20  # α = k / grid for k = 0 … grid − 1
+    rows: PositiveInt = 512  # calibration positions per layer the search fits on
+
+
+class MethodSettings(_Strict):
+    """Each method's settings (``hqq`` takes HQQ's own); a config's hash holds those of its method only."""
+
+    gptq: GptqSettings = GptqSettings()
+    awq: AwqSettings = AwqSettings()
+
+    def of(self, method: str) -> dict[str, Any]:
+        settings = getattr(self, method, None)
+        return settings.model_dump() if settings is not None else {}
+
+
 class LayerSelection(_Strict):
     include: list[StrictStr] = Field(default_factory=list, description="a list of glob strings")
     exclude: list[StrictStr] = Field(default_factory=list, description="a list of glob strings")
@@ -165,6 +189,7 @@ class GridAxes(_Strict):
     model_dtype: list[ModelDtype] | None = Field(None, **_NON_EMPTY)
     compute_dtype: list[ComputeDtype] | None = Field(None, **_NON_EMPTY)
     rounding: list[RoundingRule] | None = Field(None, **_NON_EMPTY)
+    method: list[MethodName] | None = Field(None, **_NON_EMPTY)
 
 
 class FixedAxes(_Strict):
@@ -175,6 +200,7 @@ class FixedAxes(_Strict):
     model_dtype: ModelDtype | None = None
     compute_dtype: ComputeDtype | None = None
     rounding: RoundingRule | None = None
+    method: MethodName | None = None
 
 
 AXES = tuple(GridAxes.model_fields)
@@ -244,4 +270,5 @@ class ExperimentFile(_Strict):
     )
     mixed: MixedSettings | None = None
     sensitivity: SensitivitySettings = SensitivitySettings()
+    methods: MethodSettings = MethodSettings()
     seed: StrictInt = 0

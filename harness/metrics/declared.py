@@ -230,8 +230,14 @@ register_metric(
 )  # fmt: skip
 # Cost
 register_metric(
-    "time_quantize_s", "Quantize time", "s", "lower", "model", "quantizing every chosen layer", decimals=1
-)
+    "time_quantize_s", "Quantize time", "s", "lower", "model",
+    "quantizing every chosen layer, the method's fitting included", decimals=1,
+)  # fmt: skip
+register_metric(
+    "fit_tokens", "Fit tokens", "", None, "model",
+    "calibration positions the method fit on (GPTQ's Hessians, AWQ's search), none of the held-out ones "
+    "the output error is measured on; 0 for round to nearest and HQQ", decimals=0,
+)  # fmt: skip
 register_metric(
     "time_eval_s",
     "Eval time",

@@ -6,8 +6,10 @@ receives what it needs from here (``sources`` loads, ``layers`` quantizes and re
 
 from harness.models.anatomy import Blocks, LogitSplit, blocks, logit_split
 from harness.models.layers import (
+    CAPTURE_ROWS,
     ApplyResult,
     LayerInfo,
+    LayerQuantizer,
     LayerResult,
     Pristine,
     apply,
@@ -15,10 +17,12 @@ from harness.models.layers import (
     discover_layers,
     first_nonfinite_module,
     format_layers,
+    held_out,
     layer_plan,
     layer_table,
     quantized,
     restore,
+    rtn,
     snapshot,
 )
 from harness.models.sources import (
@@ -32,10 +36,12 @@ from harness.models.sources import (
 )
 
 __all__ = [
+    "CAPTURE_ROWS",
     "ApplyResult",
     "Blocks",
     "DeclaredDtype",
     "LayerInfo",
+    "LayerQuantizer",
     "LayerResult",
     "LoadedModel",
     "LogitSplit",
@@ -48,6 +54,7 @@ __all__ = [
     "discover_layers",
     "first_nonfinite_module",
     "format_layers",
+    "held_out",
     "layer_plan",
     "layer_table",
     "load_model",
@@ -55,6 +62,7 @@ __all__ = [
     "logit_split",
     "quantized",
     "restore",
+    "rtn",
     "snapshot",
     "source_bits",
 ]

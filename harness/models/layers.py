@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import partial
@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from harness import gemm, memory
+from harness.methods import LayerQuantized
+from harness.methods import rtn as _rtn
 from harness.metrics import (
     activation_weighted_error,
     error_metrics,
@@ -27,9 +29,17 @@ from harness.metrics import (
 )
 from harness.models.anatomy import body
 from harness.models.sources import LoadedModel, ModelError, source_bits
-from harness.quant.quantize import QuantConfig, dequantize, quantize, tie_fraction
+from harness.quant.quantize import QuantConfig, tie_fraction
 
-CAPTURE_ROWS = 256
+CAPTURE_ROWS = 256  # held-out calibration positions each layer's output error is measured on
+# A method's choice for one layer: (layer name, pristine weight, its quantization) → what it stores.
+LayerQuantizer = Callable[[str, torch.Tensor, QuantConfig], LayerQuantized]
+
+
+def rtn(name: str, weight: torch.Tensor, config: QuantConfig) -> LayerQuantized:
+    return _rtn.quantize_layer(weight, config, name=name)
+
+
 TIE_WARNING_FRACTION = 1e-3  # above this share of exact ties in a layer, the tie rule visibly moves results
 
 
@@ -177,9 +187,12 @@ def apply(
     compute_dtype: torch.dtype = torch.float32,
     inputs: Mapping[str, torch.Tensor] | None = None,
     plan: Mapping[str, QuantConfig] | None = None,
+    quantizer: LayerQuantizer = rtn,
 ) -> ApplyResult:
     """Replace each layer's weight by its fake-quantized pristine weight and make the layer compute in
-    ``compute_dtype`` (QLoRA casts the dequantized weight to bf16/fp16 before the matmul).
+    ``compute_dtype`` (QLoRA casts the dequantized weight to bf16/fp16 before the matmul). ``quantizer``
+    chooses each layer's codes and constants (``harness.methods``), layers in module order: a sequential
+    method sees the layers before as already quantized.
 
     ``plan`` (``layer_plan``) gives each layer its own quantization; then only the layers it names are
     quantized (a sensitivity probe quantizes one). Always quantizes the pristine weights: a quantization
@@ -198,9 +211,9 @@ def apply(
             layer_config = chosen[info.name]
             module = pristine.modules[info.name]
             weight, bias = pristine.weights[info.name], pristine.biases[info.name]
-            qt = quantize(weight.detach(), layer_config, name=info.name)
+            layer = quantizer(info.name, weight.detach(), layer_config)
             reference = weight.detach().float()
-            approx = dequantize(qt, torch.float32)
+            approx = layer.weight()
             x = inputs.get(info.name) if inputs else None
             results.append(
                 LayerResult(
@@ -209,7 +222,7 @@ def apply(
                     numel=info.numel,
                     source_precision=info.source_precision,
                     config=layer_config,
-                    stored_bytes=stored_bytes(qt),
+                    stored_bytes=stored_bytes(layer.qt) + layer.extra_bytes,
                     metrics=error_metrics(reference, approx) | pristine.weight_statistics(info.name),
                     output_rel_err=output_error(reference, approx, x) if x is not None else math.nan,
                     act_weighted_err=(
@@ -227,7 +240,7 @@ def apply(
                     module.register_forward_pre_hook(partial(_cast_inputs, dtype=compute_dtype)),
                     module.register_forward_hook(partial(_cast_output, dtype=weight.dtype)),
                 ]
-            del qt, approx
+            del layer, approx
             memory.release_freed()
             memory.page_out(weight)
     except BaseException:
@@ -257,6 +270,7 @@ def quantized(
     inputs: Mapping[str, torch.Tensor] | None = None,
     plan: Mapping[str, QuantConfig] | None = None,
     quiet: bool = False,
+    quantizer: LayerQuantizer = rtn,
 ) -> Iterator[ApplyResult]:
     """The one way to quantize for a while: ``apply`` for the duration of a block, and ``restore`` even when
     the block raises. ``quiet`` keeps the source-precision warnings in ``ApplyResult.warnings`` only, for a
@@ -264,7 +278,7 @@ def quantized(
     with warnings.catch_warnings():
         if quiet:
             warnings.simplefilter("ignore", UserWarning)
-        result = apply(pristine, config, compute_dtype, inputs, plan)
+        result = apply(pristine, config, compute_dtype, inputs, plan, quantizer)
     try:
         yield result
     finally:
@@ -338,16 +352,16 @@ def capture_inputs(
     model: nn.Module,
     layers: list[LayerInfo],
     input_ids: torch.Tensor,
-    max_rows: int = CAPTURE_ROWS,
+    positions: slice = slice(0, CAPTURE_ROWS),
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Inputs of each chosen Linear on the unquantized model: the same ``max_rows`` token positions, sampled
-    deterministically from ``input_ids`` (n_seq, seq_len), for every layer, in the model's dtype (the error
+    """Inputs of each chosen Linear on the unquantized model at the same token positions for every layer:
+    ``positions`` of a seeded permutation of ``input_ids``' (n_seq, seq_len); the first ``CAPTURE_ROWS`` are
+    the held-out rows (``held_out``) each layer's output error is measured on. In the model's dtype (the error
     metrics widen them exactly). Layers fed the same tensor (q/k/v, gate/up) share one copy. Sequences run one
     at a time so that memory stays at one sequence's activations plus the kept rows."""
     n_seq, seq_len = input_ids.shape
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(n_seq * seq_len, generator=generator)[:max_rows].sort().values
+    rows = _permutation(n_seq * seq_len, seed)[positions].sort().values
     kept: dict[str, list[torch.Tensor]] = {info.name: [] for info in layers}
     current = rows[:0]
     last: list[torch.Tensor] = []  # the latest input and its kept rows: siblings are called one after another
@@ -376,6 +390,18 @@ def capture_inputs(
         key = tuple(id(x) for x in xs)
         joined.setdefault(key, torch.cat(xs))
     return {name: joined[tuple(id(x) for x in xs)] for name, xs in kept.items()}
+
+
+def held_out(input_ids: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A (n_seq, seq_len) mask of the positions ``capture_inputs`` takes by default: those a method that fits
+    on calibration tokens leaves out, so that the output error is measured on positions it never saw."""
+    mask = torch.zeros(input_ids.numel(), dtype=torch.bool)
+    mask[_permutation(input_ids.numel(), seed)[:CAPTURE_ROWS]] = True
+    return mask.view(input_ids.shape)
+
+
+def _permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------------------------ tables

@@ -188,6 +188,83 @@ def quantize(weight: torch.Tensor, config: QuantConfig | str, *, name: str = "te
     )
 
 
+@dataclass(frozen=True)
+class BlockGrid:
+    """The values one block of each row of a weight may take under that block's constants as stored:
+    ``level × scale`` (absmax) or ``level × range + minimum`` (affine). A method that chooses codes itself
+    (GPTQ) rounds columns onto it, and ``assemble`` stores what it chose."""
+
+    book: Codebook
+    scale: torch.Tensor  # (rows,) fp32: each row's stored absmax or range, widened
+    minimum: torch.Tensor | None  # (rows,) fp32: each row's stored affine minimum, widened
+
+    def round(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes (int64) and grid values (fp32) of ``values`` (rows,) or (rows, k): the nearest level
+        after the block's scaling, in ``quantize``'s arithmetic (× the reciprocal, clamped), ties by the
+        format's rule."""
+        scale = self.scale if values.dim() == 1 else self.scale[:, None]
+        source = values.float()
+        if self.minimum is not None:
+            source = source - (self.minimum if values.dim() == 1 else self.minimum[:, None])
+        scaled = (source * (1.0 / scale.clamp(min=1e-38))).clamp_(self.book.low, self.book.high)
+        codes = self.book.nearest(scaled)
+        grid = self.book.levels[codes] * scale
+        if self.minimum is not None:
+            grid += self.minimum if values.dim() == 1 else self.minimum[:, None]
+        return codes, grid
+
+
+def block_grid(block: torch.Tensor, config: QuantConfig, constants: torch.Tensor | None = None) -> BlockGrid:
+    """The grid of each row of ``block`` (rows × one block's columns) under the format's own constants of its
+    values, stored in ``config.constant_dtype``, as ``quantize`` stores them; ``constants`` (rows,) gives a
+    method's own absmax instead. Formats with absmax or affine constants."""
+    fmt = config.fmt
+    if fmt.scale_rule not in ("absmax", "affine"):
+        raise QuantizationError(
+            f"{fmt.name} keeps '{fmt.scale_rule}' constants; a grid needs absmax or affine"
+        )
+    stored = CONSTANT_DTYPES[config.constant_dtype]
+    flat, width = block.detach().reshape(-1).float(), block.shape[1]
+    book = codebook(fmt.levels, flat.device, config.rounding)
+    if fmt.scale_rule == "absmax":
+        amax = block_reduce(flat, width, "absmax") if constants is None else constants.float()
+        return BlockGrid(book, amax.to(stored).float(), None)
+    low, high = block_reduce(flat, width, "min"), block_reduce(flat, width, "max")
+    minimum = low.to(stored).float()
+    return BlockGrid(book, (high - minimum).to(stored).float(), minimum)
+
+
+def assemble(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    minimums: torch.Tensor | None,
+    dtype: torch.dtype,
+    config: QuantConfig,
+    block_size: int,
+) -> QuantizedTensor:
+    """A ``QuantizedTensor`` of chosen ``codes`` (the weight's shape) and per-block constants (block order,
+    fp32 values of ``config.constant_dtype``): packed as ``quantize`` packs, the constants double-quantized
+    when ``config`` says so. How a method's choice is stored: the format is never the method's."""
+    if config.fmt.scale_rule not in ("absmax", "affine"):
+        raise QuantizationError(f"{config.fmt.name}: only absmax or affine constants are assembled")
+    stored = CONSTANT_DTYPES[config.constant_dtype]
+    book = codebook(config.fmt.levels, codes.device, config.rounding)
+    packed = pack(codes.reshape(-1), config.fmt.bits, pad_code=int(book.nearest(codes.new_zeros(1).float())))
+    constants: torch.Tensor | DoubleQuantized = scales.reshape(-1).to(stored)
+    if config.double_quant is not None:
+        constants = double_quantize(constants.float(), config.double_quant)
+    return QuantizedTensor(
+        codes=packed,
+        scales=constants,
+        minimums=None if minimums is None else minimums.reshape(-1).to(stored),
+        tensor_scale=None,
+        shape=tuple(codes.shape),
+        dtype=dtype,
+        block_size=block_size,
+        config=config,
+    )
+
+
 def tie_mask(weight: torch.Tensor, config: QuantConfig | str, *, name: str = "tensor") -> torch.Tensor:
     """Per element of the flattened ``weight``, whether its scaled value is exactly the midpoint of two
     distinct levels: a tie, which ``rounding`` alone decides. Weights already on a grid (GGUF) can have many.

@@ -246,6 +246,62 @@ def doublequant_table(runs: ModelRuns, metric: str) -> Table | None:
     return Table("doublequant", caption, ["Config"], rows, columns)
 
 
+_SAME_STORAGE = (
+    "params.format",
+    "params.block_size",
+    "params.double_quant",
+    "params.constant_dtype",
+    "params.compute_dtype",
+    "params.rounding",
+)
+
+
+@register_layout
+def methods_table(runs: ModelRuns, metric: str) -> Table | None:
+    """Each method under round to nearest (RTN) of the same data type and block: PPL, KLD and top-1 with
+    their differences from RTN, paired on the same tokens, the output error on held-out calibration positions
+    and what the method cost."""
+    frame = runs.quantized
+    if "params.method" not in frame or "rtn" not in runs.varying("method") or len(runs.varying("method")) < 2:
+        return None
+    same = [c for c in _SAME_STORAGE if c in frame]
+    rtn = frame[frame["params.method"] == "rtn"]
+    order: list[int] = []
+    against: list[int] = []
+    for i in rtn.index:
+        twins = frame[(frame[same] == rtn.loc[i, same]).all(axis=1)].index
+        order += [i, *(j for j in twins if j != i)]
+        against += [i] * len(twins)
+    rows, base = frame.loc[order], frame.loc[against]
+    columns = [runs.column(key, rows) for key in ("bits_per_param", "ppl") if runs.has(key)]
+    shown = [("ppl", "ΔPPL", ""), ("kld_mean", "ΔKLD", "nats"), ("top1_agreement", "ΔTop-1", "%")]
+    for key, label, unit in shown:
+        if not runs.has(key):
+            continue
+        if key != "ppl":
+            columns.append(runs.column(key, rows))
+        spec = metric_info(key)
+        paired = [
+            None if i == j else d
+            for i, j, d in zip(order, against, _paired(runs, key, rows, base), strict=True)
+        ]
+        scale = spec.scale
+        delta = _shown(label, unit, spec.better or "lower", sig=2, signed=True)
+        values = [d.mean * scale if d else math.nan for d in paired]
+        intervals = [(d.ci_low * scale, d.ci_high * scale) if d else (math.nan, math.nan) for d in paired]
+        columns.append(Column(delta, values, intervals=intervals if any(paired) else None))
+    columns += [
+        runs.column(key, rows) for key in ("output_rel_err", "time_quantize_s", "fit_tokens") if runs.has(key)
+    ]
+    labels = [[str(label)] for label in rows["params.label"]]
+    extra = [
+        "Δ: against round to nearest (rtn) of the same data type and block size, on the same tokens",
+        "output error on held-out calibration positions, which no method fit on",
+    ]
+    caption = f"Quantization methods on {runs.setting()}. " + _notes(runs, columns, extra)
+    return Table("methods", caption, ["Config"], labels, columns)
+
+
 def _paired(runs: ModelRuns, key: str, a: pd.DataFrame, b: pd.DataFrame) -> list[Difference | None]:
     """Row by row, the paired difference of ``key`` between the runs of ``a`` and of ``b`` on the same
     tokens (ppl as exp of the mean NLL), or None without per-token results."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from importlib import metadata
@@ -90,6 +91,8 @@ def config_params(config: RunConfig) -> dict[str, Any]:
         "model_dtype": config.model_dtype,
         "compute_dtype": config.compute_dtype,
         "rounding": config.rounding,
+        "method": config.method,
+        "method_settings": json.dumps(config.method_settings.of(config.method), sort_keys=True),
         "overrides": "; ".join(_rule_text(o) for o in config.overrides) or "(none)",
         "layers_include": ",".join(config.include) or "(all Linear in blocks)",
         "layers_exclude": ",".join(config.exclude) or "(none)",
@@ -143,6 +146,7 @@ def _config_tags(config: RunConfig) -> dict[str, str]:
         "format": config.format or "none",
         "block_size": str(config.block_size if config.block_size is not None else "none"),
         "double_quant": dq,
+        "method": config.method,
     }
 
 
@@ -155,7 +159,7 @@ def config_note(config: RunConfig) -> str:
         quant = (
             f"{config.format} block {config.block_size}, double quant "
             f"{dq.text if dq else 'off'}, constants {config.constant_dtype}, "
-            f"compute {config.compute_dtype}, rounding {config.rounding}"
+            f"compute {config.compute_dtype}, rounding {config.rounding}, method {config.method}"
         )
     kld = (
         f", KLD vs {config.eval.reference_dtype} base ({config.eval.kld_reference})"
