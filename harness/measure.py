@@ -224,7 +224,7 @@ def _applied(session: ModelSession, config: RunConfig) -> Iterator[ApplyResult |
         names = [info.name for info in session.pristine.layers]
         plan = layer_plan(names, quant, config.layer_rules())
     dtype = COMPUTE_DTYPES[str(config.compute_dtype)]
-    quantizer = _quantizer(session, config)
+    quantizer = layer_quantizer(session, config)
     # quiet: the warnings go into the Measurement, so that a sweep says each once
     with quantized(
         session.pristine, quant, dtype, session.calibration, plan, quiet=True, quantizer=quantizer
@@ -241,7 +241,7 @@ def _fit_tokens(session: ModelSession, config: RunConfig) -> int:
     return 0
 
 
-def _quantizer(session: ModelSession, config: RunConfig) -> LayerQuantizer:
+def layer_quantizer(session: ModelSession, config: RunConfig) -> LayerQuantizer:
     """``config.method``'s choice of each layer's codes and constants."""
     settings = config.method_settings
     if config.method == "gptq":

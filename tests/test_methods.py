@@ -57,7 +57,7 @@ def test_grids_and_assemble_reproduce_round_to_nearest(fmt: str, constant_dtype:
 def reference_gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float) -> torch.Tensor:
     """Algorithm 1 of Frantar et al., one column at a time (no lazy batches), written from the paper for
     symmetric int4 (levels k/7) with one absmax per group of ``group`` columns, fixed from the weights as they
-    stand when the group's first column is reached."""
+    stand when the group's first column is reached; an exact tie goes to the lower level (bitsandbytes')."""
     w = weight.double().clone()
     h = hessian.double().clone()
     h += damp * h.diagonal().mean() * torch.eye(len(h), dtype=torch.float64)
@@ -67,13 +67,13 @@ def reference_gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp
     for j in range(w.shape[1]):
         if j % group == 0:
             scale = w[:, j : j + group].abs().amax(dim=1)
-        q[:, j] = torch.round(w[:, j] / scale * 7).clamp(-7, 7) / 7 * scale
+        q[:, j] = torch.ceil(w[:, j] / scale * 7 - 0.5).clamp(-7, 7) / 7 * scale
         error = (w[:, j] - q[:, j]) / u[j, j]
         w[:, j:] -= error[:, None] * u[j, j:][None, :]
     return q.float()
 
 
-@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("group", [64, 128, 256])  # 256: a block wider than the lazy batch of 128
 def test_gptq_equals_algorithm_1_written_from_the_paper(group: int) -> None:
     weight, x = _layer()
     hessian = 2 * x.T @ x / len(x)
@@ -225,3 +225,45 @@ def test_methods_refuse_what_they_cannot_do_in_one_line(tiny: Path) -> None:
         ExperimentError, match="hqq cannot choose mxfp4's e8m0 constants; add it to `exclude`"
     ):
         load_experiment(str(tiny), ["grid.format=[mxfp4]", "grid.method=[hqq]"])
+
+
+@pytest.mark.integration
+def test_on_a_real_model_gptq_lowers_nearly_every_layers_output_error_and_equals_algorithm_1() -> None:
+    """smollm2-135m (a re-quantized GGUF) in bf16, int4 block 64, 8 × 128 calibration tokens: on the
+    held-out positions GPTQ's output error is below RTN's on at least 95 % of the 210 layers, and on a
+    first-block layer, whose inputs no quantized block precedes, it equals Algorithm 1 from the paper."""
+    from dataclasses import replace
+
+    from harness.measure import ModelSession, layer_quantizer
+    from harness.models import layer_table, quantized
+
+    overrides = ["eval.kld=false", "eval.tasks=[]", "data.calibration_sequences=8"]
+    base = load_experiment("smoke", overrides).configs[0].resolved("bfloat16")
+    config = replace(base, format="int4", block_size=64, double_quant=None)  # 576 and 1536 wide
+    session = ModelSession.prepare(config)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        chosen = replace(config, method=method)
+        quant = chosen.quant_config()
+        assert quant is not None
+        with quantized(
+            session.pristine,
+            quant,
+            torch.bfloat16,
+            session.calibration,
+            quiet=True,
+            quantizer=layer_quantizer(session, chosen),
+        ) as result:
+            errors[method] = layer_table(result).set_index("layer")["output_rel_err"]
+    assert len(errors["gptq"]) == 210
+    assert (errors["gptq"] < errors["rtn"]).mean() >= 0.95
+    name = "model.layers.0.mlp.down_proj"
+    weight = session.pristine.weights[name].detach()
+    x = session.fit_inputs(1024, config.seed)[name].float()
+    hessian = 2 * x.T @ x / len(x)
+    ours = gptq.quantize_layer(weight, hessian, QuantConfig("int4", 64), damp=0.01).weight()
+    theirs = reference_gptq(weight.float(), hessian, 64, damp=0.01)
+    held = session.calibration[name].float()
+    assert _output_error(weight.float(), ours, held) == pytest.approx(
+        _output_error(weight.float(), theirs, held), rel=1e-5
+    )

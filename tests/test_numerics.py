@@ -90,7 +90,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "ee3ecc77dd746c4db5b73834447a4eefeb5003b152b062d39396bb2757ca1371",
+    "4": "21654212ebfb57213df14cbaa49cc4a98c7815a0b2ea6c32cdf3be7099195f9c",
 }
 
 

@@ -205,3 +205,24 @@ def test_smollm2_q4_1_weights_have_int4_ties() -> None:
     mask = tie_mask(w, config)
     differ = codes(w, config) != codes(w, QuantConfig("int4", 64, rounding="ties_even"))
     assert differ.any() and not (differ & ~mask).any()
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int4", "int4_asym", "af4", "nf3", "int8", "mxfp4"])
+@pytest.mark.parametrize("rounding", ROUNDING_RULES)
+def test_the_lookup_table_and_bucketize_find_the_same_levels(fmt: str, rounding: str) -> None:
+    """Long inputs take the lookup table, short ones (a method's column) bucketize: the same level for every
+    value, midpoints and their float32 neighbours included."""
+    book = codebook(get_format(fmt).levels, "cpu", rounding)  # type: ignore[arg-type]
+    midpoints = book.midpoints
+    values = torch.cat(
+        [
+            torch.empty(20_000).uniform_(book.low, book.high, generator=torch.Generator().manual_seed(0)),
+            midpoints,
+            torch.nextafter(midpoints, torch.tensor(torch.inf)),
+            torch.nextafter(midpoints, torch.tensor(-torch.inf)),
+            book.sorted_levels,
+        ]
+    ).clamp(book.low, book.high)
+    whole = book.nearest(values)
+    in_columns = torch.cat([book.nearest(part) for part in values.split(1024)])
+    assert torch.equal(whole, in_columns)

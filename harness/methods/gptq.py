@@ -56,23 +56,27 @@ def quantize_layer(
             part = original if per_tensor else original[:, g * block : (g + 1) * block]
             grids[g] = _tensor_grid(part, config) if per_tensor else block_grid(part, config)
     codes = torch.zeros(rows, width, dtype=torch.int64)
+    columns = order.tolist()
     for start in range(0, width, lazy_block):
         end = min(start + lazy_block, width)
-        chunk, errors = w[:, start:end].clone(), torch.zeros(rows, end - start)
+        # the batch transposed: a column, and the columns it updates, are contiguous rows
+        chunk, errors = w[:, start:end].T.contiguous(), torch.zeros(end - start, rows)
+        chunk_codes = torch.empty(end - start, rows, dtype=torch.int64)
         u_chunk = u[start:end, start:end]
         for i in range(end - start):
-            column = int(order[start + i])
+            column = columns[start + i]
             group = 0 if per_tensor else column // block
             if grids[group] is None:  # the block's first column, in natural order
                 grids[group] = block_grid(_current(w, chunk, errors, u, start, i, block), config)
             grid = grids[group]
             assert grid is not None
-            code, value = grid.round(chunk[:, i])
-            codes[:, column] = code
-            error = (chunk[:, i] - value) / u_chunk[i, i]
-            chunk[:, i:] -= error[:, None] * u_chunk[i, i:][None, :]
-            errors[:, i] = error
-        w[:, end:] -= errors @ u[start:end, end:]
+            code, value = grid.round(chunk[i])
+            chunk_codes[i] = code
+            error = (chunk[i] - value) / u_chunk[i, i]
+            chunk[i:].addr_(u_chunk[i, i:], error, alpha=-1.0)
+            errors[i] = error
+        codes[:, order[start:end]] = chunk_codes.T
+        w[:, end:] -= errors.T @ u[start:end, end:]
     filled = [grid for grid in grids if grid is not None]
     scales = torch.stack([grid.scale for grid in filled], dim=1)
     minimums = None if filled[0].minimum is None else torch.stack([grid.minimum for grid in filled], dim=1)
@@ -90,16 +94,16 @@ def _current(
     i: int,
     block: int,
 ) -> torch.Tensor:
-    """The block's columns (from lazy position ``start + i`` on) as the earlier columns' errors leave them:
-    those inside the lazy batch are already updated in ``chunk``, those past it still owe the batch's
-    errors so far."""
-    first = start + i
-    inside = chunk[:, i : min(i + block, chunk.shape[1])]
-    past = first + block - (start + chunk.shape[1])
+    """The block's columns (from lazy position ``start + i`` on) as the earlier columns' errors leave them,
+    rows × columns: those inside the lazy batch (``chunk``, transposed) are already updated, those past it
+    still owe the batch's errors so far (``errors``, transposed)."""
+    batch = chunk.shape[0]
+    inside = chunk[i : min(i + block, batch)].T
+    past = i + block - batch
     if past <= 0:
         return inside
-    later = slice(start + chunk.shape[1], start + chunk.shape[1] + past)
-    owed = w[:, later] - errors[:, :i] @ u[start : start + i, later]
+    later = slice(start + batch, start + batch + past)
+    owed = w[:, later] - errors[:i].T @ u[start : start + i, later]
     return torch.cat([inside, owed], dim=1)
 
 

@@ -197,20 +197,25 @@ class BlockGrid:
     book: Codebook
     scale: torch.Tensor  # (rows,) fp32: each row's stored absmax or range, widened
     minimum: torch.Tensor | None  # (rows,) fp32: each row's stored affine minimum, widened
+    inverse: torch.Tensor = field(init=False, repr=False)  # 1 / scale, as quantize multiplies by it
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inverse", 1.0 / self.scale.clamp(min=1e-38))
 
     def round(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The codes (int64) and grid values (fp32) of ``values`` (rows,) or (rows, k): the nearest level
         after the block's scaling, in ``quantize``'s arithmetic (× the reciprocal, clamped), ties by the
         format's rule."""
-        scale = self.scale if values.dim() == 1 else self.scale[:, None]
-        source = values.float()
-        if self.minimum is not None:
-            source = source - (self.minimum if values.dim() == 1 else self.minimum[:, None])
-        scaled = (source * (1.0 / scale.clamp(min=1e-38))).clamp_(self.book.low, self.book.high)
+        column = values.dim() == 1
+        scale = self.scale if column else self.scale[:, None]
+        inverse = self.inverse if column else self.inverse[:, None]
+        minimum = None if self.minimum is None else self.minimum if column else self.minimum[:, None]
+        source = values if minimum is None else values - minimum
+        scaled = (source * inverse).clamp_(self.book.low, self.book.high)
         codes = self.book.nearest(scaled)
         grid = self.book.levels[codes] * scale
-        if self.minimum is not None:
-            grid += self.minimum if values.dim() == 1 else self.minimum[:, None]
+        if minimum is not None:
+            grid += minimum
         return codes, grid
 
 
