@@ -229,15 +229,18 @@ def test_methods_refuse_what_they_cannot_do_in_one_line(tiny: Path) -> None:
 
 @pytest.mark.integration
 def test_on_a_real_model_gptq_lowers_nearly_every_layers_output_error_and_equals_algorithm_1() -> None:
-    """smollm2-135m (a re-quantized GGUF) in bf16, int4 block 64, 8 × 128 calibration tokens: on the
-    held-out positions GPTQ's output error is below RTN's on at least 95 % of the 210 layers, and on a
-    first-block layer, whose inputs no quantized block precedes, it equals Algorithm 1 from the paper."""
+    """smollm2-135m (a re-quantized GGUF) in bf16, int4 block 64, 16 × 128 calibration tokens: on the
+    held-out positions GPTQ's output error is below RTN's on at least 95 % of the 210 layers (with 8 × 128
+    tokens, fewer fit positions than the 1,536-wide down_proj inputs, on 87 %), and on a first-block layer,
+    whose inputs no quantized block precedes, it is Algorithm 1 from the paper: the reference runs in
+    float64 and ours in float32, so near-ties of the error feedback may round apart (39 of 331,776 entries
+    here), and the output errors agree to 1e-4 (9.7e-6 measured); on the tiny layer above, to 1e-5."""
     from dataclasses import replace
 
     from harness.measure import ModelSession, layer_quantizer
     from harness.models import layer_table, quantized
 
-    overrides = ["eval.kld=false", "eval.tasks=[]", "data.calibration_sequences=8"]
+    overrides = ["eval.kld=false", "eval.tasks=[]", "data.calibration_sequences=16"]
     base = load_experiment("smoke", overrides).configs[0].resolved("bfloat16")
     config = replace(base, format="int4", block_size=64, double_quant=None)  # 576 and 1536 wide
     session = ModelSession.prepare(config)
@@ -256,14 +259,16 @@ def test_on_a_real_model_gptq_lowers_nearly_every_layers_output_error_and_equals
         ) as result:
             errors[method] = layer_table(result).set_index("layer")["output_rel_err"]
     assert len(errors["gptq"]) == 210
-    assert (errors["gptq"] < errors["rtn"]).mean() >= 0.95
-    name = "model.layers.0.mlp.down_proj"
+    worse = errors["gptq"][errors["gptq"] >= errors["rtn"]]
+    assert len(worse) <= 0.05 * len(errors["gptq"]), worse
+    name = "model.layers.0.self_attn.q_proj"  # 576 inputs: 1,024 rows give a well-conditioned H
     weight = session.pristine.weights[name].detach()
     x = session.fit_inputs(1024, config.seed)[name].float()
     hessian = 2 * x.T @ x / len(x)
     ours = gptq.quantize_layer(weight, hessian, QuantConfig("int4", 64), damp=0.01).weight()
     theirs = reference_gptq(weight.float(), hessian, 64, damp=0.01)
     held = session.calibration[name].float()
+    assert float(((ours - theirs).abs() > 1e-3).float().mean()) < 1e-3
     assert _output_error(weight.float(), ours, held) == pytest.approx(
-        _output_error(weight.float(), theirs, held), rel=1e-5
+        _output_error(weight.float(), theirs, held), rel=1e-4
     )
