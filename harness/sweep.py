@@ -28,6 +28,7 @@ from harness.executors import Executor, LocalExecutor, Shard, SweepContext
 from harness.experiments import DTYPE_LABELS, Experiment, RunConfig
 from harness.floor import PassCost, gemm_rates
 from harness.liveness import sigterm_as_interrupt
+from harness.methods import METHODS
 from harness.models.sources import DeclaredDtype, declared_dtype
 from harness.quant.quantize import COMPUTE_DTYPES
 from harness.runner import Outcome
@@ -215,6 +216,9 @@ def estimate(groups: Sequence[Shard], history: pd.DataFrame, costs: Mapping[str,
             )
             if group.configs[0].eval.tasks:
                 sources.add("zero-shot tasks not included")
+            fitted = sorted({c.method for c in group.configs if METHODS[c.method].calibrated})
+            if fitted:
+                sources.add(f"{' and '.join(fitted)}'s fitting to calibration tokens not included")
     if not sources:
         return "no estimate of its duration"
     shown = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

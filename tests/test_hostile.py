@@ -4,6 +4,7 @@ nothing reaches the store; a model whose outputs are not finite gives a FAILED r
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -275,6 +276,9 @@ def test_the_estimate_says_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) 
     assert text.startswith(f"estimated {expected:.0f} s (") and "bfloat16 (1000 GFLOP/s)" in text
     assert calls == [torch.bfloat16]
     assert estimate(shards, pd.DataFrame(), {}) == "no estimate of its duration"
+    fitted = [Shard("smollm2-135m", (replace(configs[0], method="gptq"),))]
+    text = estimate(fitted, pd.DataFrame(), {"smollm2-135m": cost})
+    assert "gptq's fitting to calibration tokens not included" in text
 
 
 def test_every_error_of_input_or_circumstance_is_a_harness_error() -> None:
