@@ -87,3 +87,20 @@ def word_corpus(path: Path, documents: int = 64, words: int = 120, seed: int = 0
     ]
     path.write_text("\n\n".join(paragraphs) + "\n")
     return path
+
+
+def tiny_experiment(root: Path, name: str, grid: str, calibration: tuple[int, int] = (2, 64)) -> Path:
+    """``root/NAME.yaml``: ``grid`` on a saved tiny Llama, with a word corpus and ``calibration`` sequences ×
+    tokens, evaluated on 512 tokens in windows of 128."""
+    model = save_with_tokenizer(tiny_llama(), root / "tiny")
+    corpus = word_corpus(root / "words.txt")
+    sequences, length = calibration
+    path = root / f"{name}.yaml"
+    path.write_text(
+        f"model: {model}\n"
+        f"data: {{corpus: 'file:{corpus}', calibration_sequences: {sequences}, "
+        f"calibration_length: {length}}}\n"
+        "eval: {protocol: disjoint, context_length: 128, tokens: 512}\n"
+        f"grid: {grid}\n"
+    )
+    return path

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_with_tokenizer, tiny_llama, word_corpus
+from conftest import tiny_experiment
 
 README = Path(__file__).parents[1] / "README.md"
 pytestmark = pytest.mark.integration  # each example runs in a process of its own
@@ -95,21 +95,11 @@ assert scores["mmlu_stem"]["n"] > 10 and 0 <= scores["mmlu_stem"]["acc"] <= 1, s
 
 
 @pytest.fixture(scope="module")
-def tiny_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("extending")
-    model = save_with_tokenizer(tiny_llama(), root / "tiny")
-    corpus = word_corpus(root / "words.txt")
-    path = root / "tiny-extending.yaml"
-    path.write_text(
-        f"model: {model}\n"
-        f"data: {{corpus: 'file:{corpus}', calibration_sequences: 2, calibration_length: 64}}\n"
-        "eval: {protocol: disjoint, context_length: 128, tokens: 512}\n"
-        "grid: {format: [nf4, int4]}\n"
-    )
-    return path
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_experiment(tmp_path_factory.mktemp("extending"), "tiny-extending", "{format: [nf4, int4]}")
 
 
-def test_an_executor_runs_a_sweep_and_a_layout_is_written(tiny_experiment: Path, tmp_path: Path) -> None:
+def test_an_executor_runs_a_sweep_and_a_layout_is_written(experiment: Path, tmp_path: Path) -> None:
     """The process executor sweeps the tiny model (each shard in a child process), and the memory layout is
     then one more table of ``harness tables``."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -117,7 +107,7 @@ def test_an_executor_runs_a_sweep_and_a_layout_is_written(tiny_experiment: Path,
 from harness.experiments import load_experiment
 from harness.sweep import SweepOptions, run_sweep
 summary = run_sweep(
-    load_experiment({str(tiny_experiment)!r}), SweepOptions(tracking_uri={uri!r}, progress=False),
+    load_experiment({str(experiment)!r}), SweepOptions(tracking_uri={uri!r}, progress=False),
     module.ProcessExecutor(),
 )
 finished = ["baseline-fp32", "int4-b64-fp32", "nf4-b64-fp32"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_with_tokenizer, tiny_llama, word_corpus
+from conftest import tiny_experiment, tiny_llama
 
 from harness.experiments import ExperimentError, load_experiment
 from harness.methods import LayerQuantized, awq, gptq, hqq
@@ -177,17 +177,8 @@ def test_sequential_hessians_are_those_of_a_plain_forward_on_the_unquantized_mod
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("methods")
-    model = save_with_tokenizer(tiny_llama(), root / "tiny")
-    corpus = word_corpus(root / "words.txt")
-    path = root / "methods.yaml"
-    path.write_text(
-        f"model: {model}\n"
-        f"data: {{corpus: 'file:{corpus}', calibration_sequences: 4, calibration_length: 128}}\n"
-        "eval: {protocol: disjoint, context_length: 128, tokens: 512}\n"
-        "grid: {format: [int4], method: [rtn, gptq, hqq, awq]}\n"
-    )
-    return path
+    grid = "{format: [int4], method: [rtn, gptq, hqq, awq]}"
+    return tiny_experiment(tmp_path_factory.mktemp("methods"), "methods", grid, calibration=(4, 128))
 
 
 def test_every_method_runs_in_a_sweep_and_gptq_lowers_the_output_error(tiny: Path, tmp_path: Path) -> None:
