@@ -36,7 +36,7 @@ from harness.evaluate.windows import (
 )
 from harness.experiments import RunConfig
 from harness.memory import release_freed
-from harness.methods import awq, hqq
+from harness.methods import METHODS, awq
 from harness.methods.sequential import SequentialGptq
 from harness.metrics import aggregate
 from harness.models import (
@@ -55,7 +55,6 @@ from harness.models import (
     load_model,
     load_tokenizer,
     quantized,
-    rtn,
     snapshot,
 )
 from harness.plots import layer_error_plot
@@ -254,9 +253,9 @@ def layer_quantizer(session: ModelSession, config: RunConfig) -> LayerQuantizer:
         return lambda name, weight, quant: awq.quantize_layer(
             weight, inputs[name], quant, grid=settings.awq.grid, name=name
         )
-    if config.method == "hqq":
-        return lambda name, weight, quant: hqq.quantize_layer(weight, quant)
-    return rtn
+    layer = METHODS[config.method].layer
+    assert layer is not None, f"{config.method} fits on calibration data and has no quantizer here"
+    return lambda name, weight, quant: layer(weight, quant, name=name)
 
 
 @contextmanager

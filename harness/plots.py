@@ -123,6 +123,37 @@ def quality_vs_bits(points: pd.DataFrame, ylabel: str, title: str, baseline: flo
     return fig
 
 
+def method_differences(points: pd.DataFrame, ylabel: str, title: str) -> Figure:
+    """A bar per method for each data type and block, its difference from round to nearest of the same
+    storage with a 95 % interval; the zero line is round to nearest itself.
+
+    ``points`` has columns group (e.g. ``nf4 b64``), method, value, low, high.
+    """
+    groups = list(dict.fromkeys(points["group"]))
+    methods = list(dict.fromkeys(points["method"]))
+    styles = format_styles(methods)
+    width = 0.8 / max(len(methods), 1)
+    with style():
+        fig = Figure(figsize=(max(6.0, 1.1 * len(groups) + 2.5), 3.8), layout="constrained")
+        ax = fig.add_subplot()
+        for k, method in enumerate(methods):
+            rows = points[points["method"] == method].set_index("group").reindex(groups)
+            x = np.arange(len(groups)) + (k - (len(methods) - 1) / 2) * width
+            below, above = rows["value"] - rows["low"], rows["high"] - rows["value"]
+            ax.bar(x, rows["value"], width=width * 0.9, color=styles[method][0], label=method)
+            ax.errorbar(
+                x, rows["value"], yerr=[below, above], fmt="none", ecolor="0.2", elinewidth=0.8, capsize=2
+            )
+        ax.axhline(0.0, color="0.3", linewidth=1.0, label="round to nearest")
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(
+            frameon=False, fontsize=8, ncols=len(methods) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.1)
+        )
+    return fig
+
+
 def nmse_vs_bits(points: pd.DataFrame, title: str) -> Figure:
     """Weight nMSE against bits/param next to what a scalar quantizer of N(0, 1) can reach at best.
 

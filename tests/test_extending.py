@@ -25,7 +25,7 @@ def examples() -> dict[str, str]:
 
 def run_with(example: str, check: str, tmp_path: Path) -> str:
     """``check`` in a new interpreter, after the example for ``example`` ran in that file's module."""
-    module = example.removesuffix(".py").replace("/", ".")
+    module = example.removesuffix(".py").removesuffix("/__init__").replace("/", ".")  # a package's own
     code = (
         f"import importlib\nmodule = importlib.import_module({module!r})\n"
         f"exec({examples()[example]!r}, vars(module))\n{check}"
@@ -44,6 +44,7 @@ def test_every_example_names_a_file_of_the_package() -> None:
         "harness/metrics/declared.py",
         "harness/report/layouts.py",
         "harness/evaluate/tasks.py",
+        "harness/methods/__init__.py",
         "harness/executors.py",
     }
     for file in found:
@@ -92,6 +93,25 @@ assert scores["mmlu_stem"]["n"] > 10 and 0 <= scores["mmlu_stem"]["acc"] <= 1, s
 """
     tests = str(Path(__file__).parent)
     run_with("harness/evaluate/tasks.py", f"import sys\nsys.path.insert(0, {tests!r})\n{check}", tmp_path)
+
+
+def test_a_method_errs_no_more_than_round_to_nearest_and_is_a_grid_value(tmp_path: Path) -> None:
+    check = """
+import torch
+from harness.experiments import load_experiment
+from harness.measure import layer_quantizer
+from harness.quant.quantize import QuantConfig, dequantize, quantize
+w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+config = QuantConfig("nf4", 64)
+clipped = module.METHODS["clip"].layer(w, config)
+rtn = dequantize(quantize(w, config), torch.float32)
+assert float((w - clipped.weight()).square().sum()) < float((w - rtn).square().sum())
+assert clipped.qt.codes.numel() == quantize(w, config).codes.numel()
+[run] = load_experiment("smoke", ["grid={format: [nf4], method: [clip]}", "grid.double_quant=[off]"]).configs
+assert run.label == "nf4-b64-clip"
+assert layer_quantizer(None, run)("layer", w, config).qt.codes.equal(clipped.qt.codes)
+"""
+    run_with("harness/methods/__init__.py", check, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -106,10 +106,16 @@ def test_gptq_lowers_the_output_error_below_round_to_nearest(
     assert ours.qt.codes.numel() == quantize(weight, config).codes.numel()  # the format's storage
 
 
-def test_gptq_refuses_blocks_that_cross_rows() -> None:
+def test_gptq_and_hqq_refuse_blocks_they_cannot_keep_whole_in_one_line() -> None:
     weight, x = _layer(width=96)
-    with pytest.raises(ValueError, match="block 64 does not divide the input width 96"):
+    with pytest.raises(
+        ValueError, match="layer: gptq needs blocks within a row; block 64 does not divide the input width 96"
+    ):
         gptq.quantize_layer(weight, x.T[:96] @ x[:, :96], QuantConfig("nf4", 64), name="layer")
+    odd = weight[:, :95]
+    for fmt in ("nf4", "int4_asym"):
+        with pytest.raises(ValueError, match="layer: hqq needs whole blocks; 64 does not divide 4560"):
+            hqq.quantize_layer(odd, QuantConfig(fmt, 64), name="layer")
 
 
 def test_hqq_equals_the_hqq_package_on_affine_integers() -> None:
@@ -203,6 +209,12 @@ def test_every_method_runs_in_a_sweep_and_gptq_lowers_the_output_error(tiny: Pat
         runs.loc["int4-b64-awq-fp32", "metrics.bits_per_param"]
         > runs.loc["int4-b64-fp32", "metrics.bits_per_param"]
     )
+    from harness.report import write_report
+
+    written = {p.name for p in write_report("methods", uri, out_dir=tmp_path / "out").paths}
+    assert {"methods.md", "methods.csv", "methods.tex", "methods_kld.png", "methods_kld.pdf"} <= written
+    table = (tmp_path / "out" / "methods.md").read_text()
+    assert "| int4-b64-gptq-fp32 |" in table and "ΔKLD (nats)" in table
 
 
 def test_methods_refuse_what_they_cannot_do_in_one_line(tiny: Path) -> None:

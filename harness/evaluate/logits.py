@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from harness.models.anatomy import LogitSplit
+from harness.models.anatomy import LogitSplit, device_of
 
 VOCAB_SLICE = 1024  # logit columns reduced together: a tile of ROWS_PER_PASS × 1024 fp32 is 8 MiB
 ROWS_PER_PASS = 2048  # scored positions per pass over the head; a pass reads its weight once (Gemma: 670 MB)
@@ -44,13 +44,6 @@ class WindowBatch:
     mask: torch.Tensor
     targets: torch.Tensor
     n_tokens: int  # input tokens of its windows (padding not counted)
-
-
-def _device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -149,13 +142,13 @@ class LogitHead:
 
     def __init__(self, model: nn.Module, split: LogitSplit | None, probe: torch.Tensor) -> None:
         self.model = model
-        reference = model(input_ids=probe[None].to(_device(model)), use_cache=False).logits[0].float()
+        reference = model(input_ids=probe[None].to(device_of(model)), use_cache=False).logits[0].float()
         self.vocab = reference.shape[-1]
         self.rows = max(1, LOGIT_ROWS_BYTES // (4 * self.vocab))  # full rows at once
         self.split = split
         self.linear = split is not None and _plain_linear(split.head)
         if split is not None:
-            hidden = split.hidden_states(probe[None].to(_device(model)))[0]
+            hidden = split.hidden_states(probe[None].to(device_of(model)))[0]
             mine = torch.cat([self.full(rows) for rows in self.rows_of(hidden, probe, whole_rows=False)])
             # A slice of the head may round differently from the whole product: by 2 ulps of its dtype
             tolerance = max(1e-4, 2 * torch.finfo(split.head.weight.dtype).eps) * (reference.abs().max() + 1)
@@ -177,7 +170,7 @@ class LogitHead:
         bar = tqdm(
             total=sum(b.n_tokens for b in batches), unit="tok", desc=desc, disable=not progress, leave=False
         )
-        device = _device(self.model)
+        device = device_of(self.model)
         try:
             for batch in batches:
                 ids, mask = batch.ids.to(device), batch.mask.to(device)

@@ -17,6 +17,7 @@ Each method module has one entry point, ``quantize_layer(weight, ..., config) ->
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,30 +27,25 @@ from harness.quant.quantize import QuantConfig, QuantizedTensor, dequantize
 
 @dataclass(frozen=True)
 class Method:
+    """A method's declaration. ``layer`` quantizes one layer from its weight alone; a method that fits on
+    calibration data has none, and ``harness.measure.layer_quantizer`` gives it what it fits on."""
+
     name: str
     description: str
     scale_rules: tuple[str, ...]  # the formats' constants it can choose
     calibrated: bool  # fits on calibration tokens
+    layer: Callable[..., LayerQuantized] | None = None  # (weight, config, *, name) -> LayerQuantized
 
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method(
-            "rtn",
-            "round to nearest, the format's own constants",
-            ("absmax", "affine", "e8m0", "e4m3_fp32"),
-            False,
-        ),
-        Method("gptq", "GPTQ: error feedback through H⁻¹ (Frantar et al. 2022)", ("absmax", "affine"), True),
-        Method(
-            "hqq", "HQQ: half-quadratic optimized constants (Badri & Shaji 2023)", ("absmax", "affine"), False
-        ),
-        Method(
-            "awq", "AWQ-style activation-aware channel scaling (Lin et al. 2023)", ("absmax", "affine"), True
-        ),
-    )
-}
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Declare a method: experiments and ``harness show`` accept its name from then on."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is declared twice")
+    METHODS[method.name] = method
+    return method
 
 
 def check(method: str, config: QuantConfig) -> None:
@@ -79,3 +75,7 @@ class LayerQuantized:
     def extra_bytes(self) -> int:
         """Bytes stored beside the quantized tensor."""
         return 0 if self.input_scale is None else self.input_scale.numel() * self.input_scale.element_size()
+
+
+# Each method module declares itself (``register_method``), in the order tables list them.
+from harness.methods import rtn, gptq, hqq, awq  # noqa: E402, F401, I001

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.methods import LayerQuantized
+from harness.methods import LayerQuantized, Method, register_method
 from harness.quant.quantize import QuantConfig, quantize
 
 SCALE_DTYPE = torch.float16
@@ -37,3 +37,13 @@ def quantize_layer(
             best = (error, candidate)
     assert best is not None
     return best[1]
+
+
+register_method(
+    Method(
+        "awq",
+        "AWQ-style activation-aware channel scaling (Lin et al. 2023)",
+        ("absmax", "affine"),
+        calibrated=True,
+    )
+)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.methods import LayerQuantized
+from harness.methods import LayerQuantized, Method, register_method
 from harness.quant.quantize import BlockGrid, QuantConfig, QuantizationError, assemble, block_grid
 
 
@@ -113,3 +113,13 @@ def _tensor_grid(weight: torch.Tensor, config: QuantConfig) -> BlockGrid:
     rows = weight.shape[0]
     minimum = None if grid.minimum is None else grid.minimum.expand(rows)
     return BlockGrid(grid.book, grid.scale.expand(rows), minimum)
+
+
+register_method(
+    Method(
+        "gptq",
+        "GPTQ: error feedback through H⁻¹ (Frantar et al. 2022)",
+        ("absmax", "affine"),
+        calibrated=True,
+    )
+)

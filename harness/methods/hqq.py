@@ -14,22 +14,24 @@ from __future__ import annotations
 
 import torch
 
-from harness.methods import LayerQuantized
-from harness.quant.quantize import QuantConfig, assemble, block_grid
+from harness.methods import LayerQuantized, Method, register_method
+from harness.quant.quantize import QuantConfig, QuantizationError, assemble, block_grid
 
 LP_NORM, BETA, KAPPA, ITERATIONS = 0.7, 10.0, 1.01, 20  # HQQ's own defaults (hqq.core.optimize)
 
 
-def quantize_layer(weight: torch.Tensor, config: QuantConfig) -> LayerQuantized:
+def quantize_layer(weight: torch.Tensor, config: QuantConfig, *, name: str = "tensor") -> LayerQuantized:
+    block = config.resolve_block_size(tuple(weight.shape))
+    if weight.numel() % block:
+        raise QuantizationError(f"{name}: hqq needs whole blocks; {block} does not divide {weight.numel()}")
     if config.fmt.scale_rule == "affine":
-        return _package(weight, config)
-    return _absmax(weight, config)
+        return _package(weight, config, block)
+    return _absmax(weight, config, block)
 
 
-def _package(weight: torch.Tensor, config: QuantConfig) -> LayerQuantized:
+def _package(weight: torch.Tensor, config: QuantConfig, block: int) -> LayerQuantized:
     from hqq.core.quantize import Quantizer
 
-    block = config.resolve_block_size(tuple(weight.shape))
     codes, meta = Quantizer.quantize(
         weight.detach().float(),
         nbits=config.fmt.bits,
@@ -46,8 +48,7 @@ def _package(weight: torch.Tensor, config: QuantConfig) -> LayerQuantized:
     return LayerQuantized(assemble(codes, levels * scale, -zero * scale, weight.dtype, config, block))
 
 
-def _absmax(weight: torch.Tensor, config: QuantConfig) -> LayerQuantized:
-    block = config.resolve_block_size(tuple(weight.shape))
+def _absmax(weight: torch.Tensor, config: QuantConfig, block: int) -> LayerQuantized:
     w = weight.detach().float().reshape(-1, block)
     grid = block_grid(w, config)
     best_scale, best_error, beta = grid.scale, float("inf"), BETA
@@ -72,3 +73,14 @@ def _shrink(x: torch.Tensor, beta: float) -> torch.Tensor:
     """HQQ's generalised soft threshold for the ℓp norm: sign(x)·relu(|x| − |x|^(p−1)/β)."""
     magnitude = x.abs()
     return torch.sign(x) * (magnitude - magnitude.pow(LP_NORM - 1) / beta).clamp(min=0)
+
+
+register_method(
+    Method(
+        "hqq",
+        "HQQ: half-quadratic optimized constants (Badri & Shaji 2023)",
+        ("absmax", "affine"),
+        calibrated=False,
+        layer=quantize_layer,
+    )
+)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from harness.methods import LayerQuantized, gptq
-from harness.models.anatomy import Blocks, blocks
+from harness.models.anatomy import Blocks, blocks, device_of
 from harness.quant.quantize import QuantConfig, QuantizationError
 
 
@@ -88,7 +88,7 @@ class SequentialInputs:
                 stack.enter_context(self.structure.starting_at(block, _constant(entering)))
             try:
                 with torch.no_grad():
-                    self.model(input_ids=ids.to(_device(self.model)), use_cache=False)
+                    self.model(input_ids=ids.to(device_of(self.model)), use_cache=False)
             except _Stop as stop:
                 return stop.hidden
         raise RuntimeError(f"block {block} of {type(self.model).__name__} never ran")
@@ -100,10 +100,6 @@ def _stop(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
 
 def _constant(value: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: value
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 class SequentialGptq:

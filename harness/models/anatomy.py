@@ -38,6 +38,14 @@ class LogitSplit:
         return logits
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's (first) parameters live: where its inputs go."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
 def logit_split(model: nn.Module) -> LogitSplit | None:
     """The decoder, output head and final-logit soft-capping of a causal LM, or None when the model does not
     expose a decoder and an output head apart from itself. Nothing here proves that the parts reproduce the

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from harness import plots
-from harness.report.layouts import LAYOUTS, pivot_table
+from harness.report.layouts import LAYOUTS, method_differences, method_pairs, pivot_table
 from harness.report.render import to_csv, to_latex, to_markdown
 from harness.report.runs import ModelRuns, mixed_provenance, select_runs
 from harness.report.table import Column, ReportError, Table, metric_info
@@ -119,6 +119,24 @@ def write_plots(
                 found, ylabel + bars, f"{metric_info(key).label} vs bits/param ({where})", reference
             )
             paths += plots.save(fig, out / f"{name}{suffix}")
+    pairs = method_pairs(runs)
+    if pairs is not None and runs.has("kld_mean"):
+        rows, base = pairs
+        differences = method_differences(runs, "kld_mean", rows, base)
+        kept = [(row, d) for (_, row), d in zip(rows.iterrows(), differences, strict=True) if d is not None]
+        if kept:
+            found = pd.DataFrame(
+                {
+                    "group": [f"{r['params.format']} b{r['params.block_size']}" for r, _ in kept],
+                    "method": [r["params.method"] for r, _ in kept],
+                    "value": [d.mean for _, d in kept],
+                    "low": [d.ci_low for _, d in kept],
+                    "high": [d.ci_high for _, d in kept],
+                }
+            )
+            ylabel = "ΔKLD against round to nearest (nats)\nbars: paired 95% interval, block bootstrap"
+            fig = plots.method_differences(found, ylabel, f"methods against round to nearest ({where})")
+            paths += plots.save(fig, out / f"methods_kld{suffix}")
     if runs.has("nmse"):
         found = points.assign(value=runs.metric("nmse")).dropna(subset=["bits", "value"])
         paths += plots.save(

@@ -256,11 +256,10 @@ _SAME_STORAGE = (
 )
 
 
-@register_layout
-def methods_table(runs: ModelRuns, metric: str) -> Table | None:
-    """Each method under round to nearest (RTN) of the same data type and block: PPL, KLD and top-1 with
-    their differences from RTN, paired on the same tokens, the output error on held-out calibration positions
-    and what the method cost."""
+def method_pairs(runs: ModelRuns) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """Each RTN config followed by the other methods' configs of the same storage (format, block, DQ,
+    dtypes, tie rule), and beside each row the RTN config it is compared with; None unless the runs hold
+    RTN and another method."""
     frame = runs.quantized
     if "params.method" not in frame or "rtn" not in runs.varying("method") or len(runs.varying("method")) < 2:
         return None
@@ -272,7 +271,35 @@ def methods_table(runs: ModelRuns, metric: str) -> Table | None:
         twins = frame[(frame[same] == rtn.loc[i, same]).all(axis=1)].index
         order += [i, *(j for j in twins if j != i)]
         against += [i] * len(twins)
-    rows, base = frame.loc[order], frame.loc[against]
+    return frame.loc[order], frame.loc[against]
+
+
+def method_differences(
+    runs: ModelRuns, key: str, rows: pd.DataFrame, base: pd.DataFrame
+) -> list[Difference | None]:
+    """``key`` of each row minus its RTN twin's, paired on the same tokens, in display units; None for RTN's
+    own rows and where the runs kept no per-token results."""
+    scale = metric_info(key).scale
+    out: list[Difference | None] = []
+    for i, j, d in zip(rows.index, base.index, _paired(runs, key, rows, base), strict=True):
+        if i == j or d is None:
+            out.append(None)
+        else:
+            out.append(
+                Difference(d.mean * scale, d.se * scale, d.ci_low * scale, d.ci_high * scale, d.n_tokens)
+            )
+    return out
+
+
+@register_layout
+def methods_table(runs: ModelRuns, metric: str) -> Table | None:
+    """Each method under round to nearest (RTN) of the same data type and block: PPL, KLD and top-1 with
+    their differences from RTN, paired on the same tokens, the output error on held-out calibration positions
+    and what the method cost."""
+    pairs = method_pairs(runs)
+    if pairs is None:
+        return None
+    rows, base = pairs
     columns = [runs.column(key, rows) for key in ("bits_per_param", "ppl") if runs.has(key)]
     shown = [("ppl", "ΔPPL", ""), ("kld_mean", "ΔKLD", "nats"), ("top1_agreement", "ΔTop-1", "%")]
     for key, label, unit in shown:
@@ -280,15 +307,10 @@ def methods_table(runs: ModelRuns, metric: str) -> Table | None:
             continue
         if key != "ppl":
             columns.append(runs.column(key, rows))
-        spec = metric_info(key)
-        paired = [
-            None if i == j else d
-            for i, j, d in zip(order, against, _paired(runs, key, rows, base), strict=True)
-        ]
-        scale = spec.scale
-        delta = _shown(label, unit, spec.better or "lower", sig=2, signed=True)
-        values = [d.mean * scale if d else math.nan for d in paired]
-        intervals = [(d.ci_low * scale, d.ci_high * scale) if d else (math.nan, math.nan) for d in paired]
+        paired = method_differences(runs, key, rows, base)
+        delta = _shown(label, unit, metric_info(key).better or "lower", sig=2, signed=True)
+        values = [d.mean if d else math.nan for d in paired]
+        intervals = [(d.ci_low, d.ci_high) if d else (math.nan, math.nan) for d in paired]
         columns.append(Column(delta, values, intervals=intervals if any(paired) else None))
     columns += [
         runs.column(key, rows) for key in ("output_rel_err", "time_quantize_s", "fit_tokens") if runs.has(key)
