@@ -490,3 +490,29 @@ def test_a_truncated_conversion_is_rebuilt_with_the_same_weights(
     assert "has model.safetensors of" in warning and "building it again" in warning
     for name, tensor in smollm2.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[name], tensor), name
+
+
+@pytest.mark.integration
+def test_a_sweeps_outline_of_an_unconverted_gguf_reads_the_converted_tokenizer(
+    smollm2: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma's tokenizer read from the GGUF itself holds about 1.5 GB: a sweep's preflight (fetch) converts
+    the GGUF it will load anyway and reads the converted tokenizer; ``show`` (no fetch) converts nothing."""
+    import transformers
+
+    gguf = assets.asset_path("smollm2-135m")
+    ready = converted_dir(gguf, torch.bfloat16)  # the smollm2 fixture converted it
+    monkeypatch.setattr(sources, "converted_dir", lambda path, dtype: tmp_path / "none")  # as if it had not
+    conversions: list[tuple[Path, torch.dtype]] = []
+    monkeypatch.setattr(sources, "_converted", lambda path, dtype: conversions.append((path, dtype)) or ready)
+    read: list[tuple[str, str | None]] = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoTokenizer,
+        "from_pretrained",
+        lambda folder, **kw: read.append((str(folder), kw.get("gguf_file"))) or real(folder, **kw),
+    )
+    assert sources.outline_model("smollm2-135m", fetch=True) is not None
+    assert conversions == [(gguf, torch.bfloat16)] and read == [(str(ready), None)]
+    assert sources.outline_model("smollm2-135m", fetch=False) is not None
+    assert len(conversions) == 1 and read[-1] == (str(gguf.parent), gguf.name)

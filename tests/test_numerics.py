@@ -90,7 +90,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "d86141295ab3bc228d8bc1bf68a50a21609bb421f71287bbd0c7dd18a7c8958c",
+    "4": "5a6f0dc12a4ee52455725dcbe1e66bcb490a13b6039907b61d998418dabeb1f4",
 }
 
 

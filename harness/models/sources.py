@@ -284,7 +284,9 @@ class ModelOutline:
 
 def outline_model(spec: str, fetch: bool = True) -> ModelOutline | None:
     """The model's outline, resolving ``spec`` as ``load_model`` does; None when it is an asset that is not
-    fetched and ``fetch`` is false. A hub id is tried only when the hub answers (one quick connection)."""
+    fetched and ``fetch`` is false. A hub id is tried only when the hub answers (one quick connection). A
+    GGUF not converted yet is converted first when ``fetch`` allows (a sweep loads the conversion anyway, and
+    Gemma's tokenizer read from the GGUF itself holds about 1.5 GB); ``show`` reads the GGUF as it is."""
     location = _location(spec, fetch)
     if location is None:
         return None
@@ -293,6 +295,8 @@ def outline_model(spec: str, fetch: bool = True) -> ModelOutline | None:
         done = [folder for folder in converted if (folder / PRECISION_FILE).is_file()]
         if done:  # converted before: config and tokenizer are there
             folder, gguf = done[0], None
+        elif fetch:
+            folder, gguf = _converted(location, _declared(spec)), None
         else:
             folder, gguf = location.parent, location.name
     else:
