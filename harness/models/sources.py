@@ -108,9 +108,15 @@ def _gguf_file_type(path: Path) -> int | None:
     def read(fmt: str) -> Any:
         return struct.unpack(f"<{fmt}", file.read(struct.calcsize(fmt)))[0]
 
+    def length() -> int:  # a string's length; a cut-off file promises more bytes than it holds
+        n = read("Q")
+        if file.tell() + n > size:
+            raise ValueError(f"a field promises {n:,} bytes past the end of the file")
+        return n
+
     def skip(kind: int) -> None:
         if kind == 8:
-            file.seek(read("Q"), 1)
+            file.seek(length(), 1)
         elif kind == 9:
             item, count = read("I"), read("Q")
             if item in _GGUF_SCALARS:
@@ -122,12 +128,13 @@ def _gguf_file_type(path: Path) -> int | None:
             file.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
 
     try:
+        size = path.stat().st_size
         with path.open("rb") as file:
             if file.read(4) != b"GGUF" or read("I") < 2:
                 raise ValueError("not a GGUF v2+ file")
             _, n_keys = read("Q"), read("Q")
             for _ in range(n_keys):
-                key, kind = file.read(read("Q")).decode(), read("I")
+                key, kind = file.read(length()).decode(), read("I")
                 if key == "general.file_type" and kind in _GGUF_SCALARS:
                     return int(read(_GGUF_SCALARS[kind]))
                 skip(kind)
