@@ -207,6 +207,9 @@ def _show(args: argparse.Namespace) -> int:
     checked = preflight.check(exp, fetch=False)
     print(f"{exp.name}: {exp.description}\nfile: {exp.path}\nmodels: {', '.join(exp.models)}")
     print(f"data: {exp.template.data}\neval: {exp.template.eval}")
+    if exp.template.recovery is not None:
+        recipe = exp.template.recovery
+        print(f"recovery: LoRA {recipe}, trained on each config's base and on the unquantized model")
     count, exact = exp.size
     axes = " × ".join(f"{axis} ({len(values)})" for axis, values in exp.axes.items())
     size = f"{count:,} configs" if exact else f"up to {count:,} configs"

@@ -179,10 +179,7 @@ def token_splits(
     texts = load_texts(corpus)
     cal_docs = [text for text in texts if is_calibration_doc(text)]
     eval_docs = [text for text in texts if not is_calibration_doc(text)]
-    if tokenizer.eos_token_id is not None:
-        separator = [tokenizer.eos_token_id]
-    else:
-        separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    separator = _separator(tokenizer)
 
     row = calibration_length - len(bos)
     cal_ids, n_docs_cal = _stream(cal_docs, tokenizer, separator, calibration_sequences * row)
@@ -202,6 +199,68 @@ def token_splits(
         )
     evaluation = torch.tensor([bos + eval_ids], dtype=torch.int64)
     return TokenSplits(calibration, evaluation, corpus, n_docs_cal, n_docs_eval)
+
+
+@dataclass(frozen=True)
+class TrainingSplit:
+    """Training rows (n, length) from calibration-pool documents ``first_doc`` to ``end_doc`` (exclusive),
+    after those calibration took: disjoint from the calibration rows and from the evaluation stream."""
+
+    rows: torch.Tensor
+    first_doc: int
+    end_doc: int
+
+    @property
+    def described(self) -> str:
+        return f"calibration-pool documents {self.first_doc}-{self.end_doc - 1}, {self.rows.numel():,} tokens"
+
+
+def training_split(
+    corpus: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    skip_docs: int,
+    rows: int,
+    length: int,
+    add_bos: bool = True,
+) -> TrainingSplit:
+    """``rows`` training rows of ``length`` tokens, cut as calibration rows are, from the calibration pool's
+    documents after its first ``skip_docs`` (the ones calibration used, ``TokenSplits.n_docs_cal``)."""
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    docs = [text for text in load_texts(corpus) if is_calibration_doc(text)][skip_docs:]
+    row = length - len(bos)
+    ids, used = _stream(docs, tokenizer, _separator(tokenizer), rows * row)
+    if row <= 0 or len(ids) < rows * row:
+        raise DataError(
+            f"corpus {corpus!r} has {len(ids)} training tokens in the {len(docs)} calibration-pool documents "
+            f"calibration leaves, fewer than {rows} x {row}; lower recovery.steps, batch or sequence_length"
+        )
+    cut = [bos + ids[i * row : (i + 1) * row] for i in range(rows)]
+    return TrainingSplit(torch.tensor(cut, dtype=torch.int64), skip_docs, skip_docs + used)
+
+
+def recovery_split(
+    config: RunConfig, tokenizer: PreTrainedTokenizerBase, skip_docs: int
+) -> TrainingSplit | None:
+    """``config.recovery``'s training rows (None without a recovery section), after the calibration pool's
+    first ``skip_docs`` documents."""
+    if (recipe := config.recovery) is None:
+        return None
+    return training_split(
+        config.data.corpus,
+        tokenizer,
+        skip_docs=skip_docs,
+        rows=recipe.steps * recipe.batch,
+        length=recipe.sequence_length,
+        add_bos=config.eval.bos,
+    )
+
+
+def _separator(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """What joins two documents: the tokenizer's EOS, or "\n\n" without one."""
+    if tokenizer.eos_token_id is not None:
+        return [tokenizer.eos_token_id]
+    return tokenizer("\n\n", add_special_tokens=False)["input_ids"]
 
 
 @dataclass(frozen=True)

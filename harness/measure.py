@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from harness import assets, gemm
 from harness.cache import cache_dir
-from harness.data import tokenize_corpus
+from harness.data import TrainingSplit, recovery_split, tokenize_corpus
 from harness.evaluate.divergence import evaluate_against
 from harness.evaluate.reference import BaseReference, ReferenceStorage
 from harness.evaluate.tasks import run_tasks
@@ -59,9 +59,11 @@ from harness.models import (
 )
 from harness.plots import layer_error_plot
 from harness.quant.quantize import COMPUTE_DTYPES
-from harness.stats import kld_percentiles, token_statistics
+from harness.recovery import Training, adapted, target_layers
+from harness.stats import kld_percentiles, recovery, token_statistics
 
 PROJECTIONS = {"7B": 7e9, "70B": 70e9}  # model sizes whose memory at the measured bits/param is reported
+Evaluated = tuple[dict[str, float], dict[str, np.ndarray]]  # metrics, and the per-token series they come from
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Measurement:
     per_token: dict[str, np.ndarray]  # per scored token, in order: nll, and against the base kld, top1...
     figures: dict[str, Figure] = field(default_factory=dict)
     records: dict[str, dict[str, float]] = field(default_factory=dict)  # small JSON artifacts
+    curves: dict[str, tuple[float, ...]] = field(default_factory=dict)  # step metrics: one value per step
     warnings: tuple[str, ...] = ()  # about the source precision; the sweep shows each once
     eval_s: float = 0.0
 
@@ -92,7 +95,9 @@ class ModelSession:
     protocol: PerplexityProtocol
     reference: BaseReference | None  # None when the experiment turns KLD off
     params: dict[str, Any]  # facts of the session, logged as params of every run
+    training: TrainingSplit | None = None  # the LoRA recovery's training rows, when the configs train
     fitted: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)  # fit_inputs
+    lora16: dict[str, tuple[Training, Evaluated]] = field(default_factory=dict)  # 16-bit LoRA, by recipe
 
     @classmethod
     def prepare(cls, config: RunConfig) -> ModelSession:
@@ -103,6 +108,7 @@ class ModelSession:
         tokenizer = load_tokenizer(config.model, dtype)
         corpus = tokenize_corpus(config, tokenizer)
         splits, text_bytes, text_words = corpus.splits, corpus.text_bytes, corpus.text_words
+        training = recovery_split(config, tokenizer, splits.n_docs_cal)
         if not config.eval.tasks:  # let go before the weights load, so that the peak holds one, not both
             tokenizer = None
             release_freed()
@@ -150,6 +156,8 @@ class ModelSession:
             "declared_dtype_rule": declared.rule,
             **gemm.methods(),
         }
+        if training is not None:
+            params["lora_train_split"] = training.described
         pristine = snapshot(loaded.model, layers)
         return cls(
             loaded,
@@ -162,6 +170,7 @@ class ModelSession:
             protocol,
             reference,
             params,
+            training,
         )
 
     def fit_inputs(self, rows: int, seed: int) -> dict[str, torch.Tensor]:
@@ -186,20 +195,22 @@ class ModelSession:
 
 def measure(session: ModelSession, config: RunConfig) -> Measurement:
     """Quantize, measure, evaluate and restore one config; the model is as before when this returns."""
+    lora16 = _lora16(session, config) if config.recovery is not None else None  # on the unquantized model
     torch.manual_seed(config.seed)
     start = time.perf_counter()
+    curves: dict[str, tuple[float, ...]] = {}
     with _applied(session, config) as result:
         quantize_s = time.perf_counter() - start
         layers = layer_table(result) if result is not None else None
         metrics = _storage_and_error(session, layers)
         eval_start = time.perf_counter()
-        with _located(session.loaded.model, session.evaluation, session.protocol):
-            evaluated, per_token = _evaluate(session, config)
-            for name in ("nll", "kld"):
-                if name in per_token:
-                    check_finite(per_token[name], f"{config.label} ({name})")
-        metrics |= evaluated
+        metrics_evaluated, per_token = _checked_evaluation(session, config)
+        metrics |= metrics_evaluated
         eval_s = time.perf_counter() - eval_start
+        if lora16 is not None:
+            recovered, after, curves = _recovered(session, config, per_token, lora16)
+            metrics |= recovered
+            per_token |= after
     metrics |= {
         "time_quantize_s": quantize_s,
         "fit_tokens": _fit_tokens(session, config),
@@ -209,7 +220,72 @@ def measure(session: ModelSession, config: RunConfig) -> Measurement:
     figures = {"layer_nmse.png": layer_error_plot(layers)} if layers is not None else {}
     records = {"kld_percentiles.json": kld_percentiles(per_token["kld"])} if "kld" in per_token else {}
     found = tuple(result.warnings) if result is not None else ()
-    return Measurement(config, metrics, layers, per_token, figures, records, found, eval_s)
+    return Measurement(config, metrics, layers, per_token, figures, records, curves, found, eval_s)
+
+
+def _checked_evaluation(session: ModelSession, config: RunConfig) -> Evaluated:
+    """``_evaluate``, with a non-finite NLL or KLD reported with the first module that makes it."""
+    with _located(session.loaded.model, session.evaluation, session.protocol):
+        metrics, per_token = _evaluate(session, config)
+        for name in ("nll", "kld"):
+            if name in per_token:
+                check_finite(per_token[name], f"{config.label} ({name})")
+    return metrics, per_token
+
+
+def _trained(session: ModelSession, config: RunConfig) -> tuple[Training, Evaluated]:
+    """Train ``config.recovery``'s adapters on the model as it stands, evaluate with them on, remove them."""
+    assert config.recovery is not None and session.training is not None
+    model = session.loaded.model
+    names = target_layers(model, config.recovery, [info.name for info in session.pristine.layers])
+    with adapted(model, names, session.training.rows, config.recovery) as training:
+        return training, _checked_evaluation(session, config)
+
+
+def _lora16(session: ModelSession, config: RunConfig) -> tuple[Training, Evaluated]:
+    """The 16-bit LoRA target: ``config.recovery`` trained on the unquantized model, evaluated; once per
+    session and recipe."""
+    assert config.recovery is not None
+    key = config.recovery.model_dump_json()
+    if key not in session.lora16:
+        session.lora16[key] = _trained(session, config)
+    return session.lora16[key]
+
+
+def _recovered(
+    session: ModelSession,
+    config: RunConfig,
+    before: dict[str, np.ndarray],
+    lora16: tuple[Training, Evaluated],
+) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, tuple[float, ...]]]:
+    """Adapters trained on the quantized base (the baseline's are the 16-bit target itself) and the same
+    evaluation with them on: the after-LoRA metrics with the recovery fractions, their per-token series, and
+    the loss curve."""
+    training, (after_metrics, after) = lora16 if config.is_baseline else _trained(session, config)
+    target_metrics, target = lora16[1]
+    metrics = {f"lora_{name}": after_metrics[name] for name in _AFTER_LORA if name in after_metrics}
+    metrics |= {f"lora_{name}": value for name, value in after_metrics.items() if name.startswith("acc")}
+    metrics |= {
+        "lora16_ppl": target_metrics["ppl"],
+        "lora_train_tokens": training.train_tokens,
+        "lora_params": training.adapter_params,
+        "lora_bits_per_param": 8 * training.adapter_bytes / session.params["params_quantized"],
+        "time_lora_s": training.train_s,
+    }
+    if not config.is_baseline:  # the baseline has no gap to recover
+        for reference, nll in (("base", before["base_nll"]), ("lora16", target["nll"])):
+            value, low, high = recovery(before["nll"], after["nll"], nll)
+            metrics[f"recovery_vs_{reference}"] = value
+            metrics[f"recovery_vs_{reference}_ci95_low"] = low
+            metrics[f"recovery_vs_{reference}_ci95_high"] = high
+    per_token = {f"lora_{name}": after[name] for name in ("nll", "kld", "top1_match")}
+    per_token["lora16_nll"] = target["nll"]
+    return metrics, per_token, {"lora_train_loss": training.losses}
+
+
+_AFTER_LORA = (
+    "ppl", "ppl_ci95_low", "ppl_ci95_high", "kld_mean", "kld_mean_se", "top1_agreement", "top1_agreement_se"
+)  # fmt: skip
 
 
 @contextmanager
@@ -291,7 +367,7 @@ def _storage_and_error(session: ModelSession, layers: pd.DataFrame | None) -> di
     return metrics
 
 
-def _evaluate(session: ModelSession, config: RunConfig) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def _evaluate(session: ModelSession, config: RunConfig) -> Evaluated:
     """Perplexity, KLD/top-1 against the base from the same forward passes, and the lm-eval tasks: the
     statistics, and the per-token results they come from."""
     model = session.loaded.model

@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.colors import LogNorm, SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from harness.metrics import gaussian_rate_distortion, lloyd_max_mse
 
@@ -123,34 +124,51 @@ def quality_vs_bits(points: pd.DataFrame, ylabel: str, title: str, baseline: flo
     return fig
 
 
-def method_differences(points: pd.DataFrame, ylabel: str, title: str) -> Figure:
-    """A bar per method for each data type and block, its difference from round to nearest of the same
-    storage with a 95 % interval; the zero line is round to nearest itself.
+def grouped_differences(points: pd.DataFrame, ylabel: str, title: str, zero: str) -> Figure:
+    """A bar per series for each group, its difference from a reference with a 95 % interval; the zero line,
+    labelled ``zero``, is the reference itself (round to nearest, for methods; the unquantized model, for
+    LoRA recovery).
 
-    ``points`` has columns group (e.g. ``nf4 b64``), method, value, low, high.
+    ``points`` has columns group (e.g. ``nf4 b64``), series (e.g. the method), value, low, high.
     """
     groups = list(dict.fromkeys(points["group"]))
-    methods = list(dict.fromkeys(points["method"]))
+    methods = list(dict.fromkeys(points["series"]))
     styles = format_styles(methods)
     width = 0.8 / max(len(methods), 1)
     with style():
         fig = Figure(figsize=(max(6.0, 1.1 * len(groups) + 2.5), 3.8), layout="constrained")
         ax = fig.add_subplot()
         for k, method in enumerate(methods):
-            rows = points[points["method"] == method].set_index("group").reindex(groups)
+            rows = points[points["series"] == method].set_index("group").reindex(groups)
             x = np.arange(len(groups)) + (k - (len(methods) - 1) / 2) * width
             below, above = rows["value"] - rows["low"], rows["high"] - rows["value"]
             ax.bar(x, rows["value"], width=width * 0.9, color=styles[method][0], label=method)
             ax.errorbar(
                 x, rows["value"], yerr=[below, above], fmt="none", ecolor="0.2", elinewidth=0.8, capsize=2
             )
-        ax.axhline(0.0, color="0.3", linewidth=1.0, label="round to nearest")
+        ax.axhline(0.0, color="0.3", linewidth=1.0, label=zero)
         ax.set_xticks(range(len(groups)), groups)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.legend(
             frameon=False, fontsize=8, ncols=len(methods) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.1)
         )
+    return fig
+
+
+def loss_curves(curves: Mapping[str, Sequence[float]], ylabel: str, title: str) -> Figure:
+    """One line per config: its training loss at each optimizer step."""
+    styles = format_styles(list(curves))
+    with style():
+        fig = Figure(figsize=(7.0, 4.0), layout="constrained")
+        ax = fig.add_subplot()
+        for label, values in curves.items():
+            ax.plot(range(1, len(values) + 1), values, color=styles[label][0], linewidth=1.2, label=label)
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(frameon=False, fontsize=8)
     return fig
 
 
@@ -320,7 +338,7 @@ def sensitivity_heatmap(table: pd.DataFrame, title: str) -> Figure:
 def allocation_pareto(points: pd.DataFrame, title: str) -> Figure:
     """KLD to the base against stored bits/param (columns ``method``, ``bits_per_param``, ``kld_mean``,
     ``kld_mean_se``): uniform configs joined as a line, each allocation method its own marker, ±1 SE bars."""
-    methods = list(dict.fromkeys(points["method"]))
+    methods = list(dict.fromkeys(points["series"]))
     styles = format_styles(methods)
     with style():
         fig = Figure(figsize=(6.4, 4.0), layout="constrained")

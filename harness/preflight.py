@@ -12,12 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness import assets
-from harness.data import CORPORA, DataError, tokenize_corpus
+from harness.data import CORPORA, DataError, recovery_split, tokenize_corpus
 from harness.evaluate.windows import PerplexityProtocol
 from harness.experiments import Experiment, ExperimentError
+from harness.experiments.schema import RecoverySettings
 from harness.floor import PassCost, pass_cost
 from harness.models import ModelError, discover_layers
-from harness.models.sources import DeclaredDtype, declared_dtype, outline_model
+from harness.models.sources import DeclaredDtype, ModelOutline, declared_dtype, outline_model
+from harness.recovery import RecoveryError, target_layers
 
 MAX_CONFIGS = 1000  # a grid above this runs only when asked twice (`--yes`)
 
@@ -81,17 +83,38 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
                 "(max_position_embeddings in its configuration)"
             )
         try:
-            discover_layers(outline.module, list(settings.include) or None, list(settings.exclude) or None)
+            layers = discover_layers(
+                outline.module, list(settings.include) or None, list(settings.exclude) or None
+            )
         except ModelError as exc:
             problems.append(f"layers: {model}: {exc}")
+            layers = []
+        if settings.recovery is not None:
+            problems += _recovery_problems(model, outline, settings.recovery, [info.name for info in layers])
         corpus = CORPORA.get(settings.data.corpus)
         if corpus is not None and not fetch and not assets.is_fetched(corpus.asset):
             unchecked.append(settings.data.corpus)  # `show` downloads nothing
             continue
         try:
-            tokenize_corpus(settings, outline.tokenizer)
+            corpus = tokenize_corpus(settings, outline.tokenizer)
+            recovery_split(settings, outline.tokenizer, corpus.splits.n_docs_cal)
         except DataError as exc:
             problems.append(f"data.corpus: {exc}")
     if problems:
         raise PreflightError("\n".join(f"{experiment.path}: {p}" for p in dict.fromkeys(problems)))
     return Checked(costs, declared, unchecked)
+
+
+def _recovery_problems(
+    model: str, outline: ModelOutline, recipe: RecoverySettings, layers: list[str]
+) -> list[str]:
+    """Why ``recipe`` cannot train adapters on ``model``: not a causal LM, or targets it does not have."""
+    if not outline.is_causal_lm:
+        return [
+            f"recovery: {model} is not a causal language model; LoRA recovery trains next-token prediction"
+        ]
+    try:
+        target_layers(outline.module, recipe, layers)
+    except RecoveryError as exc:
+        return [f"recovery: {model}: {exc}"]
+    return []

@@ -92,6 +92,21 @@ def ppl_difference(nll_a: np.ndarray, nll_b: np.ndarray) -> Difference:
     return Difference(shown, float(samples.std(ddof=1)), low, high, len(nll_a))
 
 
+def recovery(before: np.ndarray, after: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
+    """(ΔPPL before − ΔPPL after) / ΔPPL before, each ΔPPL against ``reference`` on the same tokens (the
+    share of the gap to the reference that training closed), with its paired 95 % interval: value, low,
+    high. All three NLL series are resampled with the same blocks."""
+    means_before, means_after, means_reference = resampled_means(before, after, reference)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        samples = (_exp(means_before) - _exp(means_after)) / (_exp(means_before) - _exp(means_reference))
+    ppl_before, ppl_after, ppl_reference = (_exp(float(np.mean(s))) for s in (before, after, reference))
+    gap = ppl_before - ppl_reference
+    value = (ppl_before - ppl_after) / gap if gap != 0 else math.nan
+    finite = samples[np.isfinite(samples)]
+    low, high = interval(finite) if len(finite) else (math.nan, math.nan)
+    return float(value), low, high
+
+
 def unresolved_from_best(
     values: list[float], series: list[np.ndarray | None], better: str, skip: int
 ) -> set[int] | None:

@@ -219,6 +219,8 @@ def estimate(groups: Sequence[Shard], history: pd.DataFrame, costs: Mapping[str,
             fitted = sorted({c.method for c in group.configs if METHODS[c.method].calibrated})
             if fitted:
                 sources.add(f"{' and '.join(fitted)}'s fitting to calibration tokens not included")
+            if group.configs[0].recovery is not None:
+                sources.add("LoRA training and the evaluation after it not included")
     if not sources:
         return "no estimate of its duration"
     shown = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from conftest import tiny_experiment
 
 from harness import NUMERICS_VERSION, experiments, runner, tracking
 from harness.experiments import load_experiment
@@ -137,6 +138,7 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = tiny_experiment(tmp_path, "failing", "{format: [nf4, int4]}")
     measure = runner.measure
 
     def broken_for_int4(session, config):  # type: ignore[no-untyped-def]
@@ -145,26 +147,22 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(
         return measure(session, config)
 
     monkeypatch.setattr(runner, "measure", broken_for_int4)
-    summary = run_sweep(
-        load_experiment("smoke", [*QUICK, "eval.tasks=[]"]), SweepOptions(tracking_uri=uri, progress=False)
-    )
-    assert [label for label, _ in summary.failed] == ["int4-b64"]
-    child = children(runs(uri)).set_index("tags.mlflow.runName")
-    assert child.loc["int4-b64", "status"] == "FAILED"
-    assert child.loc["int4-b64", "tags.harness.error"] == "RuntimeError: simulated failure in int4"
-    assert (child.drop("int4-b64")["status"] == "FINISHED").all()
+    summary = run_sweep(load_experiment(str(path)), SweepOptions(tracking_uri=uri, progress=False))
+    assert [label for label, _ in summary.failed] == ["int4-b64-fp32"]
+    child = children(runs(uri, "failing")).set_index("tags.mlflow.runName")
+    assert child.loc["int4-b64-fp32", "status"] == "FAILED"
+    assert child.loc["int4-b64-fp32", "tags.harness.error"] == "RuntimeError: simulated failure in int4"
+    assert (child.drop("int4-b64-fp32")["status"] == "FINISHED").all()
 
     monkeypatch.setattr(runner, "measure", measure)
-    retry = run_sweep(
-        load_experiment("smoke", [*QUICK, "eval.tasks=[]"]), SweepOptions(tracking_uri=uri, progress=False)
-    )
-    assert retry.finished == ["int4-b64"] and "baseline" in retry.skipped
-    child = children(runs(uri))
-    redone = child[(child["tags.mlflow.runName"] == "int4-b64") & (child["status"] == "FINISHED")]
-    base = child[child["tags.mlflow.runName"] == "baseline"]
+    retry = run_sweep(load_experiment(str(path)), SweepOptions(tracking_uri=uri, progress=False))
+    assert retry.finished == ["int4-b64-fp32"] and "baseline-fp32" in retry.skipped
+    child = children(runs(uri, "failing"))
+    redone = child[(child["tags.mlflow.runName"] == "int4-b64-fp32") & (child["status"] == "FINISHED")]
+    base = child[child["tags.mlflow.runName"] == "baseline-fp32"]
     # Δ as the run logged it, paired with the base reference the earlier sweep's baseline was measured on
-    [selected] = select_runs(runs(uri), "smoke")
-    int4 = selected.quantized.set_index("params.label").loc["int4-b64"]
+    [selected] = select_runs(runs(uri, "failing"), "failing")
+    int4 = selected.quantized.set_index("params.label").loc["int4-b64-fp32"]
     assert int4["metrics.delta_ppl"] == redone["metrics.delta_ppl"].item()
     assert int4["metrics.delta_ppl"] == pytest.approx(
         redone["metrics.ppl"].item() - base["metrics.ppl"].item()
@@ -175,16 +173,16 @@ def test_a_run_from_an_older_numerics_version_is_redone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    quick = [*QUICK, "eval.tasks=[]", "eval.kld=false", "grid.format=[nf4]", "grid.double_quant=[off]"]
-    first = run_sweep(load_experiment("smoke", quick), SweepOptions(tracking_uri=uri, progress=False))
-    assert first.finished == ["baseline", "nf4-b64"]
+    path = tiny_experiment(tmp_path, "older", "{format: [nf4]}")
+    first = run_sweep(load_experiment(str(path)), SweepOptions(tracking_uri=uri, progress=False))
+    assert first.finished == ["baseline-fp32", "nf4-b64-fp32"]
     for module in (experiments.config, tracking.schema):
         monkeypatch.setattr(module, "NUMERICS_VERSION", "next")
-    again = run_sweep(load_experiment("smoke", quick), SweepOptions(tracking_uri=uri, progress=False))
-    assert again.finished == ["baseline", "nf4-b64"] and not again.skipped  # nothing reused
-    child = children(runs(uri))
+    again = run_sweep(load_experiment(str(path)), SweepOptions(tracking_uri=uri, progress=False))
+    assert again.finished == ["baseline-fp32", "nf4-b64-fp32"] and not again.skipped  # nothing reused
+    child = children(runs(uri, "older"))
     assert sorted(child["tags.harness.numerics_version"]) == sorted([NUMERICS_VERSION] * 2 + ["next"] * 2)
-    [selected] = select_runs(runs(uri), "smoke")  # the newer run supersedes the older one in tables
+    [selected] = select_runs(runs(uri, "older"), "older")  # the newer run supersedes the older one in tables
     assert len(selected.quantized) == 1
     assert selected.quantized["tags.harness.numerics_version"].item() == "next"
 

@@ -13,7 +13,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from harness import NUMERICS_VERSION, methods
-from harness.experiments.schema import Choice, DataSettings, EvalSettings, LayerRule, MethodSettings
+from harness.experiments.schema import (
+    Choice,
+    DataSettings,
+    EvalSettings,
+    LayerRule,
+    MethodSettings,
+    RecoverySettings,
+)
 from harness.quant.double_quant import DoubleQuantConfig
 from harness.quant.formats import get_format
 from harness.quant.quantize import BlockSize, QuantConfig
@@ -44,6 +51,7 @@ class RunConfig:
     seed: int = 0
     overrides: tuple[LayerOverride, ...] = ()  # per-layer rules, in order: the last match wins
     mix_name: str | None = None  # the short name of a mixed config (else mixed-<hash6>)
+    recovery: RecoverySettings | None = None  # LoRA adapters trained on the quantized base, then evaluated
 
     @property
     def is_baseline(self) -> bool:
@@ -92,30 +100,28 @@ class RunConfig:
         overrides only when there are some, so a uniform config keeps its hash)."""
         dq = self.double_quant
         mixed = {"overrides": [o.content() for o in self.overrides]} if self.overrides else {}
-        method = {} if self.method == "rtn" else {"method": self.method, **self._method_settings()}
-        return (
-            mixed
-            | method
-            | {
-                "model": self.model,
-                "include": list(self.include),
-                "exclude": list(self.exclude),
-                "data": self.data.model_dump(),
-                "eval": self.eval.model_dump(mode="json"),
-                "format": self.format,
-                "block_size": self.block_size,
-                "double_quant": None if dq is None else dq.spec(),
-                "constant_dtype": self.constant_dtype,
-                "model_dtype": self.model_dtype,
-                "compute_dtype": self.compute_dtype,
-                "rounding": self.rounding,
-                "seed": self.seed,
-            }
-        )
-
-    def _method_settings(self) -> dict[str, Any]:
         settings = self.method_settings.of(self.method)
-        return {"method_settings": settings} if settings else {}
+        method = {} if self.method == "rtn" else {"method": self.method}
+        method |= {"method_settings": settings} if method and settings else {}
+        recovery = {} if self.recovery is None else {"recovery": self.recovery.model_dump()}
+        return {
+            **mixed,
+            **method,
+            **recovery,
+            "model": self.model,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "data": self.data.model_dump(),
+            "eval": self.eval.model_dump(mode="json"),
+            "format": self.format,
+            "block_size": self.block_size,
+            "double_quant": None if dq is None else dq.spec(),
+            "constant_dtype": self.constant_dtype,
+            "model_dtype": self.model_dtype,
+            "compute_dtype": self.compute_dtype,
+            "rounding": self.rounding,
+            "seed": self.seed,
+        }
 
     @property
     def config_id(self) -> str:
@@ -133,10 +139,11 @@ class RunConfig:
             dtypes.append(("model_dtype", DTYPE_LABELS[self.model_dtype]))
         if self.compute_dtype not in (None, self.model_dtype):
             dtypes.append(("compute_dtype", f"compute-{DTYPE_LABELS[self.compute_dtype]}"))
+        lora = [] if self.recovery is None else [("recovery", "lora")]  # adapters trained, then evaluated
         if self.format is None:
-            return [("format", "baseline"), *dtypes]
+            return [("format", "baseline"), *dtypes, *lora]
         if self.overrides:
-            return [("mixed", self.mix_name or f"mixed-{self.hash[:6]}"), *dtypes]
+            return [("mixed", self.mix_name or f"mixed-{self.hash[:6]}"), *dtypes, *lora]
         parts = [("format", self.format), ("block_size", f"b{self.block_size}")]
         if (dq := self.double_quant) is not None:
             parts.append(("double_quant", dq.label))
@@ -147,7 +154,7 @@ class RunConfig:
         parts += dtypes
         if self.rounding != "ties_down":
             parts.append(("rounding", self.rounding))
-        return parts
+        return parts + lora
 
     @property
     def label(self) -> str:

@@ -145,7 +145,10 @@ def expand(spec: ExperimentFile, path: Path) -> Experiment:
         method_settings=spec.methods,
         overrides=overrides,
         mix_name=mix_name,
+        recovery=spec.recovery,
     )
+    if spec.recovery is not None and not evaluation.kld:
+        raise fail("recovery", "needs eval.kld: true (recovery is measured against the unquantized model)")
     experiment = Experiment(
         name,
         spec.description,

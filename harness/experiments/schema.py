@@ -173,6 +173,23 @@ class MethodSettings(_Strict):
         return settings.model_dump() if settings is not None else {}
 
 
+class RecoverySettings(_Strict):
+    """LoRA finetuning on each config's quantized base (QLoRA's recipe, via peft), then the same evaluation
+    again. Training rows come from calibration-pool documents that calibration did not use."""
+
+    rank: PositiveInt = 16
+    alpha: Annotated[float, Field(gt=0, description="a positive number")] = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1, description="a number in [0, 1)")] = 0.05
+    # globs over Linear layer names; empty: the layers the config quantizes
+    target_modules: list[StrictStr] = Field(default_factory=list, description="a list of glob strings")
+    lr: Annotated[float, Field(gt=0, description="a positive number")] = 2e-4
+    warmup: Annotated[StrictInt, Field(ge=0)] = 5  # steps of linear warmup, then constant
+    steps: PositiveInt = 20
+    batch: PositiveInt = 4  # sequences per optimizer step, one forward each (gradients accumulate)
+    sequence_length: PositiveInt = 128
+    seed: StrictInt = 0
+
+
 class LayerSelection(_Strict):
     include: list[StrictStr] = Field(default_factory=list, description="a list of glob strings")
     exclude: list[StrictStr] = Field(default_factory=list, description="a list of glob strings")
@@ -271,4 +288,5 @@ class ExperimentFile(_Strict):
     mixed: MixedSettings | None = None
     sensitivity: SensitivitySettings = SensitivitySettings()
     methods: MethodSettings = MethodSettings()
+    recovery: RecoverySettings | None = None
     seed: StrictInt = 0

@@ -172,6 +172,88 @@ register_metric(
     "acc_avg_stderr", "Avg acc SE", "%", None, "model", "sqrt(Σ se²) / n, the tasks taken as independent",
     decimals=1, scale=100,
 )  # fmt: skip
+# LoRA recovery: adapters trained on the quantized base (experiment section `recovery`), then evaluated again
+# on the same tokens. The 16-bit LoRA target is the same recipe trained on the unquantized model.
+register_metric(
+    "lora_ppl", "PPL after LoRA", "", "lower", "model",
+    "ppl of the quantized model with its trained adapters",
+    decimals=2, interval=("lora_ppl_ci95_low", "lora_ppl_ci95_high"), per_token="lora_nll",
+)  # fmt: skip
+register_metric(
+    "lora16_ppl", "16-bit LoRA PPL", "", "lower", "model",
+    "ppl of the unquantized model with adapters trained by the same recipe: what LoRA on the base reaches",
+    decimals=2, per_token="lora16_nll",
+)  # fmt: skip
+for _end in ("low", "high"):
+    register_metric(
+        f"lora_ppl_ci95_{_end}", f"PPL after LoRA 95% CI {_end}", "", None, "model",
+        f"{_end} end of the 95% interval of lora_ppl ({METHOD})", decimals=2,
+    )  # fmt: skip
+register_metric(
+    "lora_kld_mean", "KLD after LoRA", "nats", "lower", "model",
+    "kld_mean of the quantized model with its adapters, against the unquantized model without any",
+    stderr="lora_kld_mean_se", per_token="lora_kld",
+)  # fmt: skip
+register_metric(
+    "lora_kld_mean_se",
+    "KLD after LoRA SE",
+    "nats",
+    None,
+    "model",
+    f"standard error of lora_kld_mean ({METHOD})",
+)
+register_metric(
+    "lora_top1_agreement", "Top-1 after LoRA", "%", "higher", "model",
+    "top1_agreement of the quantized model with its adapters, against the unquantized model without any",
+    decimals=1, scale=100, stderr="lora_top1_agreement_se", per_token="lora_top1_match",
+)  # fmt: skip
+register_metric(
+    "lora_top1_agreement_se", "Top-1 after LoRA SE", "%", None, "model",
+    f"standard error of lora_top1_agreement ({METHOD})", decimals=1, scale=100,
+)  # fmt: skip
+for _reference, _what in (("base", "the unquantized model"), ("lora16", "the 16-bit LoRA target")):
+    register_metric(
+        f"recovery_vs_{_reference}", f"Recovered vs {_reference}", "%", "higher", "model",
+        f"(ΔPPL before − ΔPPL after) / ΔPPL before, each ΔPPL against {_what} on the same tokens: the share "
+        "of the gap the adapters close",
+        decimals=1, scale=100,
+        interval=(f"recovery_vs_{_reference}_ci95_low", f"recovery_vs_{_reference}_ci95_high"),
+    )  # fmt: skip
+    for _end in ("low", "high"):
+        register_metric(
+            f"recovery_vs_{_reference}_ci95_{_end}", f"Recovered vs {_reference} 95% CI {_end}", "%", None,
+            "model", f"{_end} end of the paired 95% interval of recovery_vs_{_reference} ({METHOD})",
+            decimals=1, scale=100,
+        )  # fmt: skip
+for _score in ("acc", "acc_norm"):
+    register_metric(
+        f"lora_{_score}_{TASK}", f"{TASK} {_score} after LoRA", "%", "higher", "model",
+        f"{_score}_{TASK} of the quantized model with its adapters", decimals=1, scale=100,
+        stderr=f"lora_{_score}_{TASK}_stderr",
+    )  # fmt: skip
+    register_metric(
+        f"lora_{_score}_{TASK}_stderr", f"{TASK} {_score} after LoRA SE", "%", None, "model",
+        f"lm-eval's standard error of lora_{_score}_{TASK}", decimals=1, scale=100,
+    )  # fmt: skip
+register_metric(
+    "lora_train_loss", "Train loss", "nats", "lower", "model",
+    "mean next-token loss of an optimizer step's rows (a step metric: one value per step; the last is shown)",
+    sig=4,
+)  # fmt: skip
+register_metric(
+    "lora_train_tokens", "Train tokens", "", None, "model", "tokens the adapters trained on", decimals=0
+)
+register_metric(
+    "lora_params", "Adapter params", "", None, "model",
+    "trainable adapter parameters (A and B of every target)",
+    decimals=0,
+)  # fmt: skip
+register_metric(
+    "lora_bits_per_param", "Adapter bits/param", "", "lower", "model",
+    "the adapters' bits over the quantized layers' parameters: what they add to bits_per_param",
+    decimals=3,
+)  # fmt: skip
+register_metric("time_lora_s", "LoRA time", "s", "lower", "model", "training the adapters", decimals=1)
 # Weight shape and activation-weighted error (sensitivity proxies)
 register_metric(
     "kurtosis", "Kurtosis", "", None, "numel_weighted",

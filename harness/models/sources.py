@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import re
-import struct
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -28,6 +27,7 @@ from torch import nn
 from harness import assets, gemm
 from harness.cache import building, cache_dir
 from harness.errors import HarnessError
+from harness.models import gguf_header
 from harness.progress import quiet_peer_logs, ticking
 from harness.quant.quantize import COMPUTE_DTYPES
 
@@ -85,7 +85,10 @@ _GGUF_UNQUANTIZED = {0: "float32", 1: "float16", 32: "bfloat16"}
 def _gguf_dtype(path: Path) -> DeclaredDtype:
     import gguf
 
-    file_type = _gguf_file_type(path)
+    try:
+        file_type = gguf_header.file_type(path)
+    except gguf_header.GGUFHeaderError as exc:
+        raise ModelError(str(exc)) from exc
     if file_type in _GGUF_UNQUANTIZED:
         name = _GGUF_UNQUANTIZED[file_type]
         return DeclaredDtype(name, f"the GGUF's general.file_type {file_type}: unquantized {name}")
@@ -95,52 +98,6 @@ def _gguf_dtype(path: Path) -> DeclaredDtype:
         f"the GGUF is quantized (general.file_type {file_type}, {kind}) and its metadata names no source "
         "dtype: bfloat16, the dtype today's checkpoints are released in",
     )
-
-
-# GGUF metadata value types (gguf.GGUFValueType) by their struct format; 8 is a string, 9 an array
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def _gguf_file_type(path: Path) -> int | None:
-    """``general.file_type`` from a GGUF's header, read key by key without building the tokenizer's arrays
-    (gguf.GGUFReader holds about 1.5 GB for Gemma's 262k-entry vocabulary)."""
-
-    def read(fmt: str) -> Any:
-        return struct.unpack(f"<{fmt}", file.read(struct.calcsize(fmt)))[0]
-
-    def length() -> int:  # a string's length; a cut-off file promises more bytes than it holds
-        n = read("Q")
-        if file.tell() + n > size:
-            raise ValueError(f"a field promises {n:,} bytes past the end of the file")
-        return n
-
-    def skip(kind: int) -> None:
-        if kind == 8:
-            file.seek(length(), 1)
-        elif kind == 9:
-            item, count = read("I"), read("Q")
-            if item in _GGUF_SCALARS:
-                file.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
-            else:
-                for _ in range(count):
-                    skip(item)
-        else:
-            file.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
-
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as file:
-            if file.read(4) != b"GGUF" or read("I") < 2:
-                raise ValueError("not a GGUF v2+ file")
-            _, n_keys = read("Q"), read("Q")
-            for _ in range(n_keys):
-                key, kind = file.read(length()).decode(), read("I")
-                if key == "general.file_type" and kind in _GGUF_SCALARS:
-                    return int(read(_GGUF_SCALARS[kind]))
-                skip(kind)
-    except (ValueError, KeyError, struct.error, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} cannot be read as a GGUF model ({exc}); download or copy it again") from exc
-    return None
 
 
 def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
@@ -287,6 +244,10 @@ class ModelOutline:
     @property
     def max_positions(self) -> int | None:
         return getattr(self.config.get_text_config(), "max_position_embeddings", None)
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return _is_causal_lm(self.config)
 
 
 def outline_model(spec: str, fetch: bool = True) -> ModelOutline | None:

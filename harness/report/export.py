@@ -17,6 +17,7 @@ from harness.report.layouts import LAYOUTS, method_differences, method_pairs, pi
 from harness.report.render import to_csv, to_latex, to_markdown
 from harness.report.runs import ModelRuns, mixed_provenance, select_runs
 from harness.report.table import Column, ReportError, Table, metric_info
+from harness.stats import ppl_difference
 from harness.tracking import (
     LAYERS_ARTIFACT,
     TOKENS_ARTIFACT,
@@ -64,6 +65,7 @@ def write_report(
                 table, out / f"{table.name}{suffix}", f"tab:{_slug(experiment)}-{table.name}{suffix}"
             )
         paths += write_plots(runs, out, suffix, lambda run_id: _layers_csv(tracker, run_id))
+        paths += recovery_plots(runs, out, suffix, lambda run_id, name: tracker.attach(run_id).curve(name))
     tracker.log_report(experiment, [p for p in paths if p.suffix in (".png", ".md")])
     mixed = mixed_provenance(selected)
     return Report(paths, [mixed] if mixed else [])
@@ -128,14 +130,15 @@ def write_plots(
             found = pd.DataFrame(
                 {
                     "group": [f"{r['params.format']} b{r['params.block_size']}" for r, _ in kept],
-                    "method": [r["params.method"] for r, _ in kept],
+                    "series": [r["params.method"] for r, _ in kept],
                     "value": [d.mean for _, d in kept],
                     "low": [d.ci_low for _, d in kept],
                     "high": [d.ci_high for _, d in kept],
                 }
             )
             ylabel = "ΔKLD against round to nearest (nats)\nbars: paired 95% interval, block bootstrap"
-            fig = plots.method_differences(found, ylabel, f"methods against round to nearest ({where})")
+            title = f"methods against round to nearest ({where})"
+            fig = plots.grouped_differences(found, ylabel, title, zero="round to nearest")
             paths += plots.save(fig, out / f"methods_kld{suffix}")
     if runs.has("nmse"):
         found = points.assign(value=runs.metric("nmse")).dropna(subset=["bits", "value"])
@@ -153,6 +156,39 @@ def write_plots(
         at = "each format's own block" if block == "None" else f"block {block}"
         fig = plots.layer_heatmap(found_layers, f"per-layer weight nMSE, {at} ({where})")
         paths += plots.save(fig, out / f"layer_heatmap{suffix}")
+    return paths
+
+
+def recovery_plots(
+    runs: ModelRuns, out: Path, suffix: str, curve: Callable[[str, str], list[float]]
+) -> list[Path]:
+    """ΔPPL against the unquantized model before and after LoRA, paired on the same tokens, per config (the
+    unquantized row's after is the 16-bit LoRA target), and every config's training-loss curve."""
+    if not runs.has("lora_ppl"):
+        return []
+    frame = pd.concat([runs.baseline, runs.quantized])
+    labels = ["unquantized"] * len(runs.baseline) + [str(v) for v in runs.quantized["params.label"]]
+    points = []
+    for label, series in zip(labels, (runs.per_token(str(r)) for r in frame["run_id"]), strict=True):
+        if series is None or "base_nll" not in series:
+            continue
+        for name, key in (("before LoRA", "nll"), ("after LoRA", "lora_nll")):
+            d = ppl_difference(series[key], series["base_nll"])
+            points.append(
+                {"group": label, "series": name, "value": d.mean, "low": d.ci_low, "high": d.ci_high}
+            )
+    where = f"{runs.experiment}, {runs.model}"
+    paths: list[Path] = []
+    if points:
+        ylabel = "ΔPPL against the unquantized model\nbars: paired 95% interval, block bootstrap"
+        fig = plots.grouped_differences(
+            pd.DataFrame(points), ylabel, f"LoRA recovery ({where})", zero="the unquantized model"
+        )
+        paths += plots.save(fig, out / f"recovery_ppl{suffix}")
+    logged = zip(labels, (curve(str(r), "lora_train_loss") for r in frame["run_id"]), strict=True)
+    if curves := {label: values for label, values in logged if values}:
+        fig = plots.loss_curves(curves, "training loss (nats/token)", f"LoRA training ({where})")
+        paths += plots.save(fig, out / f"recovery_loss{suffix}")
     return paths
 
 

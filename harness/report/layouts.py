@@ -324,6 +324,31 @@ def methods_table(runs: ModelRuns, metric: str) -> Table | None:
     return Table("methods", caption, ["Config"], labels, columns)
 
 
+@register_layout
+def recovery_table(runs: ModelRuns, metric: str) -> Table | None:
+    """QLoRA's question after finetuning: each config before and after LoRA adapters trained on its quantized
+    base, the 16-bit LoRA target, and the share of the quantization gap the adapters close."""
+    if not runs.has("lora_ppl"):
+        return None
+    frame = pd.concat([runs.baseline, runs.quantized])
+    skip = len(runs.baseline)
+    keys = ("bits_per_param", "ppl", "lora_ppl", "recovery_vs_base", "recovery_vs_lora16", "kld_mean")
+    columns = [runs.column(key, frame, skip=skip) for key in (*keys, "lora_kld_mean") if runs.has(key)]
+    labels = [["unquantized"]] * skip + [[str(v)] for v in runs.quantized["params.label"]]
+    recipe = runs.quantized.iloc[0]
+    extra = [
+        "after LoRA: adapters of rank {} trained {} steps × {} rows of {} tokens on each config's base; the "
+        "unquantized row's is the 16-bit LoRA target".format(
+            *(recipe.get(f"params.lora_{k}", "?") for k in ("rank", "steps", "batch", "sequence_length"))
+        ),
+        "recovered: (ΔPPL before − ΔPPL after) / ΔPPL before, against the unquantized model (vs base) or "
+        "the 16-bit LoRA target (vs lora16), with paired intervals on the same tokens",
+        "KLD after LoRA: against the unquantized model without adapters",
+    ]
+    caption = f"LoRA recovery on {runs.setting()}. " + _notes(runs, columns, extra)
+    return Table("recovery", caption, ["Config"], labels, columns, reference_rows=skip)
+
+
 def _paired(runs: ModelRuns, key: str, a: pd.DataFrame, b: pd.DataFrame) -> list[Difference | None]:
     """Row by row, the paired difference of ``key`` between the runs of ``a`` and of ``b`` on the same
     tokens (ppl as exp of the mean NLL), or None without per-token results."""

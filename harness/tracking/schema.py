@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import harness
 from harness import NUMERICS_VERSION
+from harness.recovery import recipe_params
 
 if TYPE_CHECKING:
     from harness.experiments import RunConfig
@@ -112,6 +113,7 @@ def config_params(config: RunConfig) -> dict[str, Any]:
         "limit": config.eval.limit,
         "seed": config.seed,
         "memory_convention": "quantized linears as stored; every other parameter at its loaded dtype",
+        **(recipe_params(config.recovery) if config.recovery is not None else {}),
     }
 
 

@@ -7,7 +7,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,13 +59,26 @@ class Run:
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Declared metrics only (``harness.metrics``): an undeclared name is a KeyError, not a new column."""
+        self._log_batch([(name, value, 0) for name, value in metrics.items() if value is not None])
+
+    def log_curve(self, name: str, values: Sequence[float]) -> None:
+        """A declared metric's value at each step (0, 1, …); the run shows the last."""
+        self._log_batch([(name, value, step) for step, value in enumerate(values)])
+
+    def curve(self, name: str) -> list[float]:
+        """A metric's value at each logged step, in step order (empty where the run logged none)."""
+        history = self.client.get_metric_history(self.id, name)
+        return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+    def _log_batch(self, points: list[tuple[str, float, int]]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        for name in metrics:
+        for name in dict.fromkeys(name for name, _, _ in points):
             metric(name)
-        items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
-        self.client.log_batch(self.id, metrics=items)
+        items = [Metric(name, float(value), now, step) for name, value, step in points]
+        for start in range(0, len(items), 1000):  # MLflow's log_batch takes at most 1,000 metrics
+            self.client.log_batch(self.id, metrics=items[start : start + 1000])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -82,8 +95,10 @@ class Run:
         self.client.log_figure(self.id, figure, name)
 
     def log_measurement(self, measurement: Measurement) -> None:
-        """A config's numbers, its per-layer table, its per-token results, records and figures."""
+        """A config's numbers, its curves, its per-layer table, its per-token results, records and figures."""
         self.log_metrics(measurement.metrics)
+        for name, values in measurement.curves.items():
+            self.log_curve(name, values)
         if measurement.layers is not None:
             self.client.log_text(self.id, measurement.layers.to_csv(index=False), LAYERS_ARTIFACT)
         with tempfile.TemporaryDirectory() as folder:

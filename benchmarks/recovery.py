@@ -1,0 +1,138 @@
+"""What a LoRA recovery step costs: ours against a plain peft + transformers loop, and against the FLOP floor.
+
+On the ``recovery-smoke`` experiment's model and recipe (smollm2-135m in bf16; rank 16 on every quantized
+Linear, 4 rows of 128 tokens per step), with the base quantized to nf4 at block 64 the way a sweep does it
+(dequantized weights in place): tokens/s of
+
+- ours: ``harness.recovery.adapted`` (peft adapters, AdamW, rows accumulated over as few forwards as keep the
+  logits within its budget);
+- plain peft + transformers: ``get_peft_model`` on the same layers, one forward of the step's whole batch with
+  ``labels``, ``backward``, ``AdamW.step``: what a researcher writes by hand.
+
+Each timing is the median step of ``--runs`` trainings of ``--steps`` steps (the first step of each is left
+out: it allocates). The floor is the step's FLOPs at this CPU's bf16 torch.mm rate: 6 × parameters × tokens
+(the usual rule, which counts weight gradients) and 4 × parameters × tokens (the base is frozen: no weight
+gradients, only the activations' and the adapters'). Peak RSS is this process's, against the model's bytes +
+AdamW's state (two float32 moments per adapter parameter) + 0.5 GB.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/recovery.py [--experiment recovery-smoke] [--steps 6] [--runs 3]
+
+Compare ratios taken in one run: the machine's speed varies from day to day.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
+
+import argparse
+import re
+import resource
+import statistics
+import time
+
+import torch
+
+from harness.experiments import load_experiment
+from harness.experiments.schema import RecoverySettings
+from harness.floor import matmul_rate
+from harness.measure import ModelSession
+from harness.models import quantized
+from harness.quant.quantize import COMPUTE_DTYPES, QuantConfig
+from harness.recovery import adapted, micro_batch
+
+
+def _plain_peft(
+    model: torch.nn.Module, names: list[str], rows: torch.Tensor, recipe: RecoverySettings
+) -> list[float]:
+    """Seconds per step of a hand-written peft + transformers loop: one forward per step."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=recipe.rank,
+        lora_alpha=recipe.alpha,
+        lora_dropout=recipe.dropout,
+        target_modules="|".join(re.escape(n) for n in names),
+    )
+    torch.manual_seed(recipe.seed)
+    peft_model = get_peft_model(model, config)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=recipe.lr)
+    peft_model.train()
+    times = []
+    for step in range(recipe.steps):
+        start = time.perf_counter()
+        part = rows[step * recipe.batch : (step + 1) * recipe.batch]
+        peft_model(input_ids=part, labels=part).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    peft_model.eval()
+    peft_model.unload()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--experiment", default="recovery-smoke")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    experiment = load_experiment(args.experiment, [f"recovery.steps={args.steps}"])
+    config = experiment.configs[0].resolved("bfloat16")
+    recipe = config.recovery
+    assert recipe is not None, f"{args.experiment} has no recovery section"
+    session = ModelSession.prepare(config)
+    model = session.loaded.model
+    hidden = model.config.get_text_config().hidden_size
+    rate = matmul_rate(recipe.batch * recipe.sequence_length, hidden, 4 * hidden, torch.bfloat16)
+    tokens = recipe.batch * recipe.sequence_length
+    shape = f"{tokens}×{hidden} @ {hidden}×{4 * hidden}"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"bf16 torch.mm {rate / 1e9:.0f} GFLOP/s ({shape})"
+    )
+    names = [info.name for info in session.pristine.layers]
+    assert session.training is not None
+    rows = session.training.rows
+    quant = QuantConfig("nf4", 64)
+    dtype = COMPUTE_DTYPES[str(config.compute_dtype)]
+    ours: list[float] = []
+    theirs: list[float] = []
+    with quantized(session.pristine, quant, dtype, session.calibration, quiet=True):
+        for run in range(args.runs):
+            with adapted(model, names, rows, recipe) as training:
+                pass
+            ours += training.step_s[1:]
+            theirs += _plain_peft(model, names, rows, recipe)[1:]
+            plain = sum(theirs[1 - args.steps :])
+            print(f"run {run + 1}: ours {sum(ours[1 - args.steps :]):.1f} s, plain peft {plain:.1f} s")
+        adapter_bytes = training.adapter_bytes
+    parameters = sum(p.numel() for p in model.parameters())
+    ours_step, theirs_step = statistics.median(ours), statistics.median(theirs)
+    per_forward = micro_batch(model, recipe)
+    print(
+        f"\n{config.model} in bf16, nf4 b64 base; rank {recipe.rank} on {len(names)} Linears; "
+        f"{recipe.batch} × {recipe.sequence_length} tokens per step; ours runs {per_forward} rows per forward"
+    )
+    print("\n| loop | s/step | tokens/s | × 6N floor | × 4N floor |")
+    print("|---|--:|--:|--:|--:|")
+    for name, step in (("ours", ours_step), ("plain peft + transformers", theirs_step)):
+        print(
+            f"| {name} | {step:.2f} | {tokens / step:.0f} | {step * rate / (6 * parameters * tokens):.2f} | "
+            f"{step * rate / (4 * parameters * tokens):.2f} |"
+        )
+    print(f"\nours / plain peft tokens/s: {theirs_step / ours_step:.2f} (goal ≥ 0.9)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model_bytes = sum(p.nbytes for p in model.parameters())
+    budget = 2 * model_bytes + 2 * adapter_bytes + 0.5e9
+    print(
+        f"peak RSS {peak / 1e9:.2f} GB; 2 × model {2 * model_bytes / 1e9:.2f} GB + AdamW state "
+        f"{2 * adapter_bytes / 1e9:.3f} GB + 0.5 GB = {budget / 1e9:.2f} GB"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""LoRA recovery: adapters trained with peft on a model as it stands (a config's quantized base, or the
+unquantized model for the 16-bit LoRA target), kept on for one evaluation, then removed.
+
+The base stays exactly as it was: only the adapters' parameters reach the optimizer, every base parameter is
+frozen for the training, and peft's ``unload`` puts the original modules back. Adapters are kept in float32
+(peft's ``autocast_adapter_dtype``), while the base runs in the model dtype, as QLoRA trains them. Each
+optimizer step accumulates the gradients of its ``batch`` rows over as few forwards as keep the logits (rows ×
+sequence length × vocabulary) within a budget; the training is one epoch, each row once, in order.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.errors import HarnessError
+from harness.experiments.schema import RecoverySettings
+from harness.models import discover_layers
+
+ADAPTER_DTYPE = torch.float32  # peft's autocast_adapter_dtype: a 16-bit base trains float32 adapters
+OPTIMIZER = "AdamW (torch), weight decay 0, linear warmup then constant"
+LOGIT_BUDGET = 2**25  # logits alive in one forward (about 0.4 GB with the loss' fp32 copy and its gradient)
+
+
+class RecoveryError(HarnessError, ValueError):
+    """A recovery recipe this model cannot take; one line."""
+
+
+@dataclass(frozen=True)
+class Training:
+    """What a LoRA training did: the loss per optimizer step, and the adapters' size."""
+
+    losses: tuple[float, ...]
+    step_s: tuple[float, ...]  # wall seconds of each optimizer step
+    adapter_params: int
+    adapter_bytes: int
+    train_tokens: int
+    train_s: float
+
+
+def target_layers(model: nn.Module, settings: RecoverySettings, quantized: list[str]) -> list[str]:
+    """The Linear layers that take adapters: ``settings.target_modules`` globs, else the quantized layers.
+    RecoveryError for a glob that matches nothing or a rank above a layer's smaller side."""
+    names = quantized
+    if settings.target_modules:
+        try:
+            names = [info.name for info in discover_layers(model, list(settings.target_modules))]
+        except HarnessError:
+            raise RecoveryError(
+                f"recovery.target_modules {settings.target_modules} matches no Linear layer; list them "
+                "with `harness layers`"
+            ) from None
+    modules = dict(model.named_modules())
+    for name in names:
+        smaller = min(modules[name].in_features, modules[name].out_features)
+        if settings.rank > smaller:
+            raise RecoveryError(
+                f"recovery.rank {settings.rank} exceeds {name}'s smaller side ({smaller}); lower the rank"
+            )
+    return names
+
+
+def recipe_params(recipe: RecoverySettings) -> dict[str, Any]:
+    """The recipe as flat run params, with what it leaves implicit (optimizer, adapter dtype) spelled out."""
+    return {f"lora_{name}": value for name, value in recipe.model_dump().items()} | {
+        "lora_target_modules": ",".join(recipe.target_modules) or "(the quantized layers)",
+        "lora_optimizer": OPTIMIZER,
+        "lora_adapter_dtype": str(ADAPTER_DTYPE).removeprefix("torch."),
+    }
+
+
+@contextmanager
+def adapted(
+    model: nn.Module, names: list[str], rows: torch.Tensor, settings: RecoverySettings
+) -> Iterator[Training]:
+    """``model`` with LoRA adapters on ``names``, trained on ``rows`` (n, sequence_length) by
+    ``settings``; the adapters are removed and every parameter's ``requires_grad`` restored on exit."""
+    with injected(model, names, settings) as wrapped:
+        yield _train(wrapped, rows, settings)
+
+
+@contextmanager
+def injected(model: nn.Module, names: list[str], settings: RecoverySettings) -> Iterator[nn.Module]:
+    """``model`` with freshly initialised adapters on ``names`` (B = 0: the model's outputs are unchanged)
+    and every base parameter frozen; yields peft's wrapper. On exit the adapters are removed and every
+    parameter's ``requires_grad`` is restored."""
+    from peft import LoraConfig, get_peft_model
+
+    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+    torch.manual_seed(settings.seed)  # the adapters' initialisation (A: Kaiming uniform, B: zeros)
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules="|".join(re.escape(name) for name in names),  # a string: matched whole, by name
+        bias="none",
+    )
+    with warnings.catch_warnings():  # peft asks transformers a question that transformers 5 renamed
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        wrapped = get_peft_model(model, config, autocast_adapter_dtype=True)
+    try:
+        yield wrapped
+    finally:
+        model.eval()
+        wrapped.unload()
+        for name, p in model.named_parameters():
+            p.requires_grad_(frozen[name])
+
+
+def micro_batch(model: nn.Module, settings: RecoverySettings) -> int:
+    """Rows per forward: as many of the step's rows as keep their logits within ``LOGIT_BUDGET`` values (one
+    row of Gemma's 262k vocabulary at 256 tokens already holds 67 M), at least one."""
+    vocabulary = model.get_output_embeddings().out_features
+    return max(1, min(settings.batch, LOGIT_BUDGET // (settings.sequence_length * vocabulary)))
+
+
+def _train(model: nn.Module, rows: torch.Tensor, settings: RecoverySettings) -> Training:
+    adapters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert adapters and all("lora_" in name for name, _ in adapters), "only adapters may train"
+    parameters = [p for _, p in adapters]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / (settings.warmup + 1))
+    )
+    assert len(rows) == settings.steps * settings.batch, "one epoch: each row trains once, in order"
+    micro = micro_batch(model, settings)
+    losses, step_s = [], []
+    start = time.perf_counter()
+    model.train()
+    for step in range(settings.steps):
+        began = time.perf_counter()
+        total = 0.0
+        batch = rows[step * settings.batch : (step + 1) * settings.batch]
+        for part in batch.split(
+            micro
+        ):  # every row has as many tokens: the step's mean is Σ part means × share
+            loss = model(input_ids=part, labels=part).loss * (len(part) / settings.batch)
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+        step_s.append(time.perf_counter() - began)
+    model.eval()
+    return Training(
+        tuple(losses),
+        tuple(step_s),
+        sum(p.numel() for p in parameters),
+        sum(p.nbytes for p in parameters),
+        settings.steps * settings.batch * rows.shape[1],
+        time.perf_counter() - start,
+    )
