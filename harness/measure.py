@@ -9,11 +9,14 @@ the sweep logs what it returns, and the report derives every comparison between 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from importlib.metadata import version
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from harness import assets, gemm
+from harness import NUMERICS_VERSION, assets, gemm
 from harness.cache import cache_dir
 from harness.data import TrainingSplit, recovery_split, tokenize_corpus
 from harness.evaluate.divergence import evaluate_against
@@ -59,11 +62,10 @@ from harness.models import (
 )
 from harness.plots import layer_error_plot
 from harness.quant.quantize import COMPUTE_DTYPES
-from harness.recovery import Training, adapted, target_layers
+from harness.recovery import Evaluated, Training, adapted, cached_target, target_layers
 from harness.stats import kld_percentiles, recovery, token_statistics
 
 PROJECTIONS = {"7B": 7e9, "70B": 70e9}  # model sizes whose memory at the measured bits/param is reported
-Evaluated = tuple[dict[str, float], dict[str, np.ndarray]]  # metrics, and the per-token series they come from
 
 
 @dataclass(frozen=True)
@@ -244,12 +246,24 @@ def _trained(session: ModelSession, config: RunConfig) -> tuple[Training, Evalua
 
 def _lora16(session: ModelSession, config: RunConfig) -> tuple[Training, Evaluated]:
     """The 16-bit LoRA target: ``config.recovery`` trained on the unquantized model, evaluated; once per
-    session and recipe."""
-    assert config.recovery is not None
-    key = config.recovery.model_dump_json()
-    if key not in session.lora16:
-        session.lora16[key] = _trained(session, config)
-    return session.lora16[key]
+    model and recipe (cached beside the base reference, which it is measured against)."""
+    assert config.recovery is not None and session.reference is not None and session.training is not None
+    recipe = config.recovery.model_dump_json()
+    if recipe not in session.lora16:
+        train = partial(_trained, session, config)
+        if session.reference.path is None:  # a reference kept in memory: so is the target
+            session.lora16[recipe] = train()
+            return session.lora16[recipe]
+        key = {
+            "reference": session.reference.path.name,  # the model, tokens, protocol, threads and kernels
+            "recipe": recipe,
+            "rows": hashlib.sha256(session.training.rows.numpy().tobytes()).hexdigest(),
+            "tasks": [list(config.eval.tasks), config.eval.limit],
+            "numerics_version": NUMERICS_VERSION,
+            "peft": version("peft"),
+        }
+        session.lora16[recipe] = cached_target(cache_dir() / "lora16", key, train)
+    return session.lora16[recipe]
 
 
 def _recovered(

@@ -10,17 +10,22 @@ sequence length × vocabulary) within a budget; the training is one epoch, each 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from harness.cache import building
 from harness.errors import HarnessError
 from harness.experiments.schema import RecoverySettings
 from harness.models import discover_layers
@@ -28,6 +33,9 @@ from harness.models import discover_layers
 ADAPTER_DTYPE = torch.float32  # peft's autocast_adapter_dtype: a 16-bit base trains float32 adapters
 OPTIMIZER = "AdamW (torch), weight decay 0, linear warmup then constant"
 LOGIT_BUDGET = 2**25  # logits alive in one forward (about 0.4 GB with the loss' fp32 copy and its gradient)
+_TARGET = "target.json"  # a cached 16-bit LoRA target's marker, written last
+
+Evaluated = tuple[dict[str, float], dict[str, np.ndarray]]  # metrics, and the per-token series they come from
 
 
 class RecoveryError(HarnessError, ValueError):
@@ -75,6 +83,29 @@ def recipe_params(recipe: RecoverySettings) -> dict[str, Any]:
         "lora_optimizer": OPTIMIZER,
         "lora_adapter_dtype": str(ADAPTER_DTYPE).removeprefix("torch."),
     }
+
+
+def cached_target(
+    folder: Path, key: dict[str, Any], train: Callable[[], tuple[Training, Evaluated]]
+) -> tuple[Training, Evaluated]:
+    """The 16-bit LoRA target from the cache entry of ``key`` (the base reference's entry, the recipe, the
+    training rows, the tasks, the numerics version), trained by ``train`` and stored first when missing: a
+    resumed sweep trains it once per model and recipe, not once per session. Stored exactly (float64 JSON
+    reprs, uncompressed arrays), so a cached target gives bit-identical fractions."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    final = folder / digest
+    with building(final, _TARGET) as build:
+        if build is not None:
+            training, (metrics, per_token) = train()
+            np.savez(build / "per_token.npz", **per_token)
+            record = {"key": key, "metrics": metrics, "training": asdict(training)}
+            (build / _TARGET).write_text(json.dumps(record, indent=1) + "\n")
+    record = json.loads((final / _TARGET).read_text())
+    with np.load(final / "per_token.npz") as stored:
+        per_token = {name: stored[name] for name in stored.files}
+    fields = record["training"]
+    training = Training(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return training, (record["metrics"], per_token)
 
 
 @contextmanager
@@ -139,9 +170,7 @@ def _train(model: nn.Module, rows: torch.Tensor, settings: RecoverySettings) -> 
         began = time.perf_counter()
         total = 0.0
         batch = rows[step * settings.batch : (step + 1) * settings.batch]
-        for part in batch.split(
-            micro
-        ):  # every row has as many tokens: the step's mean is Σ part means × share
+        for part in batch.split(micro):  # rows of equal length: the step's mean is Σ part means × share
             loss = model(input_ids=part, labels=part).loss * (len(part) / settings.batch)
             loss.backward()
             total += loss.item()

@@ -130,14 +130,15 @@ def test_recovery_fraction_is_the_share_of_the_gap_closed() -> None:
 def test_a_sweep_logs_before_and_after_and_a_failed_training_leaves_no_finished_run(
     tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A config whose training dies is FAILED, with no curve, and the next sweep redoes it from scratch:
-    no FINISHED run holds a partial curve."""
+    """A config whose training dies is FAILED, with no curve, and the next sweep redoes it from scratch (the
+    16-bit target it is measured against comes from the cache): no FINISHED run holds a partial curve."""
     from mlflow import MlflowClient
 
     from harness.sweep import SweepOptions, run_sweep
     from harness.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))  # no 16-bit target cached by another test
     steps = {"n": 0}
     step = torch.optim.AdamW.step
 
@@ -155,9 +156,10 @@ def test_a_sweep_logs_before_and_after_and_a_failed_training_leaves_no_finished_
     client = MlflowClient(uri)
     failed = runs.loc["nf4-b64-fp32-lora"]
     assert failed["status"] == "FAILED" and not client.get_metric_history(failed["run_id"], "lora_train_loss")
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    steps["n"] = -1000  # counting, no longer dying
     again = run_sweep(load_experiment(str(tiny)), SweepOptions(tracking_uri=uri, progress=False))
     assert again.finished == ["nf4-b64-fp32-lora"]
+    assert steps["n"] == -1000 + 3  # nf4's 3 steps: the 16-bit target came from the cache
     runs = Tracker(uri).runs("recovery")
     for _, run in runs[(runs["status"] == "FINISHED") & runs["params.format"].notna()].iterrows():
         history = client.get_metric_history(run["run_id"], "lora_train_loss")
@@ -170,6 +172,9 @@ def test_a_sweep_logs_before_and_after_and_a_failed_training_leaves_no_finished_
     assert "Recovered vs base" in table and "| unquantized |" in table and "rank 4 trained 3 steps" in table
     done = runs[runs["status"] == "FINISHED"].set_index("tags.mlflow.runName")
     assert np.isfinite(done.loc["int4-b64-fp32-lora", "metrics.recovery_vs_base"])
+    assert (
+        done["metrics.lora16_ppl"].nunique() == 1
+    )  # trained in the first sweep, read from the cache in the second
     assert (
         done.loc["baseline-fp32-lora", "metrics.lora_ppl"]
         == done.loc["int4-b64-fp32-lora", "metrics.lora16_ppl"]
