@@ -187,6 +187,9 @@ def _floor(summary: SweepSummary, finished: Sequence[RunConfig], costs: Mapping[
 # default sweep (gemma-3-270m, 16,384 tokens, 2 CPU cores, assets in place) measured 1.7; the rest is
 # quantization, the decoder's non-GEMM work and logging.
 SWEEP_OVERHEAD = 1.7
+# A LoRA training step's time over 6 × parameters × tokens at that rate: benchmarks/recovery.py measured
+# 2.8-3.0 on smollm2-135m (bf16, 4 × 128 tokens per step).
+TRAINING_OVERHEAD = 2.9
 
 
 def estimate(groups: Sequence[Shard], history: pd.DataFrame, costs: Mapping[str, PassCost]) -> str:
@@ -219,8 +222,11 @@ def estimate(groups: Sequence[Shard], history: pd.DataFrame, costs: Mapping[str,
             fitted = sorted({c.method for c in group.configs if METHODS[c.method].calibrated})
             if fitted:
                 sources.add(f"{' and '.join(fitted)}'s fitting to calibration tokens not included")
-            if group.configs[0].recovery is not None:
-                sources.add("LoRA training and the evaluation after it not included")
+            if (recipe := group.configs[0].recovery) is not None:  # the baseline trains the 16-bit target
+                trained = recipe.steps * recipe.batch * recipe.sequence_length
+                seconds += TRAINING_OVERHEAD * len(group.configs) * 6 * cost.n_params * trained / rates[dtype]
+                seconds += SWEEP_OVERHEAD * len(group.configs) * cost.flops / rates[dtype]  # evaluated again
+                sources.add(f"LoRA training at {TRAINING_OVERHEAD:g} × 6 × parameters × tokens at that rate")
     if not sources:
         return "no estimate of its duration"
     shown = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

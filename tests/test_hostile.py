@@ -18,6 +18,7 @@ from harness.cache import cache_dir
 from harness.cli import main
 from harness.executors import Shard
 from harness.experiments import Experiment, load_experiment
+from harness.experiments.schema import RecoverySettings
 from harness.floor import PassCost
 from harness.sweep import estimate
 from harness.tracking import ERROR_TAG, Tracker
@@ -279,6 +280,14 @@ def test_the_estimate_says_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) 
     fitted = [Shard("smollm2-135m", (replace(configs[0], method="gptq"),))]
     text = estimate(fitted, pd.DataFrame(), {"smollm2-135m": cost})
     assert "gptq's fitting to calibration tokens not included" in text
+    recipe = RecoverySettings(steps=10, batch=2, sequence_length=50)  # 1,000 tokens per training
+    trained = [Shard("smollm2-135m", (replace(configs[0], recovery=recipe),))]
+    text = estimate(trained, pd.DataFrame(), {"smollm2-135m": cost})
+    training = sweep.TRAINING_OVERHEAD * 6 * 10**8 * 1000 / 1e12  # one config: one training
+    expected = sweep.SWEEP_OVERHEAD * 3 * 3e12 / 1e12 + training  # the base pass, before and after LoRA
+    assert (
+        text.startswith(f"estimated {expected:.0f} s (") and "LoRA training at 2.9 × 6 × parameters" in text
+    )
 
 
 def test_every_error_of_input_or_circumstance_is_a_harness_error() -> None:
