@@ -338,7 +338,7 @@ def sensitivity_heatmap(table: pd.DataFrame, title: str) -> Figure:
 def allocation_pareto(points: pd.DataFrame, title: str) -> Figure:
     """KLD to the base against stored bits/param (columns ``method``, ``bits_per_param``, ``kld_mean``,
     ``kld_mean_se``): uniform configs joined as a line, each allocation method its own marker, ±1 SE bars."""
-    methods = list(dict.fromkeys(points["series"]))
+    methods = list(dict.fromkeys(points["method"]))
     styles = format_styles(methods)
     with style():
         fig = Figure(figsize=(6.4, 4.0), layout="constrained")

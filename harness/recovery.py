@@ -3,7 +3,8 @@ unquantized model for the 16-bit LoRA target), kept on for one evaluation, then 
 
 The base stays exactly as it was: only the adapters' parameters reach the optimizer, every base parameter is
 frozen for the training, and peft's ``unload`` puts the original modules back. Adapters are kept in float32
-(peft's ``autocast_adapter_dtype``), while the base runs in the model dtype, as QLoRA trains them. Each
+(peft's default, ``autocast_adapter_dtype``) while the base runs in the model dtype; QLoRA's reference script
+casts them to bf16 instead. Each
 optimizer step accumulates the gradients of its ``batch`` rows over as few forwards as keep the logits (rows ×
 sequence length × vocabulary) within a budget; the training is one epoch, each row once, in order.
 """
