@@ -96,15 +96,32 @@ def recovery(before: np.ndarray, after: np.ndarray, reference: np.ndarray) -> tu
     """(ΔPPL before − ΔPPL after) / ΔPPL before, each ΔPPL against ``reference`` on the same tokens (the
     share of the gap to the reference that training closed), with its paired 95 % interval: value, low,
     high. All three NLL series are resampled with the same blocks."""
-    means_before, means_after, means_reference = resampled_means(before, after, reference)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        samples = (_exp(means_before) - _exp(means_after)) / (_exp(means_before) - _exp(means_reference))
-    ppl_before, ppl_after, ppl_reference = (_exp(float(np.mean(s))) for s in (before, after, reference))
-    gap = ppl_before - ppl_reference
-    value = (ppl_before - ppl_after) / gap if gap != 0 else math.nan
+    samples = _recovered(*resampled_means(before, after, reference))
+    (value,) = _recovered(*(np.array([np.mean(s)]) for s in (before, after, reference)))
     finite = samples[np.isfinite(samples)]
     low, high = interval(finite) if len(finite) else (math.nan, math.nan)
-    return float(value), low, high
+    return float(value) if math.isfinite(value) else math.nan, low, high
+
+
+def recovery_difference(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], reference: np.ndarray
+) -> Difference:
+    """The recovery of ``a`` minus that of ``b`` (each a (before, after) pair of NLL series), against one
+    ``reference`` on the same tokens, all five series resampled with the same blocks."""
+    before_a, after_a, before_b, after_b, ref = resampled_means(*a, *b, reference)
+    samples = _recovered(before_a, after_a, ref) - _recovered(before_b, after_b, ref)
+    samples = samples[np.isfinite(samples)]
+    value = recovery(*a, reference)[0] - recovery(*b, reference)[0]
+    if len(samples) < 2:
+        return Difference(value, math.nan, math.nan, math.nan, len(reference))
+    low, high = interval(samples)
+    return Difference(value, float(samples.std(ddof=1)), low, high, len(reference))
+
+
+def _recovered(before: np.ndarray, after: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The recovery fraction from mean NLLs (PPL = exp of each)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (_exp(before) - _exp(after)) / (_exp(before) - _exp(reference))
 
 
 def unresolved_from_best(

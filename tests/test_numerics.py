@@ -92,7 +92,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "0a4d6878d0c2e49bc0b0d15da275ee212feedcdd0fd4f6379b7fe74c1f6c9d82",
+    "4": "be42bcb94ac1c8537bc16e4ec55a2ea1d20994f7fa38b69e366f2beb9a2498d4",
 }
 
 

@@ -18,7 +18,7 @@ from harness.experiments.schema import RecoverySettings
 from harness.measure import ModelSession, _checked_evaluation, measure
 from harness.preflight import PreflightError, check
 from harness.recovery import adapted, injected
-from harness.stats import recovery
+from harness.stats import recovery, recovery_difference
 
 RECIPE = "{steps: 3, batch: 2, sequence_length: 64, rank: 4, lr: 0.01, warmup: 1}"
 
@@ -125,6 +125,11 @@ def test_recovery_fraction_is_the_share_of_the_gap_closed() -> None:
     )
     assert value == pytest.approx(expected) and low <= value <= high
     assert recovery(before, before, reference)[0] == 0.0 and recovery(before, reference, reference)[0] == 1.0
+    same = recovery_difference((before, after), (before, after), reference)
+    assert same.mean == 0.0 and not same.resolved
+    better = recovery_difference((before, reference + 0.01), (before, after), reference)
+    assert better.mean == pytest.approx(recovery(before, reference + 0.01, reference)[0] - value)
+    assert better.resolved and better.ci_low > 0
 
 
 def test_a_sweep_logs_before_and_after_and_a_failed_training_leaves_no_finished_run(
@@ -170,6 +175,7 @@ def test_a_sweep_logs_before_and_after_and_a_failed_training_leaves_no_finished_
     assert {"recovery.md", "recovery.tex", "recovery_ppl.png", "recovery_loss.png"} <= written
     table = (tmp_path / "out" / "recovery.md").read_text()
     assert "Recovered vs base" in table and "| unquantized |" in table and "rank 4 trained 3 steps" in table
+    assert "for PPL, PPL after LoRA, Recovered vs base, Recovered vs lora16, KLD" in table  # paired tests
     done = runs[runs["status"] == "FINISHED"].set_index("tags.mlflow.runName")
     assert np.isfinite(done.loc["int4-b64-fp32-lora", "metrics.recovery_vs_base"])
     assert (
