@@ -170,7 +170,7 @@ def token_splits(
     Each calibration row is a separate forward pass, so each starts with BOS (when ``add_bos`` and the
     tokenizer has one); the evaluation stream starts with BOS once and is cut to ``eval_tokens`` (BOS counts).
     """
-    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    bos = _bos(tokenizer, add_bos)
     if calibration_sequences < 0 or calibration_length <= len(bos) or eval_tokens <= len(bos):
         raise DataError(
             f"need calibration_sequences >= 0, calibration_length > {len(bos)} and eval_tokens > {len(bos)}; "
@@ -188,8 +188,7 @@ def token_splits(
             f"corpus {corpus!r} has {len(cal_ids)} calibration tokens in {len(cal_docs)} documents, "
             f"fewer than {calibration_sequences} x {row}; lower calibration_sequences or calibration_length"
         )
-    rows = [bos + cal_ids[i * row : (i + 1) * row] for i in range(calibration_sequences)]
-    calibration = torch.tensor(rows, dtype=torch.int64).reshape(calibration_sequences, calibration_length)
+    calibration = _rows(cal_ids, bos, calibration_sequences, calibration_length)
 
     eval_ids, n_docs_eval = _stream(eval_docs, tokenizer, separator, eval_tokens - len(bos))
     if len(bos) + len(eval_ids) < eval_tokens:
@@ -226,7 +225,7 @@ def training_split(
 ) -> TrainingSplit:
     """``rows`` training rows of ``length`` tokens, cut as calibration rows are, from the calibration pool's
     documents after its first ``skip_docs`` (the ones calibration used, ``TokenSplits.n_docs_cal``)."""
-    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    bos = _bos(tokenizer, add_bos)
     docs = [text for text in load_texts(corpus) if is_calibration_doc(text)][skip_docs:]
     row = length - len(bos)
     ids, used = _stream(docs, tokenizer, _separator(tokenizer), rows * row)
@@ -235,8 +234,7 @@ def training_split(
             f"corpus {corpus!r} has {len(ids)} training tokens in the {len(docs)} calibration-pool documents "
             f"calibration leaves, fewer than {rows} x {row}; lower recovery.steps, batch or sequence_length"
         )
-    cut = [bos + ids[i * row : (i + 1) * row] for i in range(rows)]
-    return TrainingSplit(torch.tensor(cut, dtype=torch.int64), skip_docs, skip_docs + used)
+    return TrainingSplit(_rows(ids, bos, rows, length), skip_docs, skip_docs + used)
 
 
 def recovery_split(
@@ -254,6 +252,18 @@ def recovery_split(
         length=recipe.sequence_length,
         add_bos=config.eval.bos,
     )
+
+
+def _rows(ids: list[int], bos: list[int], count: int, length: int) -> torch.Tensor:
+    """``count`` rows of ``length`` tokens: each is ``bos`` then the next ``length - len(bos)`` of ``ids``
+    (each row is its own forward pass, so each opens with BOS)."""
+    row = length - len(bos)
+    cut = [bos + ids[i * row : (i + 1) * row] for i in range(count)]
+    return torch.tensor(cut, dtype=torch.int64).reshape(count, length)
+
+
+def _bos(tokenizer: PreTrainedTokenizerBase, add_bos: bool) -> list[int]:
+    return [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
 
 
 def _separator(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -247,13 +247,10 @@ def _trained(session: ModelSession, config: RunConfig) -> tuple[Training, Evalua
 def _lora16(session: ModelSession, config: RunConfig) -> tuple[Training, Evaluated]:
     """The 16-bit LoRA target: ``config.recovery`` trained on the unquantized model, evaluated; once per
     model and recipe (cached beside the base reference, which it is measured against)."""
-    assert config.recovery is not None and session.reference is not None and session.training is not None
+    assert config.recovery is not None and session.training is not None
+    assert session.reference is not None and session.reference.path is not None  # prepare caches it
     recipe = config.recovery.model_dump_json()
     if recipe not in session.lora16:
-        train = partial(_trained, session, config)
-        if session.reference.path is None:  # a reference kept in memory: so is the target
-            session.lora16[recipe] = train()
-            return session.lora16[recipe]
         key = {
             "reference": session.reference.path.name,  # the model, tokens, protocol, threads and kernels
             "recipe": recipe,
@@ -262,6 +259,7 @@ def _lora16(session: ModelSession, config: RunConfig) -> tuple[Training, Evaluat
             "numerics_version": NUMERICS_VERSION,
             "peft": version("peft"),
         }
+        train = partial(_trained, session, config)
         session.lora16[recipe] = cached_target(cache_dir() / "lora16", key, train)
     return session.lora16[recipe]
 

@@ -96,8 +96,8 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
             unchecked.append(settings.data.corpus)  # `show` downloads nothing
             continue
         try:
-            corpus = tokenize_corpus(settings, outline.tokenizer)
-            recovery_split(settings, outline.tokenizer, corpus.splits.n_docs_cal)
+            tokenized = tokenize_corpus(settings, outline.tokenizer)
+            recovery_split(settings, outline.tokenizer, tokenized.splits.n_docs_cal)
         except DataError as exc:
             problems.append(f"data.corpus: {exc}")
     if problems:

@@ -13,6 +13,7 @@ Pure numpy on arrays; nothing here knows models or MLflow.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,25 +98,28 @@ def recovery(before: np.ndarray, after: np.ndarray, reference: np.ndarray) -> tu
     share of the gap to the reference that training closed), with its paired 95 % interval: value, low,
     high. All three NLL series are resampled with the same blocks."""
     samples = _recovered(*resampled_means(before, after, reference))
-    (value,) = _recovered(*(np.array([np.mean(s)]) for s in (before, after, reference)))
     finite = samples[np.isfinite(samples)]
     low, high = interval(finite) if len(finite) else (math.nan, math.nan)
-    return float(value) if math.isfinite(value) else math.nan, low, high
+    return _recovered_by_means(before, after, reference), low, high
 
 
-def recovery_difference(
-    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], reference: np.ndarray
-) -> Difference:
+def recovery_difference(a: np.ndarray, b: np.ndarray, reference: np.ndarray) -> Difference:
     """The recovery of ``a`` minus that of ``b`` (each a (before, after) pair of NLL series), against one
     ``reference`` on the same tokens, all five series resampled with the same blocks."""
     before_a, after_a, before_b, after_b, ref = resampled_means(*a, *b, reference)
     samples = _recovered(before_a, after_a, ref) - _recovered(before_b, after_b, ref)
     samples = samples[np.isfinite(samples)]
-    value = recovery(*a, reference)[0] - recovery(*b, reference)[0]
+    value = _recovered_by_means(*a, reference) - _recovered_by_means(*b, reference)
     if len(samples) < 2:
         return Difference(value, math.nan, math.nan, math.nan, len(reference))
     low, high = interval(samples)
     return Difference(value, float(samples.std(ddof=1)), low, high, len(reference))
+
+
+def _recovered_by_means(before: np.ndarray, after: np.ndarray, reference: np.ndarray) -> float:
+    """The recovery fraction of the series' own means; NaN without a finite one (no gap to recover)."""
+    (value,) = _recovered(*(np.array([np.mean(s)]) for s in (before, after, reference)))
+    return float(value) if math.isfinite(value) else math.nan
 
 
 def _recovered(before: np.ndarray, after: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -125,18 +129,23 @@ def _recovered(before: np.ndarray, after: np.ndarray, reference: np.ndarray) -> 
 
 
 def unresolved_from_best(
-    values: list[float], series: list[np.ndarray | None], better: str, skip: int
+    values: list[float],
+    series: list[np.ndarray | None],
+    better: str,
+    skip: int,
+    differ: Callable[[np.ndarray, np.ndarray], Difference] = paired_difference,
 ) -> set[int] | None:
-    """Rows (from ``skip`` on) whose paired difference from the best row's per-token series has a 95 %
-    interval holding 0: those a table cannot tell from the best. None when any row lacks its series or the
-    rows do not share their tokens."""
+    """Rows (from ``skip`` on) whose paired difference (``differ``) from the best row's per-token series has
+    a 95 % interval holding 0: those a table cannot tell from the best. Each row's series is one array, its
+    last axis the tokens (a stack of series for ``recovery_difference``). None when any row lacks its series
+    or the rows do not share their tokens."""
     rows = [i for i in range(skip, len(values)) if math.isfinite(values[i])]
     if len(rows) < 2 or any(series[i] is None for i in rows):
         return None
-    if len({len(series[i]) for i in rows}) != 1:  # type: ignore[arg-type]
+    if len({np.shape(series[i])[-1] for i in rows}) != 1:
         return None
     best = (min if better == "lower" else max)(rows, key=lambda i: values[i])
-    return {i for i in rows if i != best and not paired_difference(series[i], series[best]).resolved}
+    return {i for i in rows if i != best and not differ(series[i], series[best]).resolved}  # type: ignore[arg-type]
 
 
 def _exp(x: np.ndarray | float) -> np.ndarray | float:

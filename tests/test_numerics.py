@@ -92,7 +92,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "be42bcb94ac1c8537bc16e4ec55a2ea1d20994f7fa38b69e366f2beb9a2498d4",
+    "4": "e94c8f3a633257878cb9dbe9fdfe08de27ee86cd0df16b192c56496af9a4e723",
 }
 
 

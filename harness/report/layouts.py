@@ -8,15 +8,24 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
 from harness.evaluate.tasks import PRIMARY
 from harness.metrics import MetricSpec
 from harness.report.runs import ModelRuns, sort_key
 from harness.report.table import DATATYPE_COLUMNS, Column, ReportError, Table, metric_info
-from harness.stats import METHOD, Difference, paired_difference, ppl_difference, recovery_difference
+from harness.stats import (
+    METHOD,
+    Difference,
+    paired_difference,
+    ppl_difference,
+    recovery_difference,
+    unresolved_from_best,
+)
 
 # A layout turns one model's runs into a table, or None where those runs do not vary what it shows; ``metric``
 # is the quality metric a table of one metric shows (``harness tables --metric``). ``tables`` writes every
@@ -335,9 +344,15 @@ def recovery_table(runs: ModelRuns, metric: str) -> Table | None:
     keys = ("bits_per_param", "ppl", "lora_ppl", "recovery_vs_base", "recovery_vs_lora16", "kld_mean")
     columns = [runs.column(key, frame, skip=skip) for key in (*keys, "lora_kld_mean") if runs.has(key)]
     series = [runs.per_token(str(run_id)) for run_id in frame["run_id"]]
+    pairs = [None if s is None else np.stack([s["nll"], s["lora_nll"]]) for s in series]
+    found = [s for s in series[skip:] if s is not None]
     for k, column in enumerate(columns):
-        if (reference := _RECOVERY_REFERENCE.get(column.metric.name)) is not None:
-            columns[k] = replace(column, tied=_recovery_tied(column.values, series, reference, skip))
+        if (name := _RECOVERY_REFERENCE.get(column.metric.name)) is not None and found:
+            # every row is measured against the same base reference and the same 16-bit target
+            differ = partial(recovery_difference, reference=found[0][name])
+            columns[k] = replace(
+                column, tied=unresolved_from_best(column.values, pairs, "higher", skip, differ)
+            )
     labels = [["unquantized"]] * skip + [[str(v)] for v in runs.quantized["params.label"]]
     recipe = runs.quantized.iloc[0]
     extra = [
@@ -354,24 +369,6 @@ def recovery_table(runs: ModelRuns, metric: str) -> Table | None:
 
 
 _RECOVERY_REFERENCE = {"recovery_vs_base": "base_nll", "recovery_vs_lora16": "lora16_nll"}  # per-token series
-
-
-def _recovery_tied(values: list[float], series: list[Any], reference: str, skip: int) -> set[int] | None:
-    """Rows whose recovery fraction a paired test (``stats.recovery_difference``) cannot tell from the
-    highest; None without every row's per-token results."""
-    rows = [i for i in range(skip, len(values)) if math.isfinite(values[i])]
-    if len(rows) < 2 or any(series[i] is None for i in rows):
-        return None
-    best = max(rows, key=lambda i: values[i])
-    top = series[best]
-    return {
-        i
-        for i in rows
-        if i != best
-        and not recovery_difference(
-            (series[i]["nll"], series[i]["lora_nll"]), (top["nll"], top["lora_nll"]), top[reference]
-        ).resolved
-    }
 
 
 def _paired(runs: ModelRuns, key: str, a: pd.DataFrame, b: pd.DataFrame) -> list[Difference | None]:
