@@ -92,7 +92,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "e94c8f3a633257878cb9dbe9fdfe08de27ee86cd0df16b192c56496af9a4e723",
+    "4": "127d49fe8ae0fd85a8c233a62eb087561c638ccf34546646eb9367e8bcbae605",
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from harness.metrics.registry import TASK, register_metric
 from harness.quant.quantize import COMPUTE_DTYPES
 from harness.stats import METHOD
@@ -79,24 +81,28 @@ register_metric(
     "‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F on calibration inputs X of each layer",
     scale=100,
 )
+
+
+def _interval(of: str, label: str, unit: str = "", paired: bool = True, **display: Any) -> tuple[str, str]:
+    """Declare the low and high ends of ``of``'s 95 % interval; their names, for ``of``'s declaration."""
+    ends = (f"{of}_ci95_low", f"{of}_ci95_high")
+    kind = "paired 95% interval" if paired else "95% interval"
+    for name, end in zip(ends, ("low", "high"), strict=True):
+        definition = f"{end} end of the {kind} of {of} ({METHOD})"
+        register_metric(name, f"{label} 95% CI {end}", unit, None, "model", definition, **display)
+    return ends
+
+
 # Language modelling, on the evaluation tokens under the experiment's perplexity protocol. Every interval is
 # a block bootstrap over the scored tokens in order (harness.stats.METHOD), paired where two models meet.
 register_metric(
     "ppl", "PPL", "", "lower", "model", "exp(mean NLL) of the scored tokens under the named protocol",
-    decimals=2, interval=("ppl_ci95_low", "ppl_ci95_high"), per_token="nll",
+    decimals=2, interval=_interval("ppl", "PPL", paired=False, decimals=2), per_token="nll",
 )  # fmt: skip
-for _end in ("low", "high"):
-    register_metric(
-        f"ppl_ci95_{_end}", f"PPL 95% CI {_end}", "", None, "model",
-        f"{_end} end of the 95% interval of ppl ({METHOD})", decimals=2,
-    )  # fmt: skip
-    register_metric(
-        f"delta_ppl_ci95_{_end}", f"ΔPPL 95% CI {_end}", "", None, "model",
-        f"{_end} end of the paired 95% interval of delta_ppl ({METHOD})", decimals=2, signed=True,
-    )  # fmt: skip
 register_metric(
     "delta_ppl", "ΔPPL", "", "lower", "model", "ppl − ppl of the unquantized model on the same tokens",
-    decimals=2, signed=True, interval=("delta_ppl_ci95_low", "delta_ppl_ci95_high"), per_token="nll",
+    decimals=2, signed=True, per_token="nll",
+    interval=_interval("delta_ppl", "ΔPPL", decimals=2, signed=True),
 )  # fmt: skip
 register_metric(
     "ln_ppl_ratio", "ln(PPL ratio)", "nats", "lower", "model",
@@ -177,18 +183,14 @@ register_metric(
 register_metric(
     "lora_ppl", "PPL after LoRA", "", "lower", "model",
     "ppl of the quantized model with its trained adapters",
-    decimals=2, interval=("lora_ppl_ci95_low", "lora_ppl_ci95_high"), per_token="lora_nll",
+    decimals=2, per_token="lora_nll",
+    interval=_interval("lora_ppl", "PPL after LoRA", paired=False, decimals=2),
 )  # fmt: skip
 register_metric(
     "lora16_ppl", "16-bit LoRA PPL", "", "lower", "model",
     "ppl of the unquantized model with adapters trained by the same recipe: what LoRA on the base reaches",
     decimals=2, per_token="lora16_nll",
 )  # fmt: skip
-for _end in ("low", "high"):
-    register_metric(
-        f"lora_ppl_ci95_{_end}", f"PPL after LoRA 95% CI {_end}", "", None, "model",
-        f"{_end} end of the 95% interval of lora_ppl ({METHOD})", decimals=2,
-    )  # fmt: skip
 register_metric(
     "lora_kld_mean", "KLD after LoRA", "nats", "lower", "model",
     "kld_mean of the quantized model with its adapters, against the unquantized model without any",
@@ -217,14 +219,10 @@ for _reference, _what in (("base", "the unquantized model"), ("lora16", "the 16-
         f"(ΔPPL before − ΔPPL after) / ΔPPL before, each ΔPPL against {_what} on the same tokens: the share "
         "of the gap the adapters close",
         decimals=1, scale=100,
-        interval=(f"recovery_vs_{_reference}_ci95_low", f"recovery_vs_{_reference}_ci95_high"),
+        interval=_interval(
+            f"recovery_vs_{_reference}", f"Recovered vs {_reference}", "%", decimals=1, scale=100
+        ),
     )  # fmt: skip
-    for _end in ("low", "high"):
-        register_metric(
-            f"recovery_vs_{_reference}_ci95_{_end}", f"Recovered vs {_reference} 95% CI {_end}", "%", None,
-            "model", f"{_end} end of the paired 95% interval of recovery_vs_{_reference} ({METHOD})",
-            decimals=1, scale=100,
-        )  # fmt: skip
 for _score in ("acc", "acc_norm"):
     register_metric(
         f"lora_{_score}_{TASK}", f"{TASK} {_score} after LoRA", "%", "higher", "model",
