@@ -254,6 +254,7 @@ def _sweep(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         costs=checked.costs,
         declared=checked.declared,
+        corpora=checked.corpora,
     )
     executor = RayExecutor(args.address, args.workers) if args.executor == "ray" else LocalExecutor()
     summary = run_sweep(exp, options, executor)

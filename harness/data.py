@@ -275,17 +275,20 @@ def _separator(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 @dataclass(frozen=True)
 class TokenizedCorpus:
-    """All that evaluation needs of a model's tokenizer for one experiment: the splits of its corpus, what the
-    evaluation text counts (for bits per byte and word perplexity) and the BOS id it opens with."""
+    """All that a sweep needs of a model's tokenizer for one experiment: the splits of its corpus, what the
+    evaluation text counts (for bits per byte and word perplexity), the BOS id it opens with and the LoRA
+    recovery's training rows. Made once per model, by the preflight, and handed to the model's session."""
 
     splits: TokenSplits
     text_bytes: int
     text_words: int
     bos_token_id: int | None  # None unless eval.bos
+    training: TrainingSplit | None  # None without a recovery section
 
 
 def tokenize_corpus(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TokenizedCorpus:
-    """``config``'s corpus under ``tokenizer``: its calibration and evaluation tokens, and their text."""
+    """``config``'s corpus under ``tokenizer``: its calibration and evaluation tokens, their text, and the
+    training rows of its recovery recipe."""
     splits = token_splits(
         config.data.corpus,
         tokenizer,
@@ -295,9 +298,9 @@ def tokenize_corpus(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> To
         add_bos=config.eval.bos,
     )
     text_bytes, text_words = text_counts(tokenizer, splits.evaluation)
-    return TokenizedCorpus(
-        splits, text_bytes, text_words, tokenizer.bos_token_id if config.eval.bos else None
-    )
+    bos = tokenizer.bos_token_id if config.eval.bos else None
+    training = recovery_split(config, tokenizer, splits.n_docs_cal)
+    return TokenizedCorpus(splits, text_bytes, text_words, bos, training)
 
 
 def text_counts(tokenizer: Any, tokens: torch.Tensor) -> tuple[int, int]:

@@ -22,6 +22,7 @@ import numba
 import torch
 
 from harness import memory
+from harness.data import TokenizedCorpus
 from harness.experiments import RunConfig
 from harness.measure import ModelSession
 from harness.runner import Outcome, Target, run_config
@@ -37,6 +38,7 @@ class Shard:
 
     model: str
     configs: tuple[RunConfig, ...]
+    corpus: TokenizedCorpus | None = None  # the preflight's; None: the session tokenizes the corpus itself
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def run_shard(
     )
 
     def prepare() -> ModelSession:
-        prepared = ModelSession.prepare(shard.configs[0])
+        prepared = ModelSession.prepare(shard.configs[0], shard.corpus)
         report(Outcome("", shard.model, "prepared"))  # the bar's rate counts configs, not the load
         return prepared
 

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 
 from harness import NUMERICS_VERSION, assets, gemm
 from harness.cache import cache_dir
-from harness.data import TrainingSplit, recovery_split, tokenize_corpus
+from harness.data import TokenizedCorpus, TrainingSplit, tokenize_corpus
 from harness.evaluate.divergence import evaluate_against
 from harness.evaluate.reference import BaseReference, ReferenceStorage
 from harness.evaluate.tasks import run_tasks
@@ -102,15 +102,17 @@ class ModelSession:
     lora16: dict[str, tuple[Training, Evaluated]] = field(default_factory=dict)  # 16-bit LoRA, by recipe
 
     @classmethod
-    def prepare(cls, config: RunConfig) -> ModelSession:
-        """Load ``config.model`` in its model dtype (``config`` resolved) and what its configs share."""
+    def prepare(cls, config: RunConfig, corpus: TokenizedCorpus | None = None) -> ModelSession:
+        """Load ``config.model`` in its model dtype (``config`` resolved) and what its configs share; the
+        tokenizer loads only to tokenize the corpus when ``corpus`` (the preflight's) is None, or for the
+        lm-eval tasks."""
         assert config.is_resolved, "ModelSession.prepare takes a resolved config (RunConfig.resolved)"
         torch.manual_seed(config.seed)
         dtype = COMPUTE_DTYPES[config.model_dtype]
-        tokenizer = load_tokenizer(config.model, dtype)
-        corpus = tokenize_corpus(config, tokenizer)
+        tokenizer = load_tokenizer(config.model, dtype) if corpus is None or config.eval.tasks else None
+        corpus = corpus or tokenize_corpus(config, tokenizer)
         splits, text_bytes, text_words = corpus.splits, corpus.text_bytes, corpus.text_words
-        training = recovery_split(config, tokenizer, splits.n_docs_cal)
+        training = corpus.training
         if not config.eval.tasks:  # let go before the weights load, so that the peak holds one, not both
             tokenizer = None
             release_freed()

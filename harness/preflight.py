@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness import assets
-from harness.data import CORPORA, DataError, recovery_split, tokenize_corpus
+from harness.data import CORPORA, DataError, TokenizedCorpus, tokenize_corpus
 from harness.evaluate.windows import PerplexityProtocol
 from harness.experiments import Experiment, ExperimentError
 from harness.experiments.schema import RecoverySettings
@@ -27,11 +27,12 @@ MAX_CONFIGS = 1000  # a grid above this runs only when asked twice (`--yes`)
 @dataclass(frozen=True)
 class Checked:
     """What the checks learnt: each checked model's pass cost (parameters, FLOPs and GEMM shapes of one
-    evaluation pass) and declared dtype (a model's outline is let go once checked: Gemma's tokenizer alone
-    holds about 330 MB)."""
+    evaluation pass), declared dtype and tokenized corpus, which its session takes rather than loading the
+    tokenizer again (a model's outline is let go once checked: Gemma's tokenizer alone holds about 330 MB)."""
 
     costs: dict[str, PassCost]
     declared: dict[str, DeclaredDtype]
+    corpora: dict[str, TokenizedCorpus]
     unchecked: list[str]  # models and corpora not fetched yet: `sweep` fetches and checks them
 
 
@@ -60,6 +61,7 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
     problems: list[str] = []
     costs: dict[str, PassCost] = {}
     declared: dict[str, DeclaredDtype] = {}
+    corpora: dict[str, TokenizedCorpus] = {}
     unchecked: list[str] = []
     for model in experiment.models:
         try:
@@ -96,13 +98,12 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
             unchecked.append(settings.data.corpus)  # `show` downloads nothing
             continue
         try:
-            tokenized = tokenize_corpus(settings, outline.tokenizer)
-            recovery_split(settings, outline.tokenizer, tokenized.splits.n_docs_cal)
+            corpora[model] = tokenize_corpus(settings, outline.tokenizer)
         except DataError as exc:
             problems.append(f"data.corpus: {exc}")
     if problems:
         raise PreflightError("\n".join(f"{experiment.path}: {p}" for p in dict.fromkeys(problems)))
-    return Checked(costs, declared, unchecked)
+    return Checked(costs, declared, corpora, unchecked)
 
 
 def _recovery_problems(

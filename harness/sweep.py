@@ -14,16 +14,18 @@ runs, so two sweeps of one experiment at once never both run it. The bar counts 
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import pandas as pd
+import numpy as np
 from tqdm import tqdm
 
+from harness.data import TokenizedCorpus
 from harness.executors import Executor, LocalExecutor, Shard, SweepContext
 from harness.experiments import DTYPE_LABELS, Experiment, RunConfig
 from harness.floor import PassCost, gemm_rates
@@ -32,7 +34,7 @@ from harness.methods import METHODS
 from harness.models.sources import DeclaredDtype, declared_dtype
 from harness.quant.quantize import COMPUTE_DTYPES
 from harness.runner import Outcome
-from harness.tracking import NOTE_TAG, Tracker, ledger, provenance, sweep_tags
+from harness.tracking import NOTE_TAG, RunRecord, Tracker, ledger, provenance, sweep_tags
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class SweepOptions:
     progress: bool = True
     costs: Mapping[str, PassCost] = field(default_factory=dict)  # per model: the estimate and the floor
     declared: Mapping[str, DeclaredDtype] = field(default_factory=dict)  # per model, when checked already
+    corpora: Mapping[str, TokenizedCorpus] = field(default_factory=dict)  # per model, when checked already
 
 
 @dataclass
@@ -103,18 +106,18 @@ def run_sweep(
         summary.held += [c.label for c in ordered if c.hash in running - done]
         todo = tuple(c for c in ordered if c.hash not in done | running)
         if todo:
-            groups.append(Shard(model, todo))
+            groups.append(Shard(model, todo, options.corpora.get(model)))
     total = sum(len(g.configs) for g in groups)
     if not total:
         return summary
     if options.progress:
-        eta = estimate(groups, tracker.runs(experiment.name), options.costs)
+        eta = estimate(groups, tracker.records(experiment.name), options.costs)
         print(
             f"{experiment.name}: {total} configs to run, {len(summary.skipped)} FINISHED before; {eta}",
             file=sys.stderr,
         )
     n = executor.workers
-    shards = [Shard(g.model, g.configs[i::n]) for g in groups for i in range(n) if g.configs[i::n]]
+    shards = [replace(g, configs=g.configs[i::n]) for g in groups for i in range(n) if g.configs[i::n]]
     start = time.perf_counter()
     with (
         sigterm_as_interrupt(),
@@ -192,21 +195,21 @@ SWEEP_OVERHEAD = 1.7
 TRAINING_OVERHEAD = 2.9
 
 
-def estimate(groups: Sequence[Shard], history: pd.DataFrame, costs: Mapping[str, PassCost]) -> str:
+def estimate(groups: Sequence[Shard], history: Sequence[RunRecord], costs: Mapping[str, PassCost]) -> str:
     """The sweep's expected duration, in words that say where it comes from: the median time of this
     experiment's earlier FINISHED runs of the same model and model dtype, else ``SWEEP_OVERHEAD`` × the FLOP
     floor of its passes (one per config, and one more per model and dtype for the base reference) at this
     CPU's torch.mm rate in the model dtype on the pass's GEMM shapes, measured once per dtype."""
-    timed = pd.Series(dtype=float)
-    columns = {"metrics.time_total_s", "params.model", "params.model_dtype"}
-    if columns <= set(history.columns):
-        finished = history[history["status"] == "FINISHED"].dropna(subset=sorted(columns))
-        timed = finished.groupby(["params.model", "params.model_dtype"])["metrics.time_total_s"].median()
+    times: dict[tuple[str, str], list[float]] = {}
+    for r in history:
+        if r.status == "FINISHED" and math.isfinite(r.metric("time_total_s")):
+            times.setdefault((r.model, r.model_dtype), []).append(r.metric("time_total_s"))
+    timed = {key: float(np.median(found)) for key, found in times.items()}
     seconds, sources, rates = 0.0, set(), {}
     for group in groups:
         dtype = str(group.configs[0].model_dtype)
-        if (group.model, dtype) in timed.index:
-            seconds += len(group.configs) * float(timed[(group.model, dtype)])
+        if (group.model, dtype) in timed:
+            seconds += len(group.configs) * timed[group.model, dtype]
             sources.add("the median time of this experiment's earlier runs")
         elif group.model in costs:
             cost = costs[group.model]

@@ -7,6 +7,7 @@ import os
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -104,3 +105,14 @@ def tiny_experiment(root: Path, name: str, grid: str, calibration: tuple[int, in
         f"grid: {grid}\n"
     )
     return path
+
+
+def stored_runs(uri: str, experiment: str) -> pd.DataFrame:
+    """Every run of an experiment in the store at ``uri`` as one frame (params.*, metrics.*, tags.*...)."""
+    import mlflow
+
+    found = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
+    if found is None:
+        return pd.DataFrame()
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs([found.experiment_id], max_results=100_000)

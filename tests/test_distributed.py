@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import stored_runs
 
 from harness.executors import RayExecutor, set_threads
 from harness.experiments import load_experiment
@@ -148,7 +149,7 @@ def ray_cluster() -> Iterator[None]:
 
 
 def children(uri: str, experiment: str) -> pd.DataFrame:
-    frame = Tracker(uri).runs(experiment)
+    frame = stored_runs(uri, experiment)
     return frame[frame["tags.harness.kind"] == "config"]
 
 
@@ -193,7 +194,7 @@ def test_ray_sweep_on_the_server_equals_the_local_sweep(
     assert "metrics.kld_mean" in columns and columns == metric_columns(remote)
     by_hash = [f.set_index("tags.harness.config_hash").sort_index()[columns] for f in (remote, local)]
     pd.testing.assert_frame_equal(by_hash[0], by_hash[1], check_exact=True)
-    ledger = Tracker(server.uri).runs("tiny.claims")  # the claims: a record, not a run left at work
+    ledger = stored_runs(server.uri, "tiny.claims")  # the claims: a record, not a run left at work
     assert len(ledger) == 1 and ledger["status"].item() == "FINISHED"
     assert ledger.filter(like="params.claim.").notna().sum(axis=1).item() == 4
 
@@ -207,7 +208,7 @@ def test_a_killed_worker_is_retried_and_redoes_only_its_unfinished_config(
     def kill_first_running_worker() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            frame = Tracker(server.uri).runs("killed-worker")
+            frame = stored_runs(server.uri, "killed-worker")
             if len(frame) and "tags.harness.ray_task" in frame:
                 running = frame[(frame["status"] == "RUNNING") & frame["tags.harness.ray_task"].notna()]
                 if len(running):
@@ -276,7 +277,7 @@ def test_the_sweep_survives_a_server_restart(server: Server, tmp_path: Path) -> 
     path = tiny_experiment(tmp_path, "restart", "[nf4, int4]", tokens=512)
     process = sweep_process(server.uri, path)
     deadline = time.monotonic() + 240
-    while not (len(frame := Tracker(server.uri).runs("restart")) and (frame["status"] == "RUNNING").any()):
+    while not (len(frame := stored_runs(server.uri, "restart")) and (frame["status"] == "RUNNING").any()):
         assert time.monotonic() < deadline and process.poll() is None, "the sweep did not start a run"
         time.sleep(0.3)
     server.stop()
@@ -286,7 +287,7 @@ def test_the_sweep_survives_a_server_restart(server: Server, tmp_path: Path) -> 
     again = sweep_process(server.uri, path)
     assert again.wait(timeout=600) == 0
     child = children(server.uri, "restart")
-    assert "RUNNING" not in set(Tracker(server.uri).runs("restart")["status"])
+    assert "RUNNING" not in set(stored_runs(server.uri, "restart")["status"])
     finished = child[child["status"] == "FINISHED"]
     assert sorted(finished["tags.mlflow.runName"]) == ["baseline", "int4-b64", "nf4-b64"]
 

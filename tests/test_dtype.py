@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import save_with_tokenizer, tiny_llama, word_corpus
+from conftest import save_with_tokenizer, stored_runs, tiny_llama, word_corpus
 
 from harness.data import text_counts, tokenize_corpus
 from harness.experiments import load_experiment
 from harness.models import declared_dtype, load_model
 from harness.sweep import SweepOptions, run_sweep
-from harness.tracking import Tracker
 
 
 def _tiny_gemma3() -> torch.nn.Module:
@@ -102,7 +101,7 @@ def _experiment(tmp_path: Path, checkpoints: dict[str, Path], model: str, axes: 
 
 
 def _configs(uri: str) -> dict[str, dict]:
-    frame = Tracker(uri).runs("dtypes")
+    frame = stored_runs(uri, "dtypes")
     frame = frame[frame["tags.harness.kind"] == "config"]
     return {row["tags.mlflow.runName"]: row for _, row in frame.iterrows()}
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 import torch
-from conftest import save_with_tokenizer, tiny_llama, word_corpus
+from conftest import save_with_tokenizer, stored_runs, tiny_llama, word_corpus
 from test_experiments import MALFORMED
 
 from harness import measure, sweep
@@ -21,7 +21,7 @@ from harness.experiments import Experiment, load_experiment
 from harness.experiments.schema import RecoverySettings
 from harness.floor import PassCost
 from harness.sweep import estimate
-from harness.tracking import ERROR_TAG, Tracker
+from harness.tracking import ERROR_TAG, RunRecord
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_a_non_finite_model_fails_and_is_never_tabulated(
     path.write_text(experiment(tiny, model="nan"))
     store = f"sqlite:///{tmp_path / 'store.db'}"
     assert main(["sweep", str(path), "--tracking-uri", store]) == 1
-    runs = Tracker(store).runs("nan")
+    runs = stored_runs(store, "nan")
     configs = runs[runs["tags.harness.kind"] == "config"]
     assert list(configs["status"]) == ["FAILED"]  # the baseline; nothing was measured against it
     error = configs[f"tags.{ERROR_TAG}"].iloc[0]
@@ -262,27 +262,38 @@ def test_the_estimate_says_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) 
     once per model and dtype however many shards it has."""
     configs = [c.resolved("bfloat16") for c in load_experiment("smoke").configs]
     shards = [Shard("smollm2-135m", configs[:1]), Shard("smollm2-135m", configs[1:2])]
-    history = pd.DataFrame(
-        {"status": ["FINISHED", "FINISHED", "FAILED", "FINISHED"], "params.model": ["smollm2-135m"] * 4,
-         "params.model_dtype": ["bfloat16"] * 3 + ["float32"], "metrics.time_total_s": [10.0, 30.0, 1e3, 1e3]}
-    )  # fmt: skip
+    logged = [("FINISHED", "bfloat16", 10.0), ("FINISHED", "bfloat16", 30.0), ("FAILED", "bfloat16", 1e3)]
+    logged.append(("FINISHED", "float32", 1e3))  # another model dtype: not this sweep's time
+    history = [
+        RunRecord.of(
+            SimpleNamespace(
+                info=SimpleNamespace(run_id=str(i), status=status, start_time=i),
+                data=SimpleNamespace(
+                    params={"model": "smollm2-135m", "model_dtype": dtype},
+                    tags={},
+                    metrics={"time_total_s": t},
+                ),
+            )
+        )
+        for i, (status, dtype, t) in enumerate(logged)
+    ]
     assert (
         estimate(shards, history, {}) == "estimated 40 s (the median time of this experiment's earlier runs)"
     )
     calls = []
     monkeypatch.setattr(sweep, "gemm_rates", lambda cost, dtype: calls.append(dtype) or {"mm": 1e12})
     cost = PassCost(10**8, 2e12, 1e12, {"mm": (1, 1, 1)})
-    text = estimate(shards, pd.DataFrame(), {"smollm2-135m": cost})
+    text = estimate(shards, [], {"smollm2-135m": cost})
     expected = sweep.SWEEP_OVERHEAD * 4 * 3e12 / 1e12  # two shards, each one config and one base pass
     assert text.startswith(f"estimated {expected:.0f} s (") and "bfloat16 (1000 GFLOP/s)" in text
     assert calls == [torch.bfloat16]
-    assert estimate(shards, pd.DataFrame(), {}) == "no estimate of its duration"
+    assert estimate(shards, [], {}) == "no estimate of its duration"
     fitted = [Shard("smollm2-135m", (replace(configs[0], method="gptq"),))]
-    text = estimate(fitted, pd.DataFrame(), {"smollm2-135m": cost})
+    text = estimate(fitted, [], {"smollm2-135m": cost})
     assert "gptq's fitting to calibration tokens not included" in text
     recipe = RecoverySettings(steps=10, batch=2, sequence_length=50)  # 1,000 tokens per training
     trained = [Shard("smollm2-135m", (replace(configs[0], recovery=recipe),))]
-    text = estimate(trained, pd.DataFrame(), {"smollm2-135m": cost})
+    text = estimate(trained, [], {"smollm2-135m": cost})
     training = sweep.TRAINING_OVERHEAD * 6 * 10**8 * 1000 / 1e12  # one config: one training
     expected = sweep.SWEEP_OVERHEAD * 3 * 3e12 / 1e12 + training  # the base pass, before and after LoRA
     assert (

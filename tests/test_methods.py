@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_experiment, tiny_llama
+from conftest import stored_runs, tiny_experiment, tiny_llama
 
 from harness.experiments import ExperimentError, load_experiment
 from harness.methods import LayerQuantized, awq, gptq, hqq
@@ -197,7 +197,7 @@ def test_every_method_runs_in_a_sweep_and_gptq_lowers_the_output_error(tiny: Pat
     labels = ["baseline-fp32", *(f"int4-b64{m}-fp32" for m in ("", "-awq", "-gptq", "-hqq"))]
     assert sorted(summary.finished) == sorted(labels)
     tracker = Tracker(uri)
-    runs = tracker.runs("methods").set_index("tags.mlflow.runName")
+    runs = stored_runs(tracker.uri, "methods").set_index("tags.mlflow.runName")
     assert runs.loc["int4-b64-gptq-fp32", "params.method"] == "gptq"
     assert '"damp": 0.01' in runs.loc["int4-b64-gptq-fp32", "params.method_settings"]
     assert runs.loc["int4-b64-fp32", "params.method"] == "rtn"

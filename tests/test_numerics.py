@@ -92,7 +92,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "127d49fe8ae0fd85a8c233a62eb087561c638ccf34546646eb9367e8bcbae605",
+    "4": "caa4fd688d01deefbb9162302c61e8e439afcffad3caed5c8a16ccd5581a0329",
 }
 
 

@@ -3,8 +3,10 @@ per-window ``model(input_ids, labels=...)`` loop written here independently of h
 
 from __future__ import annotations
 
+import gc
 import math
 import warnings
+import weakref
 from functools import cache
 
 import pytest
@@ -16,7 +18,7 @@ from transformers import LlamaForCausalLM
 import harness.evaluate.logits as perplexity_module
 from harness.data import text_counts
 from harness.evaluate.divergence import evaluate_against
-from harness.evaluate.logits import reduce_logits
+from harness.evaluate.logits import LogitHead, reduce_logits
 from harness.evaluate.reference import BaseReference, ReferenceStorage
 from harness.evaluate.windows import PerplexityProtocol, make_windows, perplexity
 
@@ -416,3 +418,21 @@ def test_smollm2_three_protocols() -> None:
         model, tokens, 256, tokenizer.bos_token_id if results["llamacpp"].bos else None
     )
     assert results["llamacpp"].nll_sum == pytest.approx(nll, rel=1e-4)
+
+
+def test_a_models_head_is_checked_once_and_again_when_its_parts_change() -> None:
+    """``LogitHead.of``: one probe forward per model, whatever its weights become in place; a new check when
+    the output head module is replaced; and the cache never keeps a model alive."""
+    model = tiny_llama().requires_grad_(False)
+    probe = torch.arange(3, 19)
+    first = LogitHead.of(model, probe)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # a config quantizes in place
+    assert LogitHead.of(model, probe) is first
+    model.lm_head = torch.nn.Linear(64, 256, bias=False).requires_grad_(False)  # adapters on the head
+    second = LogitHead.of(model, probe)
+    assert second is not first and second.split is not None and second.split.head is model.lm_head
+    alive = weakref.ref(model)
+    del model, first, second
+    gc.collect()
+    assert alive() is None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import save_with_tokenizer, tiny_experiment
+from conftest import save_with_tokenizer, stored_runs, tiny_experiment
 
 from harness.data import token_splits, training_split
 from harness.experiments import ExperimentError, load_experiment
@@ -140,7 +140,6 @@ def test_a_sweep_logs_before_and_after_and_a_failed_training_leaves_no_finished_
     from mlflow import MlflowClient
 
     from harness.sweep import SweepOptions, run_sweep
-    from harness.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))  # no 16-bit target cached by another test
@@ -157,7 +156,7 @@ def test_a_sweep_logs_before_and_after_and_a_failed_training_leaves_no_finished_
     summary = run_sweep(load_experiment(str(tiny)), SweepOptions(tracking_uri=uri, progress=False))
     assert sorted(summary.finished) == ["baseline-fp32-lora", "int4-b64-fp32-lora"]
     assert [label for label, _ in summary.failed] == ["nf4-b64-fp32-lora"]
-    runs = Tracker(uri).runs("recovery").set_index("tags.mlflow.runName")
+    runs = stored_runs(uri, "recovery").set_index("tags.mlflow.runName")
     client = MlflowClient(uri)
     failed = runs.loc["nf4-b64-fp32-lora"]
     assert failed["status"] == "FAILED" and not client.get_metric_history(failed["run_id"], "lora_train_loss")
@@ -165,7 +164,7 @@ def test_a_sweep_logs_before_and_after_and_a_failed_training_leaves_no_finished_
     again = run_sweep(load_experiment(str(tiny)), SweepOptions(tracking_uri=uri, progress=False))
     assert again.finished == ["nf4-b64-fp32-lora"]
     assert steps["n"] == -1000 + 3  # nf4's 3 steps: the 16-bit target came from the cache
-    runs = Tracker(uri).runs("recovery")
+    runs = stored_runs(uri, "recovery")
     for _, run in runs[(runs["status"] == "FINISHED") & runs["params.format"].notna()].iterrows():
         history = client.get_metric_history(run["run_id"], "lora_train_loss")
         assert [m.step for m in history] == [0, 1, 2], run["tags.mlflow.runName"]
@@ -229,14 +228,13 @@ def test_recovery_smoke_on_the_real_model(tmp_path: Path) -> None:
     steps of 2 rows, with piqa on 4 questions: every config trains on the same rows, the unquantized row's
     adapters are the 16-bit LoRA target of the others, and the task is scored again with the adapters on."""
     from harness.sweep import SweepOptions, run_sweep
-    from harness.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cut = ["recovery.steps=2", "recovery.batch=2", "grid.format=[nf4]", "eval.tokens=256"]
     experiment = load_experiment("recovery-smoke", [*cut, "eval.tasks=[piqa]", "eval.limit=4"])
     summary = run_sweep(experiment, SweepOptions(tracking_uri=uri, progress=False))
     assert sorted(summary.finished) == ["baseline-lora", "nf4-b64-lora"], summary.describe()
-    runs = Tracker(uri).runs("recovery-smoke")
+    runs = stored_runs(uri, "recovery-smoke")
     runs = runs[runs["tags.harness.kind"] == "config"].set_index("tags.mlflow.runName")
     assert runs["params.lora_train_split"].nunique() == 1 and runs["params.model_dtype"].eq("bfloat16").all()
     assert runs["params.lora_train_split"].iloc[0].endswith(" 512 tokens")

@@ -11,16 +11,30 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import stored_runs
 
 from harness import plots
 from harness.cache import cache_dir
+from harness.experiments import load_experiment
 from harness.report import ReportError, blocksize_table, select_runs, to_markdown, write_report
-from harness.tracking import BASELINE_ID_TAG, BASELINE_TAG, CONFIG_ID_TAG, HASH_TAG, KIND_TAG, Run, Tracker
+from harness.tracking import (
+    BASELINE_ID_TAG,
+    BASELINE_TAG,
+    CONFIG_ID_TAG,
+    HASH_TAG,
+    KIND_TAG,
+    Run,
+    RunRecord,
+    Tracker,
+    config_params,
+    config_tags,
+)
 
 SETTING = {
     "model": "tiny-model",
@@ -195,14 +209,13 @@ def markdown_rows(path: Path) -> list[list[str]]:
 
 
 def test_latest_finished_run_per_hash(store: str) -> None:
-    (runs,) = select_runs(Tracker(store).runs("synthetic"), "synthetic")
-    labels = list(runs.quantized["params.label"])
+    (runs,) = select_runs(Tracker(store).records("synthetic"), "synthetic")
+    labels = [r.label for r in runs.quantized]
     assert labels == [f"{f}-b{b}{d}" for f in ("int4", "nf4") for b in (64, 128) for d in ("", "-dq")]
-    nf4 = runs.quantized.set_index("params.label").loc["nf4-b64"]
-    assert nf4["metrics.ppl"] == pytest.approx(
-        config("nf4", 64, False)[1]["ppl"]
-    )  # not 99 (old), not 1 (FAILED)
-    assert list(runs.baseline["params.label"]) == ["baseline"]
+    (nf4,) = [r for r in runs.quantized if r.label == "nf4-b64"]
+    assert nf4.metric("ppl") == pytest.approx(config("nf4", 64, False)[1]["ppl"])  # not 99 (old), 1 (FAILED)
+    assert [r.label for r in runs.baseline] == ["baseline"]
+    assert (nf4.format, nf4.block_size, nf4.double_quant, nf4.is_baseline) == ("nf4", "64", "off", False)
 
 
 def test_layouts_written(report: dict[str, Path]) -> None:
@@ -332,16 +345,16 @@ def test_blocksize_and_doublequant_tables(report: dict[str, Path]) -> None:
 
 
 def test_blocksize_table_puts_the_longer_axis_down(store: str) -> None:
-    (runs,) = select_runs(Tracker(store).runs("synthetic"), "synthetic")
-    runs.quantized = runs.quantized[runs.quantized["params.label"].isin(["nf4-b64", "nf4-b128"])]
+    (runs,) = select_runs(Tracker(store).records("synthetic"), "synthetic")
+    runs.quantized = [r for r in runs.quantized if r.label in ("nf4-b64", "nf4-b128")]
     table = blocksize_table(runs, "ppl")
     assert table.index == ["Block"] and table.rows == [["block 64"], ["block 128"]]
     assert [(c.group, c.metric.label) for c in table.columns] == [("nf4", "PPL"), ("nf4", "Bits")]
 
 
 def test_blocksize_table_marks_an_unresolved_step(store: str) -> None:
-    (runs,) = select_runs(Tracker(store).runs("synthetic"), "synthetic")
-    labels = dict(zip(runs.quantized["run_id"], runs.quantized["params.label"], strict=True))
+    (runs,) = select_runs(Tracker(store).records("synthetic"), "synthetic")
+    labels = {r.run_id: r.label for r in runs.quantized}
     rng = np.random.default_rng(1)
     shared = DIFFICULTY + 3
     same = {"nf4-b64": 0.0, "nf4-b128": 0.0001, "int4-b64": 0.2, "int4-b128": 0.3}  # nf4: a step of nothing
@@ -351,7 +364,7 @@ def test_blocksize_table_marks_an_unresolved_step(store: str) -> None:
         return None if offset is None else {"nll": shared + offset + 0.05 * rng.standard_normal(TOKENS)}
 
     runs.per_token = tokens
-    runs.quantized = runs.quantized[runs.quantized["params.label"].isin(list(same))]
+    runs.quantized = [r for r in runs.quantized if r.label in same]
     table = blocksize_table(runs, "ppl")
     marks = {(column.group, row[0]): mark for column in table.columns if column.marks
              for row, mark in zip(table.rows, column.marks, strict=True)}  # fmt: skip
@@ -414,8 +427,7 @@ def test_latex(report: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_plots_logged_to_parent_run(store: str, report: dict[str, Path]) -> None:
-    tracker = Tracker(store)
-    runs = tracker.runs("synthetic")
+    runs = stored_runs(store, "synthetic")
     parent = runs.loc[runs[f"tags.{KIND_TAG}"] == "sweep", "run_id"].iloc[0]
     logged = {Path(a.path).name for a in mlflow.MlflowClient(store).list_artifacts(parent, "report")}
     assert {"ppl_vs_bits.png", "layer_heatmap.png", "datatypes.md"} <= logged
@@ -462,9 +474,9 @@ def test_damaged_downloads_are_fetched_again(
     store: str, report: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Per-token results are downloaded into the cache once; a damaged copy is replaced, not believed."""
-    (runs,) = select_runs(Tracker(store).runs("synthetic"), "synthetic")
+    (runs,) = select_runs(Tracker(store).records("synthetic"), "synthetic")
     damaged = []
-    for run_id in runs.quantized["run_id"]:
+    for run_id in (r.run_id for r in runs.quantized):
         copy = cache_dir() / "artifacts" / str(run_id) / "tokens.npz" / "tokens.npz"
         copy.write_bytes(copy.read_bytes()[: copy.stat().st_size // 2])
         damaged.append(copy)
@@ -473,3 +485,47 @@ def test_damaged_downloads_are_fetched_again(
     assert capsys.readouterr().err.count("building it again") == len(damaged)
     for name in ("datatypes.md", "blocksize-nmse.md", "doublequant.md"):
         assert paths[name].read_text() == report[name].read_text()
+
+
+def test_a_record_reads_back_what_a_config_logged() -> None:
+    """``RunRecord.of`` inverts ``config_params``/``config_tags`` on every axis a table reads, as MLflow
+    stores them (text)."""
+    configs = [*load_experiment("default").configs, *load_experiment("recovery-smoke").configs]
+    configs = [c.resolved("bfloat16") for c in configs]
+    configs.append(configs[0].baseline())
+    assert any(c.double_quant for c in configs) and any(c.is_baseline for c in configs)
+    for c in configs:
+        logged = {k: str(v) for k, v in config_params(c).items()}
+        entity = SimpleNamespace(
+            info=SimpleNamespace(run_id="r", status="FINISHED", start_time=1),
+            data=SimpleNamespace(params=logged, tags=config_tags(c), metrics={"ppl": 3.0}),
+        )
+        r = RunRecord.of(entity)
+        dq = c.double_quant
+        assert (r.config_id, r.is_baseline, r.baseline_id) == (
+            c.config_id,
+            c.is_baseline,
+            c.baseline().config_id,
+        )
+        assert (r.label, r.variant, r.model, r.model_dtype, r.method) == (
+            c.label,
+            c.variant,
+            c.model,
+            c.model_dtype,
+            c.method,
+        )
+        assert r.format == (c.format or "none") and r.block_size == str(c.block_size or "none")
+        assert r.double_quant == (dq.text if dq else "off")
+        assert (r.constant_dtype, r.compute_dtype, r.rounding) == (
+            c.constant_dtype,
+            c.compute_dtype,
+            c.rounding,
+        )
+        assert (r.corpus, r.protocol, r.context_length) == (
+            c.data.corpus,
+            c.eval.protocol,
+            c.eval.context_length,
+        )
+        assert (r.stride, r.eval_tokens, r.limit) == (c.eval.stride, c.eval.tokens, c.eval.limit)
+        assert r.lora.get("rank") == (str(c.recovery.rank) if c.recovery else None)
+        assert (r.metric("ppl"), math.isnan(r.metric("kld_mean"))) == (3.0, True)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_BOS, tiny_llama
+from conftest import TINY_BOS, stored_runs, tiny_llama
 
 from harness import sensitivity
 from harness.evaluate.reference import BaseReference
@@ -245,9 +245,8 @@ def test_sensitivity_and_allocate_commands_on_the_smoke_experiment(tmp_path: Pat
     assert (table["delta_kld_se"] > 0).all()
     done = run("allocate", "sensitivity-smoke", "--budget", "4.25")
     assert done.returncode == 0, done.stderr[-2000:]
-    from harness.tracking import Tracker
 
-    runs = Tracker(uri).runs("sensitivity-smoke")
+    runs = stored_runs(uri, "sensitivity-smoke")
     allocation = runs[
         (runs["tags.harness.kind"] == "allocation") & (runs["tags.harness.allocation_method"] == "allocated")
     ]

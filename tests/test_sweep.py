@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import tiny_experiment
+from conftest import stored_runs, tiny_experiment
 
 from harness import NUMERICS_VERSION, experiments, runner, tracking
 from harness.experiments import load_experiment
@@ -36,7 +36,7 @@ QUICK = [
 
 
 def runs(uri: str, experiment: str = "smoke") -> pd.DataFrame:
-    return Tracker(uri).runs(experiment)
+    return stored_runs(uri, experiment)
 
 
 def children(frame: pd.DataFrame) -> pd.DataFrame:
@@ -161,10 +161,10 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(
     redone = child[(child["tags.mlflow.runName"] == "int4-b64-fp32") & (child["status"] == "FINISHED")]
     base = child[child["tags.mlflow.runName"] == "baseline-fp32"]
     # Δ as the run logged it, paired with the base reference the earlier sweep's baseline was measured on
-    [selected] = select_runs(runs(uri, "failing"), "failing")
-    int4 = selected.quantized.set_index("params.label").loc["int4-b64-fp32"]
-    assert int4["metrics.delta_ppl"] == redone["metrics.delta_ppl"].item()
-    assert int4["metrics.delta_ppl"] == pytest.approx(
+    [selected] = select_runs(Tracker(uri).records("failing"), "failing")
+    (int4,) = [r for r in selected.quantized if r.label == "int4-b64-fp32"]
+    assert int4.metric("delta_ppl") == redone["metrics.delta_ppl"].item()
+    assert int4.metric("delta_ppl") == pytest.approx(
         redone["metrics.ppl"].item() - base["metrics.ppl"].item()
     )
 
@@ -182,9 +182,34 @@ def test_a_run_from_an_older_numerics_version_is_redone(
     assert again.finished == ["baseline-fp32", "nf4-b64-fp32"] and not again.skipped  # nothing reused
     child = children(runs(uri, "older"))
     assert sorted(child["tags.harness.numerics_version"]) == sorted([NUMERICS_VERSION] * 2 + ["next"] * 2)
-    [selected] = select_runs(runs(uri, "older"), "older")  # the newer run supersedes the older one in tables
-    assert len(selected.quantized) == 1
-    assert selected.quantized["tags.harness.numerics_version"].item() == "next"
+    [selected] = select_runs(Tracker(uri).records("older"), "older")  # the newer run supersedes the older
+    assert [r.numerics_version for r in selected.quantized] == ["next"]
+
+
+def test_a_sweep_tokenizes_each_models_corpus_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preflight's tokenizer and tokens serve every session of the model, in each model dtype: the
+    sweep loads no tokenizer again and tokenizes nothing again."""
+    import transformers
+
+    from harness import data
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_experiment(tmp_path, "once", "{format: [nf4], model_dtype: [float32, bfloat16]}")
+    loads: list[str] = []
+    load, split = transformers.AutoTokenizer.from_pretrained, data.token_splits
+    monkeypatch.setattr(
+        transformers.AutoTokenizer,
+        "from_pretrained",
+        lambda *args, **kwargs: loads.append("tokenizer") or load(*args, **kwargs),
+    )
+    monkeypatch.setattr(
+        data, "token_splits", lambda *args, **kwargs: loads.append("tokens") or split(*args, **kwargs)
+    )
+    assert main(["sweep", str(path), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 0
+    finished = children(runs(f"sqlite:///{tmp_path / 'm.db'}", "once"))
+    assert len(set(finished["tags.mlflow.runName"])) == 4 and set(finished["status"]) == {"FINISHED"}
+    assert loads == ["tokenizer", "tokens"]
 
 
 def start_sweep(uri: str, *extra: str) -> subprocess.Popen[str]:
@@ -307,11 +332,11 @@ def test_report_from_a_real_sweep_is_byte_reproducible(store: str, tmp_path: Pat
     table = (tmp_path / "a" / "datatypes.md").read_text()
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
     assert rows == ["unquantized", "nf4-b64", "nf4-b64-dq", "int4-b64"]
-    [selected] = select_runs(runs(store), "smoke")  # Δppl has one source: what each run logged
+    [selected] = select_runs(Tracker(store).records("smoke"), "smoke")  # Δppl has one source: the logged
     logged = children(runs(store)).set_index("run_id")["metrics.delta_ppl"]
-    shown = selected.quantized.set_index("run_id")["metrics.delta_ppl"]
-    assert (shown == logged.loc[shown.index]).all() and (shown > 0).all()
-    assert selected.baseline["metrics.delta_ppl"].item() == 0.0
+    shown = {r.run_id: r.metric("delta_ppl") for r in selected.quantized}
+    assert shown == {k: logged[k] for k in shown} and min(shown.values()) > 0
+    assert [r.metric("delta_ppl") for r in selected.baseline] == [0.0]
 
 
 def test_only_tracking_talks_to_mlflow() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from harness.models.anatomy import LogitSplit, device_of
+from harness.models.anatomy import LogitSplit, device_of, logit_split
 
 VOCAB_SLICE = 1024  # logit columns reduced together: a tile of ROWS_PER_PASS × 1024 fp32 is 8 MiB
 ROWS_PER_PASS = 2048  # scored positions per pass over the head; a pass reads its weight once (Gemma: 670 MB)
@@ -140,8 +141,20 @@ class LogitHead:
     logits_to_keep=k).logits``.
     """
 
+    @classmethod
+    def of(cls, model: nn.Module, probe: torch.Tensor) -> LogitHead:
+        """``model``'s head, checked (one forward of ``probe``) the first time only: a model's configs share
+        it. Checked again when the model's decoder or output head were replaced since (adapters on the head);
+        weights changed in place (quantization, adapters inside the decoder) keep it valid."""
+        split = logit_split(model)
+        found = _HEADS.get(model)
+        if found is None or found.parts != _parts(split):  # modules compare by identity
+            found = _HEADS[model] = cls(model, split, probe)
+        return found
+
     def __init__(self, model: nn.Module, split: LogitSplit | None, probe: torch.Tensor) -> None:
-        self.model = model
+        self._model = weakref.ref(model)  # held by ``_HEADS`` without keeping the model alive
+        self.parts = _parts(split)
         reference = model(input_ids=probe[None].to(device_of(model)), use_cache=False).logits[0].float()
         self.vocab = reference.shape[-1]
         self.rows = max(1, LOGIT_ROWS_BYTES // (4 * self.vocab))  # full rows at once
@@ -162,6 +175,12 @@ class LogitHead:
                 stacklevel=3,
             )
         self.keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        assert model is not None, "a LogitHead outlived its model"
+        return model
 
     def passes(
         self, batches: list[WindowBatch], *, whole_rows: bool, progress: bool, desc: str
@@ -249,6 +268,14 @@ def column_tiles(logits: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """Whole logits rows (C, V) as ``reduce_logits`` tiles: the same slices the head's weight gives."""
     for lo in range(0, logits.shape[1], VOCAB_SLICE):
         yield lo, logits[:, lo : lo + VOCAB_SLICE]
+
+
+_HEADS: weakref.WeakKeyDictionary[nn.Module, LogitHead] = weakref.WeakKeyDictionary()  # LogitHead.of
+
+
+def _parts(split: LogitSplit | None) -> tuple[object, ...]:
+    """What a head's check holds for: the decoder and output head modules themselves, and the soft cap."""
+    return () if split is None else (split.decoder, split.head, split.softcap)
 
 
 def _plain_linear(head: nn.Module) -> bool:

@@ -43,7 +43,6 @@ import torch
 from torch import nn
 
 from harness.evaluate.logits import LogitHead, ScoredRows, WindowBatch
-from harness.models.anatomy import logit_split
 
 ProtocolName = Literal["disjoint", "sliding", "llamacpp"]
 PROTOCOLS: tuple[str, ...] = ("disjoint", "sliding", "llamacpp")
@@ -258,7 +257,7 @@ def scored_rows(
     """
     batches = window_batches(tokens, protocol, bos_token_id=bos_token_id, batch_size=batch_size)
     stream = tokens[0]
-    head = LogitHead(model, logit_split(model), stream[: min(16, len(stream))])
+    head = LogitHead.of(model, stream[: min(16, len(stream))])
     return head, head.passes(batches, whole_rows=whole_rows, progress=progress, desc=desc)
 
 

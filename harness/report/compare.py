@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pandas as pd
-
 from harness.report.export import run_tokens
 from harness.report.runs import select_runs
 from harness.report.table import ReportError
@@ -22,10 +20,9 @@ def compare(experiment: str, first: str, second: str, tracking_uri: str | None =
     No model runs: everything comes from the runs' ``tokens.npz`` artifacts."""
     tracker = Tracker.of(tracking_uri)
     rows = {}
-    for runs in select_runs(tracker.runs(experiment), experiment, tracker.uri):
-        frame = pd.concat([runs.baseline.assign(**{"params.label": "baseline"}), runs.quantized])
-        for _, row in frame.iterrows():
-            rows.setdefault(str(row["params.label"]), []).append((runs.model, row))
+    for runs in select_runs(tracker.records(experiment), experiment, tracker.uri):
+        for r in runs.all:
+            rows.setdefault("baseline" if r.is_baseline else r.label, []).append((runs.model, r))
     found = []
     for label in (first, second):
         if label not in rows:
@@ -36,10 +33,10 @@ def compare(experiment: str, first: str, second: str, tracking_uri: str | None =
                 f"{label!r} was run on several models ({models}); compare within one experiment"
             )
         _, row = rows[label][0]
-        tokens = run_tokens(tracker, str(row["run_id"]))
+        tokens = run_tokens(tracker, row.run_id)
         if tokens is None:
             raise ReportError(f"the run of {label!r} kept no per-token results ({TOKENS_ARTIFACT}); rerun it")
-        found.append((str(row["params.model"]), tokens))  # one model in two dtypes pairs on its tokens
+        found.append((row.model, tokens))  # one model in two dtypes pairs on its tokens
     (model_a, a), (model_b, b) = found
     if model_a != model_b or len(a["nll"]) != len(b["nll"]):
         raise ReportError(f"{first!r} and {second!r} were not evaluated on the same tokens")

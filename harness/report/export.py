@@ -52,7 +52,7 @@ def write_report(
     if (rows is None) != (cols is None):
         raise ReportError("--rows and --cols go together, e.g. --rows format --cols block_size")
     tracker = Tracker.of(tracking_uri)
-    selected = select_runs(tracker.runs(experiment), experiment, tracker.uri)
+    selected = select_runs(tracker.records(experiment), experiment, tracker.uri)
     out = out_dir or Path.cwd() / "results" / experiment
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -73,8 +73,8 @@ def write_report(
 
 def tables(runs: ModelRuns, rows: str | None, cols: str | None, metric: str | None) -> list[Table]:
     """Every registered layout whose axes vary in these runs, then the requested pivot."""
-    if metric is not None and f"metrics.{metric}" not in runs.quantized:
-        known = sorted(c.removeprefix("metrics.") for c in runs.quantized if c.startswith("metrics."))
+    known = sorted({key for r in runs.quantized for key in r.metrics})
+    if metric is not None and metric not in known:
         raise ReportError(f"unknown metric {metric!r}; this experiment has: {', '.join(known)}")
     key = metric or ("ppl" if runs.has("ppl") else "nmse")
     out = [table for layout in LAYOUTS if (table := layout(runs, key)) is not None]
@@ -96,12 +96,11 @@ def write_plots(
     """Quality and nMSE against bits/param, and the per-layer heatmap at one block size (64 if run)."""
     if not runs.has("bits_per_param"):
         return []
-    frame = runs.quantized
     points = pd.DataFrame(
         {
-            "format": frame["params.format"].to_numpy(),
-            "label": frame["params.label"].to_numpy(),
-            "double_quant": (frame["params.double_quant"] != "off").to_numpy(),
+            "format": [r.format for r in runs.quantized],
+            "label": [r.label for r in runs.quantized],
+            "double_quant": [r.double_quant != "off" for r in runs.quantized],
             "bits": runs.metric("bits_per_param"),
         }
     )
@@ -125,12 +124,12 @@ def write_plots(
     if pairs is not None and runs.has("kld_mean"):
         rows, base = pairs
         differences = method_differences(runs, "kld_mean", rows, base)
-        kept = [(row, d) for (_, row), d in zip(rows.iterrows(), differences, strict=True) if d is not None]
+        kept = [(row, d) for row, d in zip(rows, differences, strict=True) if d is not None]
         if kept:
             found = pd.DataFrame(
                 {
-                    "group": [f"{r['params.format']} b{r['params.block_size']}" for r, _ in kept],
-                    "series": [r["params.method"] for r, _ in kept],
+                    "group": [f"{r.format} b{r.block_size}" for r, _ in kept],
+                    "series": [r.method for r, _ in kept],
                     "value": [d.mean for _, d in kept],
                     "low": [d.ci_low for _, d in kept],
                     "high": [d.ci_high for _, d in kept],
@@ -145,13 +144,12 @@ def write_plots(
         paths += plots.save(
             plots.nmse_vs_bits(found, f"weight error vs bits/param ({where})"), out / f"nmse_vs_bits{suffix}"
         )
-    blocks = frame["params.block_size"].astype(str)
-    block = "64" if (blocks == "64").any() else blocks.mode().iloc[0]
+    blocks = runs.varying("block_size")
+    block = "64" if "64" in blocks else pd.Series([r.block_size for r in runs.quantized]).mode().iloc[0]
     found_layers = {}
-    for _, row in frame[blocks == block].iterrows():
-        table = layers(str(row["run_id"]))
-        if table is not None:
-            found_layers[str(row["params.label"])] = table
+    for r in runs.quantized:
+        if r.block_size == block and (table := layers(r.run_id)) is not None:
+            found_layers[r.label] = table
     if found_layers:
         at = "each format's own block" if block == "None" else f"block {block}"
         fig = plots.layer_heatmap(found_layers, f"per-layer weight nMSE, {at} ({where})")
@@ -166,10 +164,9 @@ def recovery_plots(
     unquantized row's after is the 16-bit LoRA target), and every config's training-loss curve."""
     if not runs.has("lora_ppl"):
         return []
-    frame = pd.concat([runs.baseline, runs.quantized])
-    labels = ["unquantized"] * len(runs.baseline) + [str(v) for v in runs.quantized["params.label"]]
+    labels = ["unquantized"] * len(runs.baseline) + [r.label for r in runs.quantized]
     points = []
-    for label, series in zip(labels, (runs.per_token(str(r)) for r in frame["run_id"]), strict=True):
+    for label, series in zip(labels, (runs.per_token(r.run_id) for r in runs.all), strict=True):
         if series is None or "base_nll" not in series:
             continue
         for name, key in (("before LoRA", "nll"), ("after LoRA", "lora_nll")):
@@ -185,7 +182,7 @@ def recovery_plots(
             pd.DataFrame(points), ylabel, f"LoRA recovery ({where})", zero="the unquantized model"
         )
         paths += plots.save(fig, out / f"recovery_ppl{suffix}")
-    logged = zip(labels, (curve(str(r), "lora_train_loss") for r in frame["run_id"]), strict=True)
+    logged = zip(labels, (curve(r.run_id, "lora_train_loss") for r in runs.all), strict=True)
     if curves := {label: values for label, values in logged if values}:
         fig = plots.loss_curves(curves, "training loss (nats/token)", f"LoRA training ({where})")
         paths += plots.save(fig, out / f"recovery_loss{suffix}")

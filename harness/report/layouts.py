@@ -12,11 +12,10 @@ from functools import partial
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
 
 from harness.evaluate.tasks import PRIMARY
 from harness.metrics import MetricSpec
-from harness.report.runs import ModelRuns, sort_key
+from harness.report.runs import ModelRuns, Rows, sort_key
 from harness.report.table import DATATYPE_COLUMNS, Column, ReportError, Table, metric_info
 from harness.stats import (
     METHOD,
@@ -26,6 +25,7 @@ from harness.stats import (
     recovery_difference,
     unresolved_from_best,
 )
+from harness.tracking import RunRecord
 
 # A layout turns one model's runs into a table, or None where those runs do not vary what it shows; ``metric``
 # is the quality metric a table of one metric shows (``harness tables --metric``). ``tables`` writes every
@@ -69,9 +69,8 @@ def _notes(runs: ModelRuns, columns: list[Column], extra: list[str] | None = Non
 def datatypes_table(runs: ModelRuns, metric: str) -> Table:
     """QLoRA Table 2's shape: a row per config, the unquantized baseline on top as a reference."""
     keys = [k for k in (*DATATYPE_COLUMNS, "acc_avg") if runs.has(k)]
-    frame = pd.concat([runs.baseline, runs.quantized])
-    columns = [runs.column(key, frame, skip=len(runs.baseline)) for key in keys]
-    labels = [["unquantized"]] * len(runs.baseline) + [[str(v)] for v in runs.quantized["params.label"]]
+    columns = [runs.column(key, runs.all, skip=len(runs.baseline)) for key in keys]
+    labels = _labels(runs)
     against = ["KLD and top-1 against the unquantized model"] if runs.has("kld_mean") else []
     caption = f"Data types on {runs.setting()}. " + _notes(runs, columns, against)
     return Table("datatypes", caption, ["Config"], labels, columns, reference_rows=len(runs.baseline))
@@ -84,7 +83,7 @@ def tasks_table(runs: ModelRuns, metric: str) -> Table | None:
     lm-eval keeps no per-document scores here, so "not resolved from the best" is the unpaired z-test on
     lm-eval's standard errors; the configs answer the same documents, whose shared difficulty makes the paired
     test sharper, so this one errs towards calling differences unresolved."""
-    found = [c.removeprefix("metrics.") for c in runs.quantized if _is_task(c)]
+    found = dict.fromkeys(k for r in runs.quantized for k in r.metrics if _is_task(k))
     named = dict.fromkeys(re.sub(r"^acc_(norm_)?", "", k) for k in found if k != "acc_avg")
     order = list(PRIMARY)  # the suite's order first, then any other task alphabetically
     tasks = sorted(named, key=lambda t: (order.index(t) if t in order else len(order), t))
@@ -92,17 +91,15 @@ def tasks_table(runs: ModelRuns, metric: str) -> Table | None:
     keys = [k for k in keys if runs.has(k)] + (["acc_avg"] if runs.has("acc_avg") else [])
     if not keys:
         return None
-    frame = pd.concat([runs.baseline, runs.quantized])
     skip = len(runs.baseline)
     columns = []
     for key in keys:
-        column = runs.column(key, frame, skip=skip)
+        column = runs.column(key, runs.all, skip=skip)
         if column.errors is not None:
             column.tied = _within_errors(column.values, column.errors, column.metric.better, skip)
         columns.append(column)
-    labels = [["unquantized"]] * skip + [[str(v)] for v in runs.quantized["params.label"]]
-    limit = frame.get("params.limit", pd.Series(dtype=str)).dropna()
-    limits = [v for v in dict.fromkeys(limit) if v != "None"]
+    labels = _labels(runs)
+    limits = [str(v) for v in dict.fromkeys(r.limit for r in runs.all) if v is not None]
     docs = f"the first {'/'.join(limits)} documents of each task" if limits else "every document of each task"
     primary = ", ".join(f"{t}: {PRIMARY.get(t, 'acc')}" for t in tasks)
     notes = [
@@ -136,22 +133,19 @@ def blocksize_table(runs: ModelRuns, key: str) -> Table | None:
     """
     if len(runs.varying("block_size")) < 2:
         return None
-    frame = runs.quantized.assign(variant=runs.quantized["params.variant"])
-    blocks = sorted(dict.fromkeys(frame["params.block_size"]), key=sort_key)
-    variants = list(dict.fromkeys(frame["variant"]))
+    blocks = sorted(runs.varying("block_size"), key=sort_key)
+    variants = runs.varying("variant")
     blocks_down = len(blocks) >= len(variants)
     down, across = (blocks, variants) if blocks_down else (variants, blocks)
-    indexed = frame.set_index(
-        ["params.block_size", "variant"] if blocks_down else ["variant", "params.block_size"]
-    )
+    indexed = {(r.block_size, r.variant): r for r in runs.quantized}
     bits = replace(metric_info("bits_per_param"), label="Bits")
-    unresolved = _unresolved_steps(runs, frame, key, blocks)
+    unresolved = _unresolved_steps(runs, key, blocks)
     columns = []
     for group in across:
-        cells = indexed.reindex([(row, group) for row in down])
+        pairs = [(row, group) if blocks_down else (group, row) for row in down]  # (block, variant)
+        cells = [indexed.get(pair) for pair in pairs]
         name = group if blocks_down else _block_name(group)
         column = runs.column(key, cells, group=name)
-        pairs = [(row, group) if blocks_down else (group, row) for row in down]  # (block, variant)
         column.marks = ["≈" if pair in unresolved else "" for pair in pairs]
         columns += [column, Column(bits, runs.metric("bits_per_param", cells), group=name)]
     extra = ["bits: bits/param of the quantized layers, block constants included"]
@@ -166,24 +160,22 @@ def blocksize_table(runs: ModelRuns, key: str) -> Table | None:
     return Table(f"blocksize-{key}", caption, ["Block" if blocks_down else "Data type"], rows, columns)
 
 
-def _unresolved_steps(
-    runs: ModelRuns, frame: pd.DataFrame, key: str, blocks: list[str]
-) -> set[tuple[str, str]]:
+def _unresolved_steps(runs: ModelRuns, key: str, blocks: list[str]) -> set[tuple[str, str]]:
     """(block, variant) cells whose per-token series a paired test cannot tell from the same variant's at
     the next smaller block size."""
     name = metric_info(key).per_token
     if name is None:
         return set()
     found = set()
-    for variant, group in frame.groupby("variant", sort=False):
-        ordered = group.iloc[
-            sorted(range(len(group)), key=lambda i: blocks.index(group["params.block_size"].iloc[i]))
-        ]
-        series, sizes = runs.series(ordered, name), list(ordered["params.block_size"])
+    for variant in runs.varying("variant"):
+        ordered = sorted(
+            (r for r in runs.quantized if r.variant == variant), key=lambda r: blocks.index(r.block_size)
+        )
+        series = runs.series(ordered, name)
         for i in range(1, len(ordered)):
             a, b = series[i - 1], series[i]
             if a is not None and b is not None and len(a) == len(b) and not paired_difference(b, a).resolved:
-                found.add((str(sizes[i]), str(variant)))
+                found.add((ordered[i].block_size, variant))
     return found
 
 
@@ -201,26 +193,19 @@ def doublequant_table(runs: ModelRuns, metric: str) -> Table | None:
     """Each DQ variant against the same format and block without DQ: bits saved, error added."""
     if "off" not in runs.varying("double_quant") or len(runs.varying("double_quant")) < 2:
         return None
-    frame = runs.quantized
-    same = [
-        "params.format",
-        "params.block_size",
-        "params.constant_dtype",
-        "params.compute_dtype",
-        "params.rounding",
-    ]
-    same = [c for c in same if c in frame]
-    off = frame[frame["params.double_quant"] == "off"].drop_duplicates(same).set_index(same)
-    on = frame[frame["params.double_quant"] != "off"]
+    off: dict[tuple[str, ...], RunRecord] = {}
+    for r in runs.quantized:
+        if r.double_quant == "off":
+            off.setdefault(_storage(r, with_dq=False), r)
     pairs = [
-        (i, off.index.get_loc(tuple(on.loc[i, same])))
-        for i in on.index
-        if tuple(on.loc[i, same]) in off.index
+        (r, off[_storage(r, with_dq=False)])
+        for r in runs.quantized
+        if r.double_quant != "off" and _storage(r, with_dq=False) in off
     ]
     if not pairs:
         return None
-    with_dq = on.loc[[i for i, _ in pairs]]
-    without = off.iloc[[j for _, j in pairs]]
+    with_dq = [r for r, _ in pairs]
+    without = [r for _, r in pairs]
 
     def delta(key: str, relative: bool = False) -> list[float]:
         a, b = runs.metric(key, with_dq), runs.metric(key, without)
@@ -244,7 +229,7 @@ def doublequant_table(runs: ModelRuns, metric: str) -> Table | None:
         paired = _paired(runs, key, with_dq, without)
         errors = [d.se if d else math.nan for d in paired] if any(paired) else None
         columns.append(Column(spec, delta(key, relative), errors))
-    rows = [[str(label)] for label in with_dq["params.label"]]
+    rows = [[r.label] for r in with_dq]
     extra = [
         "Δ: each against the same data type and block size without DQ",
         "ΔnMSE and Δoutput error in % of their value without DQ",
@@ -255,43 +240,37 @@ def doublequant_table(runs: ModelRuns, metric: str) -> Table | None:
     return Table("doublequant", caption, ["Config"], rows, columns)
 
 
-_SAME_STORAGE = (
-    "params.format",
-    "params.block_size",
-    "params.double_quant",
-    "params.constant_dtype",
-    "params.compute_dtype",
-    "params.rounding",
-)
+def _storage(r: RunRecord, with_dq: bool = True) -> tuple[str, ...]:
+    """What a config stores and computes with, apart from the method: configs alike in it are twins."""
+    dq = (r.double_quant,) if with_dq else ()
+    return (r.format, r.block_size, *dq, r.constant_dtype, r.compute_dtype, r.rounding)
 
 
-def method_pairs(runs: ModelRuns) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+def method_pairs(runs: ModelRuns) -> tuple[list[RunRecord], list[RunRecord]] | None:
     """Each RTN config followed by the other methods' configs of the same storage (format, block, DQ,
     dtypes, tie rule), and beside each row the RTN config it is compared with; None unless the runs hold
     RTN and another method."""
-    frame = runs.quantized
-    if "params.method" not in frame or "rtn" not in runs.varying("method") or len(runs.varying("method")) < 2:
+    methods = runs.varying("method")
+    if "rtn" not in methods or len(methods) < 2:
         return None
-    same = [c for c in _SAME_STORAGE if c in frame]
-    rtn = frame[frame["params.method"] == "rtn"]
-    order: list[int] = []
-    against: list[int] = []
-    for i in rtn.index:
-        twins = frame[(frame[same] == rtn.loc[i, same]).all(axis=1)].index
-        order += [i, *(j for j in twins if j != i)]
-        against += [i] * len(twins)
-    return frame.loc[order], frame.loc[against]
+    order: list[RunRecord] = []
+    against: list[RunRecord] = []
+    for rtn in (r for r in runs.quantized if r.method == "rtn"):
+        twins = [r for r in runs.quantized if _storage(r) == _storage(rtn)]
+        order += [rtn, *(r for r in twins if r is not rtn)]
+        against += [rtn] * len(twins)
+    return order, against
 
 
 def method_differences(
-    runs: ModelRuns, key: str, rows: pd.DataFrame, base: pd.DataFrame
+    runs: ModelRuns, key: str, rows: list[RunRecord], base: list[RunRecord]
 ) -> list[Difference | None]:
     """``key`` of each row minus its RTN twin's, paired on the same tokens, in display units; None for RTN's
     own rows and where the runs kept no per-token results."""
     scale = metric_info(key).scale
     out: list[Difference | None] = []
-    for i, j, d in zip(rows.index, base.index, _paired(runs, key, rows, base), strict=True):
-        if i == j or d is None:
+    for row, rtn, d in zip(rows, base, _paired(runs, key, rows, base), strict=True):
+        if row is rtn or d is None:
             out.append(None)
         else:
             out.append(
@@ -324,7 +303,7 @@ def methods_table(runs: ModelRuns, metric: str) -> Table | None:
     columns += [
         runs.column(key, rows) for key in ("output_rel_err", "time_quantize_s", "fit_tokens") if runs.has(key)
     ]
-    labels = [[str(label)] for label in rows["params.label"]]
+    labels = [[r.label] for r in rows]
     extra = [
         "Δ: against round to nearest (rtn) of the same data type and block size, on the same tokens",
         "output error on held-out calibration positions, which no method fit on",
@@ -339,11 +318,10 @@ def recovery_table(runs: ModelRuns, metric: str) -> Table | None:
     base, the 16-bit LoRA target, and the share of the quantization gap the adapters close."""
     if not runs.has("lora_ppl"):
         return None
-    frame = pd.concat([runs.baseline, runs.quantized])
     skip = len(runs.baseline)
     keys = ("bits_per_param", "ppl", "lora_ppl", "recovery_vs_base", "recovery_vs_lora16", "kld_mean")
-    columns = [runs.column(key, frame, skip=skip) for key in (*keys, "lora_kld_mean") if runs.has(key)]
-    series = [runs.per_token(str(run_id)) for run_id in frame["run_id"]]
+    columns = [runs.column(key, runs.all, skip=skip) for key in (*keys, "lora_kld_mean") if runs.has(key)]
+    series = [runs.per_token(r.run_id) for r in runs.all]
     pairs = [None if s is None else np.stack([s["nll"], s["lora_nll"]]) for s in series]
     found = [s for s in series[skip:] if s is not None]
     for k, column in enumerate(columns):
@@ -353,12 +331,12 @@ def recovery_table(runs: ModelRuns, metric: str) -> Table | None:
             columns[k] = replace(
                 column, tied=unresolved_from_best(column.values, pairs, "higher", skip, differ)
             )
-    labels = [["unquantized"]] * skip + [[str(v)] for v in runs.quantized["params.label"]]
-    recipe = runs.quantized.iloc[0]
+    labels = _labels(runs)
+    recipe = runs.quantized[0].lora
     extra = [
         "after LoRA: adapters of rank {} trained {} steps × {} rows of {} tokens on each config's base; the "
         "unquantized row's is the 16-bit LoRA target".format(
-            *(recipe.get(f"params.lora_{k}", "?") for k in ("rank", "steps", "batch", "sequence_length"))
+            *(recipe.get(k, "?") for k in ("rank", "steps", "batch", "sequence_length"))
         ),
         "recovered: (ΔPPL before − ΔPPL after) / ΔPPL before, against the unquantized model (vs base) or "
         "the 16-bit LoRA target (vs lora16), with paired intervals on the same tokens",
@@ -371,7 +349,7 @@ def recovery_table(runs: ModelRuns, metric: str) -> Table | None:
 _RECOVERY_REFERENCE = {"recovery_vs_base": "base_nll", "recovery_vs_lora16": "lora16_nll"}  # per-token series
 
 
-def _paired(runs: ModelRuns, key: str, a: pd.DataFrame, b: pd.DataFrame) -> list[Difference | None]:
+def _paired(runs: ModelRuns, key: str, a: Rows, b: Rows) -> list[Difference | None]:
     """Row by row, the paired difference of ``key`` between the runs of ``a`` and of ``b`` on the same
     tokens (ppl as exp of the mean NLL), or None without per-token results."""
     name = metric_info(key).per_token
@@ -388,26 +366,32 @@ def _paired(runs: ModelRuns, key: str, a: pd.DataFrame, b: pd.DataFrame) -> list
 
 def pivot_table(runs: ModelRuns, rows: str, cols: str, key: str) -> Table:
     """Any params (comma-separated) down and across; each cell must be exactly one config."""
-    frame = runs.quantized
-    row_fields, col_fields = _fields(frame, rows), _fields(frame, cols)
-    fields = [f"params.{f}" for f in row_fields + col_fields]
-    if frame.duplicated(fields).any():
-        names = [c.removeprefix("params.") for c in frame if c.startswith("params.") and c not in fields]
-        also = [n for n in names if n not in _NOT_AXES and frame[f"params.{n}"].nunique() > 1] or ["label"]
-        raise ReportError(
-            f"--rows {rows} --cols {cols} leave several runs per cell; add one of {', '.join(also)} to them"
-        )
+    row_fields, col_fields = _fields(runs, rows), _fields(runs, cols)
+
+    def cell(r: RunRecord, fields: list[str]) -> tuple[str, ...]:
+        return tuple(r.params.get(f, "nan") for f in fields)
+
+    indexed: dict[tuple[str, ...], RunRecord] = {}
+    for r in runs.quantized:
+        if indexed.setdefault(cell(r, row_fields + col_fields), r) is not r:
+            names = sorted(
+                {n for q in runs.quantized for n in q.params} - {*row_fields, *col_fields, *_NOT_AXES}
+            )
+            also = [n for n in names if len({q.params[n] for q in runs.quantized if n in q.params}) > 1]
+            raise ReportError(
+                f"--rows {rows} --cols {cols} leave several runs per cell; add one of "
+                f"{', '.join(also or ['label'])} to them"
+            )
     metric = metric_info(key)
 
     def labels(fs: list[str]) -> list[tuple[str, ...]]:
-        keys = dict.fromkeys(tuple(str(v) for v in r) for r in frame[[f"params.{f}" for f in fs]].to_numpy())
+        keys = dict.fromkeys(cell(r, fs) for r in runs.quantized)
         return sorted(keys, key=lambda t: [sort_key(v) for v in t])
 
     row_keys, col_keys = labels(row_fields), labels(col_fields)
-    indexed = frame.set_index(fields)
     columns = []
     for ck in col_keys:
-        cells = indexed.reindex([(*rk, *ck) for rk in row_keys]).reset_index()
+        cells = [indexed.get((*rk, *ck)) for rk in row_keys]
         columns.append(runs.column(key, cells, group=" / ".join(ck)))
     caption = (
         f"{metric.label} by {' / '.join(row_fields)} (rows) and {' / '.join(col_fields)} (columns) on "
@@ -420,9 +404,9 @@ def pivot_table(runs: ModelRuns, rows: str, cols: str, key: str) -> Table:
 _NOT_AXES = ("label", "variant", "config_hash", "git_commit")  # differ between runs, derived or provenance
 
 
-def _fields(frame: pd.DataFrame, spec: str) -> list[str]:
+def _fields(runs: ModelRuns, spec: str) -> list[str]:
     fields = [f.strip().removeprefix("params.") for f in spec.split(",") if f.strip()]
-    known = sorted(c.removeprefix("params.") for c in frame if c.startswith("params."))
+    known = sorted({name for r in runs.quantized for name in r.params})
     for f in fields:
         if f not in known:
             raise ReportError(f"unknown field {f!r} for --rows/--cols; known: {', '.join(known)}")
@@ -433,5 +417,10 @@ def _fields(frame: pd.DataFrame, spec: str) -> list[str]:
     return fields
 
 
-def _is_task(column: str) -> bool:
-    return column.startswith("metrics.acc_") and not column.endswith("_stderr")
+def _is_task(key: str) -> bool:
+    return key.startswith("acc_") and not key.endswith("_stderr")
+
+
+def _labels(runs: ModelRuns) -> list[list[str]]:
+    """The row labels of a table that lists the baseline above the quantized configs."""
+    return [["unquantized"]] * len(runs.baseline) + [[r.label] for r in runs.quantized]

@@ -18,7 +18,7 @@ from harness.evaluate.logits import LogitHead, ScoredRows, WindowBatch
 from harness.evaluate.reference import BaseReference
 from harness.evaluate.windows import window_batches
 from harness.measure import ModelSession
-from harness.models import blocks, logit_split
+from harness.models import blocks
 
 
 class SensitivityError(HarnessError, ValueError):
@@ -45,7 +45,7 @@ class PrefixCache:
         )
         stream = reference.tokens[0]
         with torch.inference_mode():
-            self.head = LogitHead(model, logit_split(model), stream[: min(16, len(stream))])
+            self.head = LogitHead.of(model, stream[: min(16, len(stream))])
         if self.head.split is None:
             raise SensitivityError(f"{session.loaded.name}: prefix caching needs a decoder and output head")
         decoder = self.head.split

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,11 +68,6 @@ STORE_HELP = "MLflow store (default: $MLFLOW_TRACKING_URI or sqlite ./mlflow.db)
 
 def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def run_column(name: str, kind: str = "tags") -> str:
-    """The column of a ``Tracker.runs`` frame holding a tag, param or metric."""
-    return f"{kind}.{name}"
 
 
 # ---- what a config's run records ------------------------------------------------------------------------
@@ -172,6 +170,90 @@ def config_note(config: RunConfig) -> str:
         f"{config.model} in {config.model_dtype}: {quant}; {config.data.corpus}, {config.eval.protocol} "
         f"context {config.eval.context_length}, {config.eval.tokens} tokens{kld}; hash {config.hash}"
     )
+
+
+# ---- what a table reads back ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One FINISHED or unfinished config run as stored: the identity and axes a table sorts, groups and labels
+    by, typed, its metrics by name, and every param as logged (what ``--rows``/``--cols`` pivot on).
+
+    The inverse of ``config_params``/``config_tags`` for what the report reads; a param a run made by an
+    older harness lacks takes the value that harness meant (fp32, round to nearest)."""
+
+    run_id: str
+    status: str
+    start_time: int  # ms since the epoch
+    config_id: str  # the config alone: a newer run of the same id supersedes an older one
+    is_baseline: bool
+    baseline_id: str  # the config id of the baseline this config is compared with
+    numerics_version: str
+    git_commit: str
+    label: str
+    variant: str
+    model: str
+    model_dtype: str
+    format: str  # "none" for the baseline
+    block_size: str  # an axis label: "64", "channel", "tensor" or "none"
+    double_quant: str  # "off" or the DQ spec
+    constant_dtype: str
+    compute_dtype: str
+    rounding: str
+    method: str
+    corpus: str
+    protocol: str
+    context_length: int | None
+    stride: int | None
+    eval_tokens: int | None
+    limit: int | None  # lm-eval documents per task; None: all
+    lora: Mapping[str, str]  # the LoRA recipe as logged, without its ``lora_`` prefix; empty without one
+    params: Mapping[str, str]
+    metrics: Mapping[str, float]
+
+    def metric(self, key: str) -> float:
+        return self.metrics.get(key, math.nan)
+
+    @classmethod
+    def of(cls, run: Any) -> RunRecord:
+        """From an MLflow run entity (``MlflowClient.search_runs``)."""
+        params, tags = dict(run.data.params), run.data.tags
+
+        def number(name: str) -> int | None:
+            text = params.get(name, "None")
+            return int(text) if text.lstrip("-").isdigit() else None
+
+        return cls(
+            run_id=run.info.run_id,
+            status=run.info.status,
+            start_time=run.info.start_time,
+            config_id=tags.get(CONFIG_ID_TAG) or tags.get(HASH_TAG, ""),
+            is_baseline=tags.get(BASELINE_TAG) == "true",
+            baseline_id=tags.get(BASELINE_ID_TAG, ""),
+            numerics_version=tags.get(NUMERICS_TAG, "unknown"),
+            git_commit=params.get(COMMIT_PARAM, "unknown"),
+            label=params.get("label", "?"),
+            variant=params.get("variant", "?"),
+            model=params.get("model", "?"),
+            model_dtype=params.get("model_dtype", "float32"),  # runs before the dtype axis were fp32
+            format=params.get("format", "none"),
+            block_size=params.get("block_size", "none"),
+            double_quant=params.get("double_quant", "off"),
+            constant_dtype=params.get("constant_dtype", "float32"),
+            compute_dtype=params.get("compute_dtype", "float32"),
+            rounding=params.get("rounding", "ties_down"),
+            method=params.get("method", "rtn"),
+            corpus=params.get("corpus", "?"),
+            protocol=params.get("protocol", "?"),
+            context_length=number("context_length"),
+            stride=number("stride"),
+            eval_tokens=number("eval_tokens"),
+            limit=number("limit"),
+            lora={k.removeprefix("lora_"): v for k, v in params.items() if k.startswith("lora_")},
+            params=params,
+            metrics=dict(run.data.metrics),
+        )
 
 
 def sweep_tags() -> dict[str, str]:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from filelock import FileLock
 
 from harness.cache import building, cache_dir
@@ -31,8 +30,8 @@ from harness.tracking.schema import (
     REPORT_FOLDER,
     RUN_NAME_TAG,
     TOKENS_ARTIFACT,
+    RunRecord,
     default_tracking_uri,
-    run_column,
 )
 
 if TYPE_CHECKING:
@@ -234,25 +233,21 @@ class Tracker:
             raise
         self.client.set_terminated(run.id, "FINISHED")
 
-    def runs(self, experiment_name: str) -> pd.DataFrame:
-        """All runs of an experiment as a frame (params.*, metrics.*, tags.*, status, run_id...)."""
-        import mlflow
-
+    def records(self, experiment_name: str) -> list[RunRecord]:
+        """The experiment's config runs, typed, oldest first; none for an experiment the store lacks."""
         found = self.client.get_experiment_by_name(experiment_name)
         if found is None:
-            return pd.DataFrame()
-        mlflow.set_tracking_uri(self.uri)  # search_runs reads the global store; trackers of others set it too
-        return mlflow.search_runs([found.experiment_id], max_results=100_000)
+            return []
+        runs = self.search(found.experiment_id, f"tags.`{KIND_TAG}` = 'config'")
+        return sorted((RunRecord.of(run) for run in runs), key=lambda r: r.start_time)
 
     def log_report(self, experiment_name: str, paths: list[Path]) -> None:
         """Attach exported tables and plots to the experiment's latest sweep run, beside its numbers."""
-        frame = self.runs(experiment_name)
-        if frame.empty or run_column(KIND_TAG) not in frame:
+        found = self.client.get_experiment_by_name(experiment_name)
+        sweeps = self.search(found.experiment_id, f"tags.`{KIND_TAG}` = 'sweep'") if found else []
+        if not sweeps:
             return
-        sweeps = frame[frame[run_column(KIND_TAG)] == "sweep"].sort_values("start_time")
-        if sweeps.empty:
-            return
-        parent = Run(self.client, str(sweeps["run_id"].iloc[-1]))
+        parent = Run(self.client, max(sweeps, key=lambda r: r.info.start_time).info.run_id)
         for path in paths:
             parent.log_artifact(path, REPORT_FOLDER)
 

@@ -1,0 +1,76 @@
+"""The quantization core on a CUDA device: the same codes and constants as on the CPU and as bitsandbytes'
+CUDA kernels, and the CPU-only fused kernels never reached. Skipped where torch sees no CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import weight
+
+from harness.quant import cpu_kernels
+from harness.quant import quantize as quantize_module
+from harness.quant.double_quant import DoubleQuantConfig
+from harness.quant.quantize import QuantConfig, dequantize, quantize
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+FORMATS = ["nf4", "fp4", "int4", "af4"]
+
+
+@pytest.fixture(autouse=True)
+def no_cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any call of a fused CPU kernel on this device fails the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a CPU fused kernel was called for a CUDA tensor")
+
+    monkeypatch.setattr(cpu_kernels, "quantize_pack4", refuse)
+    monkeypatch.setattr(cpu_kernels, "unpack4_scale", refuse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_matches_cpu_bit_for_bit(
+    weight_kind: str, dtype: torch.dtype, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Absmax, scaling and nearest-level search are exact elementwise operations: the same bits anywhere."""
+    w = weight(weight_kind, (1024, 768), dtype)
+    on_gpu = quantize(w.cuda(), QuantConfig(fmt, 64))
+    monkeypatch.setattr(quantize_module, "_CPU_KERNELS_ENABLED", False)  # the plain torch path on the CPU
+    on_cpu = quantize(w, QuantConfig(fmt, 64))
+    assert torch.equal(on_gpu.codes.cpu(), on_cpu.codes) and torch.equal(on_gpu.scales.cpu(), on_cpu.scales)
+    restored = dequantize(on_gpu)
+    assert restored.device.type == "cuda" and restored.dtype == dtype
+    assert torch.equal(restored.cpu(), dequantize(on_cpu))
+
+
+def test_double_quant_on_cuda_agrees_with_cpu(weight_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 4-bit codes are exact; the second level's offset is a mean, summed in another order on the GPU,
+    so its constants may move by an ulp and a code on a level boundary with them."""
+    w = weight(weight_kind, (2048, 1024), torch.bfloat16)
+    config = QuantConfig("nf4", 64, DoubleQuantConfig())
+    on_gpu = quantize(w.cuda(), config)
+    monkeypatch.setattr(quantize_module, "_CPU_KERNELS_ENABLED", False)
+    on_cpu = quantize(w, config)
+    assert torch.equal(on_gpu.codes.cpu(), on_cpu.codes)
+    gpu, cpu = on_gpu.scales, on_cpu.scales
+    torch.testing.assert_close(gpu.offset.cpu(), cpu.offset, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gpu.absmax.cpu(), cpu.absmax, rtol=1e-6, atol=0)
+    assert float((gpu.codes.cpu() == cpu.codes).float().mean()) >= 0.999
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_cuda_matches_bitsandbytes_cuda(
+    weight_kind: str, dtype: torch.dtype, fmt: str, block_size: int
+) -> None:
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    w = weight(weight_kind, (2048, 1024), dtype).cuda()
+    packed, state = bnb.quantize_4bit(w, blocksize=block_size, quant_type=fmt)
+    ours = quantize(w, QuantConfig(fmt, block_size))
+    assert torch.equal(ours.codes, packed.reshape(-1))
+    assert torch.equal(ours.scales, state.absmax)
+    assert torch.equal(dequantize(ours), bnb.dequantize_4bit(packed, state))
