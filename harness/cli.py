@@ -84,6 +84,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="run only the first N configs (a quick look)")
     p.add_argument("--force", action="store_true", help="redo configs that already have a FINISHED run")
     p.add_argument("--yes", action="store_true", help="run a grid of more than 1,000 configs")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the experiment's, else auto)")
     _store(p)
     p.add_argument(
         "--executor", choices=["local", "ray"], default="local", help="where configs run (default: local)"
@@ -241,7 +242,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from harness.experiments import ExperimentError, load_experiment
     from harness.sweep import SweepOptions, run_sweep
 
-    exp = load_experiment(args.experiment, args.overrides)
+    device = [f"device={args.device}"] if args.device else []
+    exp = load_experiment(args.experiment, [*args.overrides, *device])
     if args.workers < 1:
         raise ExperimentError(f"--workers must be at least 1, not {args.workers}")
     if args.address and args.executor != "ray":

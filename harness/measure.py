@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from harness import NUMERICS_VERSION, assets, gemm
 from harness.cache import cache_dir
 from harness.data import TokenizedCorpus, TrainingSplit, tokenize_corpus
+from harness.devices import device_type
 from harness.evaluate.divergence import evaluate_against
 from harness.evaluate.reference import BaseReference, ReferenceStorage
 from harness.evaluate.tasks import run_tasks
@@ -116,7 +117,7 @@ class ModelSession:
         if not config.eval.tasks:  # let go before the weights load, so that the peak holds one, not both
             tokenizer = None
             release_freed()
-        loaded = load_model(config.model, dtype)
+        loaded = load_model(config.model, dtype, config.device)
         layers = discover_layers(loaded, list(config.include) or None, list(config.exclude) or None)
         calibration = (
             capture_inputs(loaded.model, layers, splits.calibration, seed=config.seed)
@@ -129,14 +130,14 @@ class ModelSession:
             reference_dtype = str(config.eval.reference_dtype)
             base = loaded
             if reference_dtype != config.model_dtype:  # KLD against the base in another dtype, as asked
-                base = load_model(config.model, COMPUTE_DTYPES[reference_dtype])
+                base = load_model(config.model, COMPUTE_DTYPES[reference_dtype], config.device)
             with _located(base.model, splits.evaluation, protocol):
                 reference = BaseReference.build(
                     base.model,
                     splits.evaluation,
                     protocol,
                     cache_dir=cache_dir() / "reference",
-                    key=f"{loaded.source}|{config.data.corpus}|{reference_dtype}",
+                    key=f"{loaded.source}|{config.data.corpus}|{reference_dtype}{_on(config.device)}",
                     text_bytes=text_bytes,
                     text_words=text_words,
                     bos_token_id=corpus.bos_token_id,
@@ -425,6 +426,12 @@ def _evaluate(session: ModelSession, config: RunConfig) -> Evaluated:
                     metrics[f"{name}_{task}"] = values[name]
                     metrics[f"{name}_{task}_stderr"] = values[f"{name}_stderr"]
     return metrics, per_token
+
+
+def _on(device: str) -> str:
+    """The base reference's key suffix for a device kind: none on the CPU, whose references came first."""
+    kind = device_type(device)
+    return "" if kind == "cpu" else f"|{kind}"
 
 
 def _asset_pin(model: str) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from harness import assets
 from harness.data import CORPORA, DataError, TokenizedCorpus, tokenize_corpus
+from harness.devices import DeviceError, resolve_device
 from harness.evaluate.windows import PerplexityProtocol
 from harness.experiments import Experiment, ExperimentError
 from harness.experiments.schema import RecoverySettings
@@ -59,6 +60,10 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
     ``unchecked`` instead."""
     settings = experiment.template
     problems: list[str] = []
+    try:
+        resolve_device(settings.device)
+    except DeviceError as exc:
+        problems.append(str(exc))
     costs: dict[str, PassCost] = {}
     declared: dict[str, DeclaredDtype] = {}
     corpora: dict[str, TokenizedCorpus] = {}

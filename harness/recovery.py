@@ -30,6 +30,7 @@ from harness.cache import building
 from harness.errors import HarnessError
 from harness.experiments.schema import RecoverySettings
 from harness.models import discover_layers
+from harness.models.anatomy import device_of
 
 ADAPTER_DTYPE = torch.float32  # peft's autocast_adapter_dtype: a 16-bit base trains float32 adapters
 OPTIMIZER = "AdamW (torch), weight decay 0, linear warmup then constant"
@@ -170,7 +171,7 @@ def _train(model: nn.Module, rows: torch.Tensor, settings: RecoverySettings) -> 
     for step in range(settings.steps):
         began = time.perf_counter()
         total = 0.0
-        batch = rows[step * settings.batch : (step + 1) * settings.batch]
+        batch = rows[step * settings.batch : (step + 1) * settings.batch].to(device_of(model))
         for part in batch.split(micro):  # rows of equal length: the step's mean is Σ part means × share
             loss = model(input_ids=part, labels=part).loss * (len(part) / settings.batch)
             loss.backward()

@@ -21,7 +21,7 @@ from harness.experiments import Experiment, load_experiment
 from harness.experiments.schema import RecoverySettings
 from harness.floor import PassCost
 from harness.sweep import estimate
-from harness.tracking import ERROR_TAG, RunRecord
+from harness.tracking import ERROR_TAG, RunRecord, Tracker
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +319,47 @@ def test_every_error_of_input_or_circumstance_is_a_harness_error() -> None:
                 defined.add(value)
     assert len(defined) >= 12
     assert {error for error in defined if not issubclass(error, HarnessError)} == {NonFiniteError}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize(
+    ("flag", "said"), [("cuda", "torch sees no CUDA device"), ("gpu", "expected auto, cpu")]
+)
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(
+    tiny: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flag: str,
+    said: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "dev.yaml"
+    path.write_text(experiment(tiny))
+    code, lines = run_cli(["sweep", str(path), "--device", flag, "--tracking-uri", "sqlite:///s.db"], capsys)
+    assert code == 2 and len(lines) == 1 and said in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.yaml"]  # no store, no cache entry
+
+
+MEASURED = ("ppl", "kld_mean", "top1_agreement", "nmse", "output_rel_err", "bits_per_param")
+
+
+def test_device_cpu_and_auto_are_one_config_on_a_cpu(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a machine without CUDA, ``auto`` is the CPU: the same hash, and bit-identical metrics; a CUDA run
+    is another config, whose hash holds the device kind and not its index."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "dev.yaml"
+    path.write_text(experiment(tiny, grid="{format: [nf4]}"))
+    found = {}
+    for device in ("cpu", "auto"):
+        store = f"sqlite:///{tmp_path / device}.db"
+        assert main(["sweep", str(path), "--device", device, "--tracking-uri", store]) == 0
+        records = Tracker(store).records("dev")
+        found[device] = {r.config_id: (r.device, *(r.metric(k) for k in MEASURED)) for r in records}
+    assert found["cpu"] == found["auto"] and {v[0] for v in found["cpu"].values()} == {"cpu"}
+    config = load_experiment(str(path)).configs[0].resolved("float32")
+    assert "device" not in config.content()
+    assert replace(config, device="cuda:1").hash == replace(config, device="cuda").hash != config.hash

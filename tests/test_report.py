@@ -507,12 +507,13 @@ def test_a_record_reads_back_what_a_config_logged() -> None:
             c.is_baseline,
             c.baseline().config_id,
         )
-        assert (r.label, r.variant, r.model, r.model_dtype, r.method) == (
+        assert (r.label, r.variant, r.model, r.model_dtype, r.method, r.device) == (
             c.label,
             c.variant,
             c.model,
             c.model_dtype,
             c.method,
+            c.device,
         )
         assert r.format == (c.format or "none") and r.block_size == str(c.block_size or "none")
         assert r.double_quant == (dq.text if dq else "off")

@@ -155,7 +155,8 @@ class LogitHead:
     def __init__(self, model: nn.Module, split: LogitSplit | None, probe: torch.Tensor) -> None:
         self._model = weakref.ref(model)  # held by ``_HEADS`` without keeping the model alive
         self.parts = _parts(split)
-        reference = model(input_ids=probe[None].to(device_of(model)), use_cache=False).logits[0].float()
+        probe_logits = model(input_ids=probe[None].to(device_of(model)), use_cache=False).logits[0]
+        reference = probe_logits.float().cpu()  # the head's tiles come to the host
         self.vocab = reference.shape[-1]
         self.rows = max(1, LOGIT_ROWS_BYTES // (4 * self.vocab))  # full rows at once
         self.split = split

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from harness import NUMERICS_VERSION, methods
+from harness.devices import device_type, resolve_device
 from harness.experiments.schema import (
     Choice,
     DataSettings,
@@ -44,6 +45,7 @@ class RunConfig:
     double_quant: DoubleQuantConfig | None = None
     constant_dtype: str = "float32"
     model_dtype: str = "auto"  # the dtype the model is loaded and run in; ``resolved`` turns auto into one
+    device: str = "auto"  # where the model runs (harness.devices); ``resolved`` decides auto
     compute_dtype: str | None = None  # of the dequantized matmuls; None: the model dtype
     rounding: str = "ties_down"  # the tie rule between two levels; bitsandbytes' by default
     method: str = "rtn"  # which codes and constants the layers take (harness.methods)
@@ -59,17 +61,19 @@ class RunConfig:
 
     @property
     def is_resolved(self) -> bool:
-        return self.model_dtype != "auto" and self.compute_dtype is not None
+        return self.model_dtype != "auto" and self.compute_dtype is not None and self.device != "auto"
 
     def resolved(self, declared: str) -> RunConfig:
         """This config with its dtypes concrete: ``auto`` becomes ``declared`` (the checkpoint's dtype), the
         compute dtype defaults to the model dtype and the reference dtype ``model`` to it too. Two spellings
-        of one measurement (``auto`` and the declared dtype spelled out) become one config with one hash."""
+        of one measurement (``auto`` and the declared dtype spelled out) become one config with one hash.
+        The device is decided and checked here: DeviceError for one this machine lacks."""
         model_dtype = declared if self.model_dtype == "auto" else self.model_dtype
         reference = self.eval.reference_dtype
         return replace(
             self,
             model_dtype=model_dtype,
+            device=resolve_device(self.device),
             compute_dtype=self.compute_dtype or model_dtype,
             eval=self.eval.model_copy(
                 update={"reference_dtype": model_dtype if reference == "model" else reference}
@@ -96,18 +100,10 @@ class RunConfig:
         return rules
 
     def content(self) -> dict[str, Any]:
-        """Everything that determines the result, in canonical form (the experiment's name left out; the
-        overrides only when there are some, so a uniform config keeps its hash)."""
+        """Everything that determines the result, in canonical form (the experiment's name left out)."""
         dq = self.double_quant
-        mixed = {"overrides": [o.content() for o in self.overrides]} if self.overrides else {}
-        settings = self.method_settings.of(self.method)
-        method = {} if self.method == "rtn" else {"method": self.method}
-        method |= {"method_settings": settings} if method and settings else {}
-        recovery = {} if self.recovery is None else {"recovery": self.recovery.model_dump()}
         return {
-            **mixed,
-            **method,
-            **recovery,
+            **_beyond_the_first(self),
             "model": self.model,
             "include": list(self.include),
             "exclude": list(self.exclude),
@@ -205,6 +201,20 @@ class LayerOverride:
             "block_size": self.block_size,
             "double_quant": None if dq is None else dq.spec(),
         }
+
+
+def _beyond_the_first(config: RunConfig) -> dict[str, Any]:
+    """The settings added since the first hashes, each in a config's content only when it differs from what
+    configs were before it existed (overrides, a method other than RTN, recovery, a device other than the
+    CPU), so that those configs keep their hash."""
+    mixed = {"overrides": [o.content() for o in config.overrides]} if config.overrides else {}
+    settings = config.method_settings.of(config.method)
+    method = {} if config.method == "rtn" else {"method": config.method}
+    method |= {"method_settings": settings} if method and settings else {}
+    recovery = {} if config.recovery is None else {"recovery": config.recovery.model_dump()}
+    kind = device_type(config.device)
+    device = {} if kind == "cpu" else {"device": kind}
+    return {**device, **mixed, **method, **recovery}
 
 
 def _digest(content: dict[str, Any]) -> str:

@@ -141,6 +141,7 @@ def expand(spec: ExperimentFile, path: Path) -> Experiment:
         data=spec.data,
         eval=evaluation,
         model_dtype=spec.model_dtype,
+        device=spec.device,
         seed=spec.seed,
         method_settings=spec.methods,
         overrides=overrides,

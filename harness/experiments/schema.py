@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from harness.data import CORPORA, CORPUS_PREFIXES
+from harness.devices import DEVICE_NAMES
 from harness.errors import HarnessError
 from harness.evaluate.windows import PROTOCOLS
 from harness.methods import METHODS
@@ -113,6 +114,9 @@ ModelDtype = Annotated[StrictStr, _one_of(MODEL_DTYPES)]
 RoundingRule = Annotated[StrictStr, _one_of(ROUNDING_RULES)]
 MethodName = Annotated[StrictStr, _one_of(METHODS)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+DeviceName = Annotated[
+    StrictStr, Field(pattern=f"^({DEVICE_NAMES.pattern})$", description="auto, cpu, cuda or cuda:N")
+]
 
 
 # ---- the file's schema -------------------------------------------------------------------------------------
@@ -277,6 +281,7 @@ class ExperimentFile(_Strict):
     description: StrictStr = ""
     model: StrictStr | list[StrictStr] = Field(description="a model name or a list of them")
     model_dtype: ModelDtype = "auto"  # `grid` or `fixed` may set it too, and win
+    device: DeviceName = "auto"  # where the model runs: CUDA when torch sees a device, else the CPU
     layers: LayerSelection = LayerSelection()
     data: DataSettings = DataSettings()
     eval: EvalSettings = EvalSettings()

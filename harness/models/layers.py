@@ -27,7 +27,7 @@ from harness.metrics import (
     stored_bytes,
     weight_statistics,
 )
-from harness.models.anatomy import body
+from harness.models.anatomy import body, device_of
 from harness.models.sources import LoadedModel, ModelError, source_bits
 from harness.quant.quantize import QuantConfig, tie_fraction
 
@@ -380,7 +380,7 @@ def capture_inputs(
         for i in range(n_seq):
             current = rows[(rows >= i * seq_len) & (rows < (i + 1) * seq_len)] - i * seq_len
             if current.numel():
-                runner(input_ids=input_ids[i : i + 1])
+                runner(input_ids=input_ids[i : i + 1].to(device_of(model)))
     finally:
         last.clear()
         for handle in handles:

@@ -100,16 +100,16 @@ def _gguf_dtype(path: Path) -> DeclaredDtype:
     )
 
 
-def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
     """Load an asset name, a local HF directory, a .gguf file or a Hugging Face id (in that order), straight
-    into ``dtype`` (default: the checkpoint's own, ``declared_dtype``). A 16-bit model on a CPU without
-    native 16-bit GEMMs has its products widened to fp32 from then on (``harness.gemm``)."""
+    into ``dtype`` (default: the checkpoint's own, ``declared_dtype``) on ``device``. A 16-bit model on a CPU
+    without native 16-bit GEMMs has its products widened to fp32 from then on (``harness.gemm``)."""
     dtype = dtype or _declared(spec)
     gemm.use_for(dtype)
     location = _location(spec)
     assert location is not None  # fetched: _location fetches an asset
     is_gguf = isinstance(location, Path) and location.suffix == ".gguf"
-    loaded = _load_pretrained(_loadable(location, dtype), dtype)
+    loaded = _load_pretrained(_loadable(location, dtype), dtype, device)
     if spec in assets.ASSETS:
         return _renamed(loaded, name=spec, source=spec)
     if is_gguf:
@@ -294,13 +294,15 @@ def _renamed(loaded: LoadedModel, *, name: str, source: str) -> LoadedModel:
     return LoadedModel(name, loaded.model, loaded.is_causal_lm, source, loaded.source_precision)
 
 
-def _load_pretrained(location: Path | str, dtype: torch.dtype) -> LoadedModel:
-    """A transformers checkpoint: a causal LM when its architecture is one, else the bare encoder."""
+def _load_pretrained(location: Path | str, dtype: torch.dtype, device: str) -> LoadedModel:
+    """A transformers checkpoint: a causal LM when its architecture is one, else the bare encoder; loaded
+    onto a CUDA device directly (transformers' ``device_map``), not through the CPU."""
     local = isinstance(location, Path)
     config = _config(location)
     is_causal = _is_causal_lm(config)
     auto = transformers.AutoModelForCausalLM if is_causal else transformers.AutoModel
-    model = auto.from_pretrained(str(location), dtype=dtype).eval()
+    placed = {} if device == "cpu" else {"device_map": device}
+    model = auto.from_pretrained(str(location), dtype=dtype, **placed).eval()
     weights_dir = Path(transformers.utils.cached_file(str(location), "config.json")).parent
     stored = _safetensors_dtypes(weights_dir)
     if (cached := weights_dir / PRECISION_FILE).is_file():  # a converted GGUF: the safetensors no longer know

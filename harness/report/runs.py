@@ -83,6 +83,8 @@ class ModelRuns:
         if value("protocol") == "sliding":
             parts.append(f"stride {value('stride')}")
         parts.append(f"{value('eval_tokens')} tokens")
+        if value("device") != "cpu":  # say where the runs ran, unless all on the CPU
+            parts.append(f"run on {value('device')}")
         ties = [v for v in self.metric("tie_fraction", self.all, 1.0) if math.isfinite(v)]
         if ties and max(ties) > 0:  # the tie rule decides those weights: say which rule
             parts.append(f"ties rounded {value('rounding')} (up to {max(ties):.2%} of weights on a tie)")

@@ -88,6 +88,7 @@ def config_params(config: RunConfig) -> dict[str, Any]:
         "dq_block_size": dq.block_size if dq else 0,
         "constant_dtype": config.constant_dtype,
         "model_dtype": config.model_dtype,
+        "device": config.device,
         "compute_dtype": config.compute_dtype,
         "rounding": config.rounding,
         "method": config.method,
@@ -167,8 +168,9 @@ def config_note(config: RunConfig) -> str:
         else ""
     )
     return (
-        f"{config.model} in {config.model_dtype}: {quant}; {config.data.corpus}, {config.eval.protocol} "
-        f"context {config.eval.context_length}, {config.eval.tokens} tokens{kld}; hash {config.hash}"
+        f"{config.model} in {config.model_dtype} on {config.device}: {quant}; {config.data.corpus}, "
+        f"{config.eval.protocol} context {config.eval.context_length}, {config.eval.tokens} tokens{kld}; "
+        f"hash {config.hash}"
     )
 
 
@@ -195,6 +197,7 @@ class RunRecord:
     variant: str
     model: str
     model_dtype: str
+    device: str  # where it ran: cpu, cuda or cuda:N
     format: str  # "none" for the baseline
     block_size: str  # an axis label: "64", "channel", "tensor" or "none"
     double_quant: str  # "off" or the DQ spec
@@ -237,6 +240,7 @@ class RunRecord:
             variant=params.get("variant", "?"),
             model=params.get("model", "?"),
             model_dtype=params.get("model_dtype", "float32"),  # runs before the dtype axis were fp32
+            device=params.get("device", "cpu"),  # runs before the device setting ran on the CPU
             format=params.get("format", "none"),
             block_size=params.get("block_size", "none"),
             double_quant=params.get("double_quant", "off"),
