@@ -32,10 +32,11 @@ import torch
 
 from harness.experiments import load_experiment
 from harness.floor import matmul_rate
-from harness.measure import ModelSession, layer_quantizer
+from harness.measure import layer_quantizer
 from harness.metrics import aggregate
 from harness.models import layer_table, quantized
 from harness.quant.quantize import COMPUTE_DTYPES, QuantConfig
+from harness.session import ModelSession
 
 
 def main() -> None:

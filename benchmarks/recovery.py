@@ -38,10 +38,10 @@ import torch
 from harness.experiments import load_experiment
 from harness.experiments.schema import RecoverySettings
 from harness.floor import matmul_rate
-from harness.measure import ModelSession
 from harness.models import quantized
 from harness.quant.quantize import COMPUTE_DTYPES, QuantConfig
 from harness.recovery import adapted, micro_batch
+from harness.session import ModelSession
 
 
 def _plain_peft(

@@ -24,8 +24,8 @@ import torch
 from harness import memory
 from harness.data import TokenizedCorpus
 from harness.experiments import RunConfig
-from harness.measure import ModelSession
 from harness.runner import Outcome, Target, run_config
+from harness.session import ModelSession
 from harness.tracking import Owner, Tracker, process_alive
 
 RAY_RETRIES = 3  # retries of a shard whose worker died (a Python exception is a FAILED run, not a retry)

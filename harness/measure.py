@@ -1,10 +1,9 @@
 """One config's measurement as a pure function: ``measure(session, config) -> Measurement``.
 
-A ``ModelSession`` holds what every config of one model shares: the loaded model with its chosen layers'
-pristine weights, the calibration inputs, the evaluation tokens and the base model's reference statistics
-(built once, cached on disk). ``measure`` quantizes the layers, measures weight and output error, evaluates
-perplexity, KLD and top-1 against the base and the lm-eval tasks, and restores the model. It writes nothing:
-the sweep logs what it returns, and the report derives every comparison between configs (Δ to the baseline).
+The ``ModelSession`` (``harness.session``) holds what every config of one model shares. ``measure`` quantizes
+the layers, measures weight and output error, evaluates perplexity, KLD and top-1 against the base and the
+lm-eval tasks, and restores the model. It writes nothing: the sweep logs what it returns, and the report
+derives every comparison between configs (Δ to the baseline).
 """
 
 from __future__ import annotations
@@ -17,29 +16,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import version
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from harness import NUMERICS_VERSION, assets, gemm
+from harness import NUMERICS_VERSION
 from harness.cache import cache_dir
-from harness.data import TokenizedCorpus, TrainingSplit, tokenize_corpus
-from harness.devices import device_type
-from harness.evaluate.divergence import evaluate_against
-from harness.evaluate.reference import BaseReference, ReferenceStorage
+from harness.evaluate.divergence import DivergenceResult, evaluate_against
 from harness.evaluate.tasks import run_tasks
 from harness.evaluate.windows import (
-    NonFiniteError,
-    PerplexityProtocol,
     PerplexityResult,
     check_finite,
     perplexity,
 )
 from harness.experiments import RunConfig
-from harness.memory import release_freed
+from harness.memory import halving
 from harness.methods import METHODS, awq
 from harness.methods.sequential import SequentialGptq
 from harness.metrics import aggregate
@@ -47,23 +40,15 @@ from harness.models import (
     CAPTURE_ROWS,
     ApplyResult,
     LayerQuantizer,
-    LoadedModel,
-    Pristine,
-    capture_inputs,
-    declared_dtype,
-    discover_layers,
-    first_nonfinite_module,
     held_out,
     layer_plan,
     layer_table,
-    load_model,
-    load_tokenizer,
     quantized,
-    snapshot,
 )
 from harness.plots import layer_error_plot
 from harness.quant.quantize import COMPUTE_DTYPES
 from harness.recovery import Evaluated, Training, adapted, cached_target, target_layers
+from harness.session import ModelSession, located
 from harness.stats import kld_percentiles, recovery, token_statistics
 
 PROJECTIONS = {"7B": 7e9, "70B": 70e9}  # model sizes whose memory at the measured bits/param is reported
@@ -82,120 +67,6 @@ class Measurement:
     curves: dict[str, tuple[float, ...]] = field(default_factory=dict)  # step metrics: one value per step
     warnings: tuple[str, ...] = ()  # about the source precision; the sweep shows each once
     eval_s: float = 0.0
-
-
-@dataclass
-class ModelSession:
-    """A loaded model with what every config of its group shares: layers, data, base statistics."""
-
-    loaded: LoadedModel
-    tokenizer: Any | None  # kept only for the lm-eval tasks
-    bos_token_id: int | None  # None unless eval.bos; marks a stream opening with BOS; llamacpp re-seeds
-    pristine: Pristine
-    calibration: dict[str, torch.Tensor]  # each layer's inputs at the held-out calibration positions
-    calibration_ids: torch.Tensor  # the calibration sequences (n_seq, seq_len)
-    evaluation: torch.Tensor  # the evaluation token stream (1, N)
-    protocol: PerplexityProtocol
-    reference: BaseReference | None  # None when the experiment turns KLD off
-    params: dict[str, Any]  # facts of the session, logged as params of every run
-    training: TrainingSplit | None = None  # the LoRA recovery's training rows, when the configs train
-    fitted: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)  # fit_inputs
-    lora16: dict[str, tuple[Training, Evaluated]] = field(default_factory=dict)  # 16-bit LoRA, by recipe
-
-    @classmethod
-    def prepare(cls, config: RunConfig, corpus: TokenizedCorpus | None = None) -> ModelSession:
-        """Load ``config.model`` in its model dtype (``config`` resolved) and what its configs share; the
-        tokenizer loads only to tokenize the corpus when ``corpus`` (the preflight's) is None, or for the
-        lm-eval tasks."""
-        assert config.is_resolved, "ModelSession.prepare takes a resolved config (RunConfig.resolved)"
-        torch.manual_seed(config.seed)
-        dtype = COMPUTE_DTYPES[config.model_dtype]
-        tokenizer = load_tokenizer(config.model, dtype) if corpus is None or config.eval.tasks else None
-        corpus = corpus or tokenize_corpus(config, tokenizer)
-        splits, text_bytes, text_words = corpus.splits, corpus.text_bytes, corpus.text_words
-        training = corpus.training
-        if not config.eval.tasks:  # let go before the weights load, so that the peak holds one, not both
-            tokenizer = None
-            release_freed()
-        loaded = load_model(config.model, dtype, config.device)
-        layers = discover_layers(loaded, list(config.include) or None, list(config.exclude) or None)
-        calibration = (
-            capture_inputs(loaded.model, layers, splits.calibration, seed=config.seed)
-            if config.data.calibration_sequences
-            else {}
-        )
-        protocol = PerplexityProtocol(config.eval.protocol, config.eval.context_length, config.eval.stride)
-        reference = None
-        if config.eval.kld:
-            reference_dtype = str(config.eval.reference_dtype)
-            base = loaded
-            if reference_dtype != config.model_dtype:  # KLD against the base in another dtype, as asked
-                base = load_model(config.model, COMPUTE_DTYPES[reference_dtype], config.device)
-            with _located(base.model, splits.evaluation, protocol):
-                reference = BaseReference.build(
-                    base.model,
-                    splits.evaluation,
-                    protocol,
-                    cache_dir=cache_dir() / "reference",
-                    key=f"{loaded.source}|{config.data.corpus}|{reference_dtype}{_on(config.device)}",
-                    text_bytes=text_bytes,
-                    text_words=text_words,
-                    bos_token_id=corpus.bos_token_id,
-                    storage=ReferenceStorage(config.eval.kld_reference, config.eval.kld_topk),  # type: ignore[arg-type]
-                    batch_size=config.eval.batch_size,
-                    progress=True,
-                )
-            del base
-        declared = declared_dtype(config.model)
-        assert declared is not None
-        params = {
-            "text_bytes": text_bytes,
-            "text_words": text_words,
-            "n_layers_quantized": len(layers),
-            "params_quantized": sum(info.numel for info in layers),
-            "params_total": sum(p.numel() for p in loaded.model.parameters()),
-            "asset": _asset_pin(config.model),
-            "n_docs_calibration": splits.n_docs_cal,
-            "n_docs_eval": splits.n_docs_eval,
-            "declared_dtype": declared.dtype,
-            "declared_dtype_rule": declared.rule,
-            **gemm.methods(),
-        }
-        if training is not None:
-            params["lora_train_split"] = training.described
-        pristine = snapshot(loaded.model, layers)
-        return cls(
-            loaded,
-            tokenizer,
-            corpus.bos_token_id,
-            pristine,
-            calibration,
-            splits.calibration,
-            splits.evaluation,
-            protocol,
-            reference,
-            params,
-            training,
-        )
-
-    def fit_inputs(self, rows: int, seed: int) -> dict[str, torch.Tensor]:
-        """Each layer's inputs on the unquantized model at ``rows`` calibration positions apart from the
-        held-out ones: what a method fits on (AWQ), captured once per row count and seed."""
-        if (rows, seed) not in self.fitted:
-            self.fitted[rows, seed] = capture_inputs(
-                self.loaded.model,
-                self.pristine.layers,
-                self.calibration_ids,
-                positions=slice(CAPTURE_ROWS, CAPTURE_ROWS + rows),
-                seed=seed,
-            )
-        return self.fitted[rows, seed]
-
-    @property
-    def bits_per_param(self) -> float:
-        """Of the model as loaded: its parameters' bytes over their count (16.000 for bf16)."""
-        parameters = list(self.loaded.model.parameters())
-        return 8.0 * sum(p.nbytes for p in parameters) / sum(p.numel() for p in parameters)
 
 
 def measure(session: ModelSession, config: RunConfig) -> Measurement:
@@ -230,7 +101,7 @@ def measure(session: ModelSession, config: RunConfig) -> Measurement:
 
 def _checked_evaluation(session: ModelSession, config: RunConfig) -> Evaluated:
     """``_evaluate``, with a non-finite NLL or KLD reported with the first module that makes it."""
-    with _located(session.loaded.model, session.evaluation, session.protocol):
+    with located(session.loaded.model, session.evaluation, session.protocol):
         metrics, per_token = _evaluate(session, config)
         for name in ("nll", "kld"):
             if name in per_token:
@@ -349,20 +220,6 @@ def layer_quantizer(session: ModelSession, config: RunConfig) -> LayerQuantizer:
     return lambda name, weight, quant: layer(weight, quant, name=name)
 
 
-@contextmanager
-def _located(model: torch.nn.Module, tokens: torch.Tensor, protocol: PerplexityProtocol) -> Iterator[None]:
-    """A NonFiniteError leaves with the first module whose output is non-finite on the first window."""
-    try:
-        yield
-    except NonFiniteError as exc:
-        window = tokens[:, : protocol.context_length]
-        where = first_nonfinite_module(model, window)
-        found = (
-            f"first non-finite output: {where}" if where else "every module's output is finite on window 0"
-        )
-        raise NonFiniteError(f"{exc}; {found}") from None
-
-
 def _storage_and_error(session: ModelSession, layers: pd.DataFrame | None) -> dict[str, float]:
     """Bits, memory and weight-space error of the quantized layers (for the baseline: its loaded dtype).
 
@@ -389,20 +246,31 @@ def _evaluate(session: ModelSession, config: RunConfig) -> Evaluated:
     metrics: dict[str, float] = {}
     per_token: dict[str, np.ndarray]
     if session.reference is None:
-        ppl: PerplexityResult = perplexity(
-            model,
-            session.evaluation,
-            session.protocol,
-            text_bytes=int(session.params["text_bytes"]),
-            text_words=int(session.params["text_words"]),
-            bos_token_id=session.bos_token_id,
-            batch_size=config.eval.batch_size,
-            progress=False,
-        )
+
+        def scored(rows: int) -> PerplexityResult:
+            return perplexity(
+                model,
+                session.evaluation,
+                session.protocol,
+                text_bytes=int(session.params["text_bytes"]),
+                text_words=int(session.params["text_words"]),
+                bos_token_id=session.bos_token_id,
+                batch_size=rows,
+                progress=False,
+            )
+
+        ppl, metrics["eval_windows_per_forward"] = halving(scored, config.eval.batch_size, "evaluation")
         per_token = {"nll": ppl.nll}
         metrics |= token_statistics(ppl.nll)
     else:
-        ppl, divergence = evaluate_against(model, session.reference, progress=False)
+        reference = session.reference
+
+        def against(rows: int) -> tuple[PerplexityResult, DivergenceResult]:
+            return evaluate_against(model, reference, batch_size=rows, progress=False)
+
+        (ppl, divergence), metrics["eval_windows_per_forward"] = halving(
+            against, reference.batch_size, "evaluation"
+        )
         per_token = {
             "nll": ppl.nll,
             "base_nll": divergence.base_nll,
@@ -426,15 +294,3 @@ def _evaluate(session: ModelSession, config: RunConfig) -> Evaluated:
                     metrics[f"{name}_{task}"] = values[name]
                     metrics[f"{name}_{task}_stderr"] = values[f"{name}_stderr"]
     return metrics, per_token
-
-
-def _on(device: str) -> str:
-    """The base reference's key suffix for a device kind: none on the CPU, whose references came first."""
-    kind = device_type(device)
-    return "" if kind == "cpu" else f"|{kind}"
-
-
-def _asset_pin(model: str) -> str:
-    if model not in assets.ASSETS:
-        return model
-    return ", ".join(f"{p.name}=={p.version}" for p in assets.ASSETS[model].packages)

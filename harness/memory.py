@@ -11,10 +11,17 @@ are zeroed for each block). Elsewhere (musl, macOS) nothing here has an effect."
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+from harness.errors import HarnessError
+
+T = TypeVar("T")
 
 MMAP_THRESHOLD = 1 << 20  # bytes: larger blocks are mapped for themselves and unmapped when freed
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h); setting it also stops glibc from raising it
@@ -44,10 +51,30 @@ def page_out(tensor: torch.Tensor) -> None:
     resident memory (Gemma 3 270M: 0.4 GB over its blocks, which kept the default sweep above 3 GB) and is
     read back, unchanged, when next used; the kernel never drops the contents of anonymous memory without
     swap, so nothing can be lost. A hint only: on kernels without it (before Linux 5.4) nothing happens."""
-    if _LIBC is None or not hasattr(_LIBC, "madvise"):
+    if _LIBC is None or not hasattr(_LIBC, "madvise") or tensor.device.type != "cpu":
         return
     page = mmap.PAGESIZE
     start = -(-tensor.data_ptr() // page) * page  # whole pages inside the tensor only
     end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
     if end > start:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+
+
+class OutOfMemory(HarnessError, RuntimeError):
+    """A pass that does not fit even one window at a time; one line."""
+
+
+def halving(run: Callable[[int], T], rows: int, what: str) -> tuple[T, int]:
+    """``run(rows)``, and on running out of memory (CUDA's, or the host's ``MemoryError``) again with half as
+    many rows per forward, down to one: the result and the rows it took. OutOfMemory when one row fails."""
+    while True:
+        try:
+            return run(rows), rows
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if rows == 1:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise OutOfMemory(f"{what}: out of memory at one window per forward ({reason})") from None
+            rows //= 2

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from harness.experiments import RunConfig
-from harness.measure import ModelSession, measure
+from harness.measure import measure
+from harness.session import ModelSession
 from harness.tracking import (
     CLAIM_TAG,
     NOTE_TAG,

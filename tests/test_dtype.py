@@ -165,8 +165,8 @@ def test_a_session_without_tasks_lets_the_tokenizer_go_before_the_weights_load(
     """The tokenizer serves the splits, the text counts and BOS, and then goes: no pass reads it, and Gemma's
     holds about 0.3 GB. (A session with lm-eval tasks keeps it: the smoke sweep's piqa runs through it.)"""
 
-    from harness.measure import ModelSession
     from harness.models import load_tokenizer
+    from harness.session import ModelSession
 
     experiment = load_experiment(_experiment(tmp_path, checkpoints, "bf16", "block_size: [64]"))
     config = experiment.resolved_configs({str(checkpoints["bf16"]): "bfloat16"}, 1)[0]

@@ -13,7 +13,7 @@ import torch
 from conftest import save_with_tokenizer, stored_runs, tiny_llama, word_corpus
 from test_experiments import MALFORMED
 
-from harness import measure, sweep
+from harness import measure, session, sweep
 from harness.cache import cache_dir
 from harness.cli import main
 from harness.executors import Shard
@@ -158,7 +158,7 @@ def test_what_only_the_model_and_corpus_reveal_is_caught_before_work(
     assert code == 0  # the base of every case below is valid
     (tmp_path / "cases").mkdir()
     loads: list[str] = []
-    monkeypatch.setattr(measure, "load_model", lambda spec, *args, **kwargs: loads.append(spec))
+    monkeypatch.setattr(session, "load_model", lambda spec, *args, **kwargs: loads.append(spec))
     check_cases(preflight_cases(tiny), tmp_path / "cases", capsys, monkeypatch)
     assert loads == []  # every case was refused before a session loaded weights
 
@@ -363,3 +363,70 @@ def test_device_cpu_and_auto_are_one_config_on_a_cpu(
     config = load_experiment(str(path)).configs[0].resolved("float32")
     assert "device" not in config.content()
     assert replace(config, device="cuda:1").hash == replace(config, device="cuda").hash != config.hash
+
+
+def test_a_pass_out_of_memory_runs_again_with_fewer_windows(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MemoryError from every forward of more than one window (injected at the decoder): the base
+    reference and each config run again one window per forward, say so, and agree with an unconstrained
+    sweep (one window per forward only changes the GEMM shapes)."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "oom.yaml"
+    path.write_text(experiment(tiny, grid="{format: [nf4]}"))
+    forward = LlamaModel.forward
+
+    def tight(self: LlamaModel, input_ids: torch.Tensor | None = None, **kwargs: object) -> object:
+        if input_ids is not None and input_ids.shape[0] > 1:
+            raise MemoryError("injected")
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    found = {}
+    for run in ("free", "tight"):
+        monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / f"cache-{run}"))  # the reference is built again
+        if run == "tight":
+            monkeypatch.setattr(LlamaModel, "forward", tight)
+        store = f"sqlite:///{tmp_path / run}.db"
+        assert main(["sweep", str(path), "--tracking-uri", store]) == 0
+        found[run] = {r.label: r for r in Tracker(store).records("oom")}
+    assert found["free"].keys() == found["tight"].keys() == {"baseline-fp32", "nf4-b64-fp32"}
+    for label, free in found["free"].items():
+        tight_run = found["tight"][label]
+        assert (free.metric("eval_windows_per_forward"), tight_run.metric("eval_windows_per_forward")) == (
+            4,
+            1,
+        )
+        assert tight_run.metric("ppl") == pytest.approx(free.metric("ppl"), rel=1e-4)
+        assert tight_run.metric("kld_mean") == pytest.approx(free.metric("kld_mean"), rel=1e-3, abs=1e-6)
+
+
+def test_a_config_out_of_memory_at_one_window_fails_alone(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "oom.yaml"
+    path.write_text(experiment(tiny))
+    evaluate, calls = measure.evaluate_against, []
+
+    def after_the_baseline(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs["batch_size"])
+        if len(calls) > 1:  # the baseline's first try passes; every quantized config's try fails
+            raise MemoryError("injected")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "evaluate_against", after_the_baseline)
+    store = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["sweep", str(path), "--tracking-uri", store]) == 1
+    runs = {r.label: r for r in Tracker(store).records("oom")}
+    assert {label: r.status for label, r in runs.items()} == {
+        "baseline-fp32": "FINISHED",
+        "nf4-b64-fp32": "FAILED",
+        "int4-b64-fp32": "FAILED",
+    }
+    assert calls == [4, 4, 2, 1, 4, 2, 1]
+    errors = stored_runs(store, "oom").set_index("tags.mlflow.runName")[f"tags.{ERROR_TAG}"]
+    said = "OutOfMemory: evaluation: out of memory at one window per forward (injected)"
+    assert errors["nf4-b64-fp32"] == errors["int4-b64-fp32"] == said

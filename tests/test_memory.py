@@ -1,4 +1,5 @@
-"""glibc's mmap threshold: freed blocks between live ones are returned once it is fixed, kept otherwise."""
+"""glibc's mmap threshold: freed blocks between live ones are returned once it is fixed, kept otherwise; a
+pass that runs out of memory is retried with half the windows per forward."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from harness.memory import OutOfMemory, halving
 
 # A freed 8 MiB block raises glibc's own threshold to 8 MiB; then 2 MiB blocks, each followed by a small one
 # that stays alive, are freed: only mapped blocks go back to the kernel, heap holes between survivors stay.
@@ -37,3 +41,27 @@ def _retained_mib(mode: str) -> float:
 def test_a_fixed_mmap_threshold_returns_freed_blocks_between_live_ones() -> None:
     assert _retained_mib("bound") < 30  # the 6.25 MiB of small survivors, and slack
     assert _retained_mib("glibc") > 150  # of the 200 MiB freed
+
+
+@pytest.mark.parametrize("error", [MemoryError, torch.cuda.OutOfMemoryError])
+def test_a_pass_out_of_memory_is_retried_with_half_the_rows(error: type[Exception]) -> None:
+    tried: list[int] = []
+
+    def run(rows: int) -> str:
+        tried.append(rows)
+        if rows > 2:
+            raise error("no room")
+        return f"done at {rows}"
+
+    assert halving(run, 8, "evaluation") == ("done at 2", 2) and tried == [8, 4, 2]
+
+
+def test_out_of_memory_at_one_row_is_one_line() -> None:
+    def run(rows: int) -> None:
+        raise MemoryError("cannot allocate 2 GiB\nsecond line")
+
+    with pytest.raises(OutOfMemory) as caught:
+        halving(run, 3, "the base reference")
+    assert str(caught.value) == (
+        "the base reference: out of memory at one window per forward (cannot allocate 2 GiB)"
+    )

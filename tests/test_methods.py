@@ -240,8 +240,9 @@ def test_on_a_real_model_gptq_lowers_nearly_every_layers_output_error_and_equals
     here), and the output errors agree to 1e-4 (9.7e-6 measured); on the tiny layer above, to 1e-5."""
     from dataclasses import replace
 
-    from harness.measure import ModelSession, layer_quantizer
+    from harness.measure import layer_quantizer
     from harness.models import layer_table, quantized
+    from harness.session import ModelSession
 
     overrides = ["eval.kld=false", "eval.tasks=[]", "data.calibration_sequences=16"]
     base = load_experiment("smoke", overrides).configs[0].resolved("bfloat16")

@@ -15,9 +15,10 @@ from conftest import save_with_tokenizer, stored_runs, tiny_experiment
 from harness.data import token_splits, training_split
 from harness.experiments import ExperimentError, load_experiment
 from harness.experiments.schema import RecoverySettings
-from harness.measure import ModelSession, _checked_evaluation, measure
+from harness.measure import _checked_evaluation, measure
 from harness.preflight import PreflightError, check
 from harness.recovery import adapted, injected
+from harness.session import ModelSession
 from harness.stats import recovery, recovery_difference
 
 RECIPE = "{steps: 3, batch: 2, sequence_length: 64, rank: 4, lr: 0.01, warmup: 1}"

@@ -18,7 +18,6 @@ from harness import sensitivity
 from harness.evaluate.reference import BaseReference
 from harness.evaluate.windows import PerplexityProtocol
 from harness.experiments import ExperimentError, load_experiment
-from harness.measure import ModelSession
 from harness.models import LoadedModel, apply, blocks, discover_layers, layer_plan, restore, snapshot
 from harness.quant.double_quant import DoubleQuantConfig
 from harness.quant.quantize import QuantConfig
@@ -30,6 +29,7 @@ from harness.sensitivity.allocate import (
     random_allocation,
     use_more_bits,
 )
+from harness.session import ModelSession
 
 MIXED = """
 name: mixed-test

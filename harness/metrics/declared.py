@@ -129,6 +129,11 @@ register_metric(
     "reference_bytes_per_token", "Reference", "B/token", "lower", "model",
     "bytes per scored token of the cached base reference (eval.kld_reference, eval.kld_topk)", decimals=0,
 )  # fmt: skip
+register_metric(
+    "eval_windows_per_forward", "Windows/forward", "", None, "model",
+    "evaluation windows per forward pass: eval.batch_size, halved each time a pass ran out of memory",
+    decimals=0,
+)  # fmt: skip
 register_metric("kld_mean_se", "KLD SE", "nats", None, "model", f"standard error of kld_mean ({METHOD})")
 for _name, _label, _what in (
     ("kld_median", "KLD median", "median"),

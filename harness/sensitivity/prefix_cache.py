@@ -17,8 +17,8 @@ from harness.evaluate.divergence import divergence_of, whole_rows
 from harness.evaluate.logits import LogitHead, ScoredRows, WindowBatch
 from harness.evaluate.reference import BaseReference
 from harness.evaluate.windows import window_batches
-from harness.measure import ModelSession
 from harness.models import blocks
+from harness.session import ModelSession
 
 
 class SensitivityError(HarnessError, ValueError):

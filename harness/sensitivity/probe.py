@@ -20,11 +20,11 @@ from tqdm import tqdm
 from harness import NUMERICS_VERSION
 from harness.cache import cache_dir
 from harness.experiments import Choice, Experiment, LayerOverride, RunConfig
-from harness.measure import ModelSession
 from harness.metrics import aggregate
 from harness.models import Blocks, declared_dtype, layer_table, quantized
 from harness.quant.quantize import COMPUTE_DTYPES, QuantConfig
 from harness.sensitivity.prefix_cache import PrefixCache
+from harness.session import ModelSession
 from harness.stats import paired_difference, resampled_means
 
 PROXIES = ("nmse", "output_rel_err", "kurtosis", "max_over_rms", "act_weighted_err")
