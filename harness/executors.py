@@ -123,7 +123,8 @@ class LocalExecutor:
 @dataclass
 class RayExecutor:
     """One Ray task per shard on a Ray cluster: a local one started for the sweep (``address`` None) or
-    ``auto`` / ``ray://HOST:PORT``. Each task gets ``cores // workers`` CPUs and as many torch threads."""
+    ``auto`` / ``ray://HOST:PORT``. Each task gets ``cores // workers`` CPUs and as many torch threads, and
+    one GPU when the cluster has GPUs (Ray sets the task's ``CUDA_VISIBLE_DEVICES``)."""
 
     address: str | None = None
     workers: int = 2
@@ -144,11 +145,10 @@ class RayExecutor:
                 configure_logging=False,
             )
         try:
-            cores = int(ray.cluster_resources().get("CPU", 1))
-            threads = max(1, cores // self.workers)
+            resources = task_resources(ray.cluster_resources(), self.workers)
             outcomes = Queue(actor_options={"num_cpus": 0})
-            task = ray.remote(_ray_shard).options(num_cpus=threads, max_retries=RAY_RETRIES)
-            context = replace(context, threads=threads)
+            task = ray.remote(_ray_shard).options(**resources, max_retries=RAY_RETRIES)
+            context = replace(context, threads=int(resources["num_cpus"]))
             pending = [task.remote(context, shard, outcomes) for shard in shards]
             while pending:
                 done, pending = ray.wait(pending, timeout=POLL_S)
@@ -161,6 +161,15 @@ class RayExecutor:
         finally:
             if started:
                 ray.shutdown()
+
+
+def task_resources(cluster: dict[str, float], workers: int) -> dict[str, float]:
+    """What each shard's task asks of the cluster: ``cores // workers`` CPUs, and one GPU where the cluster
+    has GPUs (none on a CPU cluster, so that tasks are not held waiting for a device)."""
+    return {
+        "num_cpus": max(1, int(cluster.get("CPU", 1)) // workers),
+        "num_gpus": 1 if cluster.get("GPU", 0) >= 1 else 0,
+    }
 
 
 def _ray_shard(context: SweepContext, shard: Shard, outcomes: object) -> None:

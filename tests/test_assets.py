@@ -109,6 +109,7 @@ def test_an_entry_built_from_another_definition_is_rebuilt(
 def test_registry_pins_every_package() -> None:
     assert set(ASSETS) == {
         "gemma-3-270m",
+        "qwen2.5-coder-1.5b",
         "smollm2-135m",
         "minilm-l6",
         "evals",

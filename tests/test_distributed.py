@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import stored_runs
 
-from harness.executors import RayExecutor, set_threads
+from harness.executors import RayExecutor, set_threads, task_resources
 from harness.experiments import load_experiment
 from harness.liveness import pid_alive
 from harness.server import Cluster
@@ -332,3 +332,23 @@ def test_the_ui_lands_on_the_runs_with_their_metrics_and_plots(local_store: tupl
     finally:
         ui.send_signal(signal.SIGTERM)
         ui.wait(timeout=60)
+
+
+def test_ray_tasks_ask_for_a_gpu_each_when_the_cluster_has_gpus() -> None:
+    """A local cluster declaring 2 GPUs (Ray's resource API; no device needed): each shard's task holds one,
+    two run at once, and Ray tells each its own device through CUDA_VISIBLE_DEVICES. A CPU cluster: none."""
+    import ray
+
+    def visible_device() -> str:  # defined here: Ray's workers cannot import this test module
+        time.sleep(2)  # the two tasks overlap, so each holds a GPU of its own
+        return os.environ["CUDA_VISIBLE_DEVICES"]
+
+    assert task_resources({"CPU": 16.0}, 2) == {"num_cpus": 8, "num_gpus": 0}
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        resources = task_resources(ray.cluster_resources(), 2)
+        assert resources == {"num_cpus": 1, "num_gpus": 1}
+        visible = ray.remote(visible_device).options(**resources)
+        assert sorted(ray.get([visible.remote() for _ in range(2)])) == ["0", "1"]
+    finally:
+        ray.shutdown()
