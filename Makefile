@@ -4,6 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 EXP     ?= default
 ARGS    ?=
+TORCH_INDEX ?=  # e.g. https://download.pytorch.org/whl/cu128 for a CUDA build of the same torch
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install fetch sweep ui server tables test test-fast lint bench clean
@@ -11,7 +12,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(BIN)/harness: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	DISABLE_CUDA=1 $(BIN)/pip install -q -e '.[dev,peers,ray,server]'  # hqq's sdist: skip its CUDA kernels
 	touch $@
 
