@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import weight
+from conftest import tiny_llama, weight
 
 from harness.quant import cpu_kernels
 from harness.quant import quantize as quantize_module
@@ -63,7 +63,7 @@ def test_double_quant_on_cuda_agrees_with_cpu(weight_kind: str, monkeypatch: pyt
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])
-@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("block_size", [64, 128, 256, 512, 1024, 2048, 4096])
 def test_cuda_matches_bitsandbytes_cuda(
     weight_kind: str, dtype: torch.dtype, fmt: str, block_size: int
 ) -> None:
@@ -74,3 +74,39 @@ def test_cuda_matches_bitsandbytes_cuda(
     assert torch.equal(ours.codes, packed.reshape(-1))
     assert torch.equal(ours.scales, state.absmax)
     assert torch.equal(dequantize(ours), bnb.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_double_quant_on_cuda_against_bitsandbytes_cuda(weight_kind: str, fmt: str) -> None:
+    """The 4-bit codes and the second level's offset and absmax as bnb's; its second-level codes come from
+    an approximate table where ours are the exact nearest (as on the CPU: test_peers)."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    w = weight(weight_kind, (2048, 1024), torch.bfloat16).cuda()
+    packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type=fmt, compress_statistics=True)
+    ours = quantize(w, QuantConfig(fmt, 64, DoubleQuantConfig()))
+    assert torch.equal(ours.codes, packed.reshape(-1))
+    torch.testing.assert_close(ours.scales.offset, state.offset, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.scales.absmax, state.state2.absmax, rtol=1e-6, atol=0)
+    assert float((ours.scales.codes == state.absmax).float().mean()) >= 0.99
+
+
+def test_a_tiny_models_ppl_and_kld_on_cuda_agree_with_the_cpu() -> None:
+    """The same quantized tiny model evaluated against its base reference on each device: PPL and mean KLD
+    within 1e-3 relative (the kernels differ, the protocol and tokens do not)."""
+    from harness.evaluate.divergence import evaluate_against
+    from harness.evaluate.reference import BaseReference
+    from harness.evaluate.windows import PerplexityProtocol
+    from harness.models import discover_layers, quantized, snapshot
+
+    tokens = torch.randint(3, 256, (1, 1024), generator=torch.Generator().manual_seed(0))
+    protocol = PerplexityProtocol("disjoint", 128)
+    found = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_llama().to(device)
+        reference = BaseReference.build(
+            model, tokens, protocol, None, "tiny", text_bytes=4096, text_words=512, progress=False
+        )
+        with quantized(snapshot(model, discover_layers(model)), QuantConfig("nf4", 64)):
+            ppl, divergence = evaluate_against(model, reference, progress=False)
+        found[device] = (ppl.ppl, divergence.kld_mean)
+    assert found["cuda"] == pytest.approx(found["cpu"], rel=1e-3)
