@@ -41,6 +41,7 @@ from harness.evaluate.reference import BaseReference
 from harness.evaluate.windows import PerplexityProtocol, make_windows, perplexity
 from harness.floor import PassCost, floor_seconds, gemm_rates, pass_cost
 from harness.models import LoadedModel, discover_layers, load_model, load_tokenizer, quantized, snapshot
+from harness.models.anatomy import device_of
 from harness.quant.quantize import QuantConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -73,6 +74,7 @@ def plain_loop(
 ) -> float:
     """The obvious loop: one window at a time, full logits, HF's own shifted cross-entropy."""
     total = 0.0
+    tokens = tokens.to(device_of(model))
     for w in make_windows(protocol, tokens.shape[1]):
         ids = tokens[:, w.start : w.end + 1].clone()  # +1: the last target, as HF's labels want it
         if bos is not None and protocol.name == "llamacpp":

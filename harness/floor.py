@@ -60,25 +60,40 @@ def pass_cost(model: nn.Module, protocol: PerplexityProtocol, tokens: int) -> Pa
 
 
 def matmul_rate(
-    m: int = 1024, k: int = 1024, n: int = 1024, dtype: torch.dtype = torch.float32, runs: int = 5
+    m: int = 1024,
+    k: int = 1024,
+    n: int = 1024,
+    dtype: torch.dtype = torch.float32,
+    runs: int = 5,
+    device: str = "cpu",
 ) -> float:
     """FLOP/s of an (m × k) input through a Linear of k → n (x @ Wᵀ, the layout of every Linear and of the
-    head's tiles) in ``dtype`` on this machine, the way a model in that dtype runs it (``harness.gemm``),
-    median of ``runs`` after a warm-up. Measuring leaves the process's products as they were."""
-    x, weight = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    head's tiles) in ``dtype`` on ``device``, the way a model in that dtype runs it there (on a CPU:
+    ``harness.gemm``), median of ``runs`` after a warm-up. Measuring leaves the process's products as they
+    were."""
+    x, weight = torch.randn(m, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)
+    widened = device == "cpu" and not gemm.native(dtype)
     times = []
-    with contextlib.nullcontext() if gemm.native(dtype) else gemm.WidenedProducts(frozenset({dtype})):
+    with gemm.WidenedProducts(frozenset({dtype})) if widened else contextlib.nullcontext():
         F.linear(x, weight)
         for _ in range(runs):
+            _synchronize(device)
             start = time.perf_counter()
             F.linear(x, weight)
+            _synchronize(device)
             times.append(time.perf_counter() - start)
     return 2 * m * k * n / statistics.median(times)
 
 
-def gemm_rates(cost: PassCost, dtype: torch.dtype, runs: int = 5) -> dict[str, float]:
-    """torch.mm FLOP/s in ``dtype`` on each of the pass's GEMM shapes."""
-    return {label: matmul_rate(*shape, dtype=dtype, runs=runs) for label, shape in cost.shapes.items()}
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def gemm_rates(cost: PassCost, dtype: torch.dtype, runs: int = 5, device: str = "cpu") -> dict[str, float]:
+    """torch.mm FLOP/s in ``dtype`` on ``device`` on each of the pass's GEMM shapes."""
+    shapes = cost.shapes.items()
+    return {label: matmul_rate(*shape, dtype=dtype, runs=runs, device=device) for label, shape in shapes}
 
 
 def floor_seconds(cost: PassCost, rates: dict[str, float]) -> float:

@@ -180,7 +180,7 @@ def _floor(summary: SweepSummary, finished: Sequence[RunConfig], costs: Mapping[
     for config in finished:
         key = (config.model, str(config.model_dtype))
         if key not in rates:
-            measured = gemm_rates(costs[config.model], COMPUTE_DTYPES[key[1]])
+            measured = gemm_rates(costs[config.model], COMPUTE_DTYPES[key[1]], device=config.device)
             rates[key] = max(measured.values())
             summary.rates[key[1]] = rates[key]
         summary.floor_s += costs[config.model].flops / rates[key]
@@ -207,17 +207,17 @@ def estimate(groups: Sequence[Shard], history: Sequence[RunRecord], costs: Mappi
     timed = {key: float(np.median(found)) for key, found in times.items()}
     seconds, sources, rates = 0.0, set(), {}
     for group in groups:
-        dtype = str(group.configs[0].model_dtype)
+        dtype, device = str(group.configs[0].model_dtype), group.configs[0].device
         if (group.model, dtype) in timed:
             seconds += len(group.configs) * timed[group.model, dtype]
             sources.add("the median time of this experiment's earlier runs")
         elif group.model in costs:
             cost = costs[group.model]
             if dtype not in rates:
-                rates[dtype] = max(gemm_rates(cost, COMPUTE_DTYPES[dtype]).values())
+                rates[dtype] = max(gemm_rates(cost, COMPUTE_DTYPES[dtype], device=device).values())
             seconds += SWEEP_OVERHEAD * (len(group.configs) + 1) * cost.flops / rates[dtype]
             sources.add(
-                f"{SWEEP_OVERHEAD:g} × the FLOP floor of each pass at this CPU's torch.mm rate in "
+                f"{SWEEP_OVERHEAD:g} × the FLOP floor of each pass at the torch.mm rate on {device} in "
                 f"{dtype} ({rates[dtype] / 1e9:.0f} GFLOP/s)"
             )
             if group.configs[0].eval.tasks:

@@ -281,12 +281,14 @@ def test_the_estimate_says_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) 
         estimate(shards, history, {}) == "estimated 40 s (the median time of this experiment's earlier runs)"
     )
     calls = []
-    monkeypatch.setattr(sweep, "gemm_rates", lambda cost, dtype: calls.append(dtype) or {"mm": 1e12})
+    monkeypatch.setattr(
+        sweep, "gemm_rates", lambda cost, dtype, device: calls.append((dtype, device)) or {"mm": 1e12}
+    )
     cost = PassCost(10**8, 2e12, 1e12, {"mm": (1, 1, 1)})
     text = estimate(shards, [], {"smollm2-135m": cost})
     expected = sweep.SWEEP_OVERHEAD * 4 * 3e12 / 1e12  # two shards, each one config and one base pass
     assert text.startswith(f"estimated {expected:.0f} s (") and "bfloat16 (1000 GFLOP/s)" in text
-    assert calls == [torch.bfloat16]
+    assert calls == [(torch.bfloat16, "cpu")]
     assert estimate(shards, [], {}) == "no estimate of its duration"
     fitted = [Shard("smollm2-135m", (replace(configs[0], method="gptq"),))]
     text = estimate(fitted, [], {"smollm2-135m": cost})
