@@ -202,12 +202,14 @@ def _show(args: argparse.Namespace) -> int:
     import itertools
 
     from harness import preflight
+    from harness.devices import resolve_device
     from harness.experiments import load_experiment
 
     exp = load_experiment(args.experiment, args.overrides)
     checked = preflight.check(exp, fetch=False)
     print(f"{exp.name}: {exp.description}\nfile: {exp.path}\nmodels: {', '.join(exp.models)}")
     print(f"data: {exp.template.data}\neval: {exp.template.eval}")
+    print(f"device: {exp.template.device}, here {resolve_device(exp.template.device)}")
     if exp.template.recovery is not None:
         recipe = exp.template.recovery
         print(f"recovery: LoRA {recipe}, trained on each config's base and on the unquantized model")
