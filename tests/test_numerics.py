@@ -94,7 +94,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "57fcf506ad17099cf13236e4fcfdead506305a6a06aa0dd41c199f0467583f39",
+    "4": "fc9276c66fd52dc3413de6f7c36b47f34c6917d643d62ac64a60dc127da0a29c",
 }
 
 

@@ -340,7 +340,7 @@ def first_nonfinite_module(model: nn.Module, input_ids: torch.Tensor) -> str | N
 
     handles = [m.register_forward_hook(partial(hook, name)) for name, m in model.named_modules() if name]
     try:
-        model(input_ids)
+        model(input_ids.to(device_of(model)))
     finally:
         for handle in handles:
             handle.remove()

@@ -18,6 +18,7 @@ from harness.evaluate.logits import LogitHead, ScoredRows, WindowBatch
 from harness.evaluate.reference import BaseReference
 from harness.evaluate.windows import window_batches
 from harness.models import blocks
+from harness.models.anatomy import device_of
 from harness.session import ModelSession
 
 
@@ -49,6 +50,7 @@ class PrefixCache:
         if self.head.split is None:
             raise SensitivityError(f"{session.loaded.name}: prefix caching needs a decoder and output head")
         decoder = self.head.split
+        self.device = device_of(model)  # the states stay in host memory (or on disk); ids and states move
         windows = sum(len(b.ids) for b in self.batches)
         width = max(b.ids.shape[1] for b in self.batches)
         dtype = next(model.parameters()).dtype
@@ -78,7 +80,7 @@ class PrefixCache:
         with torch.inference_mode(), self.structure.recording(keep):
             for rows, batch in zip(self.rows, self.batches, strict=True):
                 current = rows
-                decoder.hidden_states(batch.ids)
+                decoder.hidden_states(batch.ids.to(self.device))
 
     @property
     def on_disk(self) -> bool:
@@ -95,12 +97,13 @@ class PrefixCache:
         split = self.head.split
         assert split is not None
         for rows, batch in zip(self.rows, self.batches, strict=True):
+            ids, mask = batch.ids.to(self.device), batch.mask.to(self.device)
             if first_block is None:
-                picked = split.hidden_states(batch.ids)[batch.mask]
+                picked = split.hidden_states(ids)[mask]
             else:
-                entering = self.states[first_block, rows, : batch.ids.shape[1]]
+                entering = self.states[first_block, rows, : batch.ids.shape[1]].to(self.device)
                 with self.structure.starting_at(first_block, lambda: entering):  # noqa: B023 (used at once)
-                    picked = split.hidden_states(batch.ids)[batch.mask]
+                    picked = split.hidden_states(ids)[mask]
             yield from self.head.rows_of(picked, batch.targets, whole_rows(self.reference))
 
     def evaluate(self, first_block: int | None) -> dict[str, np.ndarray]:
