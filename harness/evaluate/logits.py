@@ -21,6 +21,7 @@ a few rows at a time, reduced by the same tiles.
 from __future__ import annotations
 
 import inspect
+import itertools
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
@@ -94,25 +95,32 @@ def reduce_logits(
     raises (torch's max with indices costs ten times a plain max, and after the first few tiles a row's
     maximum rarely moves).
     ``index`` (C, P) asks for z at those vocabulary entries; ``weights`` (C, V) for the dot product
-    Σ_v w_v z_v, in float64."""
+    Σ_v w_v z_v, in float64.
+
+    The reduction runs where the tiles are (the device of the head's weight: nothing vocabulary-wide crosses
+    to the host); the scores come back on the host."""
+    tiles = iter(tiles)
+    head = next(tiles)
+    device = head[1].device
     wanted = targets[:, None] if index is None else torch.cat([targets[:, None], index], dim=1)
-    flat = wanted.reshape(-1)
+    flat = wanted.reshape(-1).to(device)
     order = torch.argsort(flat)
     ordered = flat[order]
     row_of = order // wanted.shape[1]
-    picked = torch.empty(wanted.shape, dtype=torch.float32)
-    dot = None if weights is None else torch.zeros(len(targets), dtype=torch.float64)
+    picked = torch.empty(wanted.shape, dtype=torch.float32, device=device)
+    dot = None if weights is None else torch.zeros(len(targets), dtype=torch.float64, device=device)
     maxima, sums = [], []
-    best = torch.full((len(targets),), -torch.inf)
-    argmax = torch.zeros(len(targets), dtype=torch.int64)
-    scratch = torch.empty(0)
-    for lo, z in tiles:
-        first, last = torch.searchsorted(ordered, torch.tensor([lo, lo + z.shape[1]])).tolist()
+    best = torch.full((len(targets),), -torch.inf, device=device)
+    argmax = torch.zeros(len(targets), dtype=torch.int64, device=device)
+    scratch = torch.empty(0, device=device)
+    for lo, z in itertools.chain([head], tiles):
+        bounds = torch.tensor([lo, lo + z.shape[1]], device=device)
+        first, last = torch.searchsorted(ordered, bounds).tolist()
         picked.view(-1)[order[first:last]] = z[row_of[first:last], ordered[first:last] - lo].float()
         if weights is not None and dot is not None:
-            dot += (weights[:, lo : lo + z.shape[1]].double() * z.double()).sum(dim=1)
+            dot += (weights[:, lo : lo + z.shape[1]].to(device).double() * z.double()).sum(dim=1)
         if scratch.numel() < z.numel():
-            scratch = torch.empty(z.numel())
+            scratch = torch.empty(z.numel(), device=device)
         wide = scratch[: z.numel()].view(z.shape)
         if z.dtype != torch.float32:  # widened exactly into a reused buffer (fresh pages per tile cost more
             wide.copy_(z)  # than the copy), then the very fp32 operations
@@ -129,7 +137,7 @@ def reduce_logits(
     top = tops.amax(dim=1)
     scale = (tops.double() - top.double()[:, None]).exp_()
     lse = top.double() + (torch.stack(sums, dim=1).double() * scale).sum(dim=1).log()
-    return Scores(lse, argmax, picked, dot)
+    return Scores(lse.cpu(), argmax.cpu(), picked.cpu(), None if dot is None else dot.cpu())
 
 
 class LogitHead:
@@ -156,7 +164,7 @@ class LogitHead:
         self._model = weakref.ref(model)  # held by ``_HEADS`` without keeping the model alive
         self.parts = _parts(split)
         probe_logits = model(input_ids=probe[None].to(device_of(model)), use_cache=False).logits[0]
-        reference = probe_logits.float().cpu()  # the head's tiles come to the host
+        reference = probe_logits.float().cpu()  # ``full`` gathers the rows on the host
         self.vocab = reference.shape[-1]
         self.rows = max(1, LOGIT_ROWS_BYTES // (4 * self.vocab))  # full rows at once
         self.split = split
@@ -248,7 +256,7 @@ class LogitHead:
                 z = torch.addmm(head.bias[lo : lo + VOCAB_SLICE], hidden, weight.T, out=out)
             if softcap is not None:  # in place, the very operations of the model's forward
                 z.div_(softcap).tanh_().mul_(softcap)
-            yield lo, z.cpu()
+            yield lo, z
 
     def scores(
         self, rows: ScoredRows, index: torch.Tensor | None = None, weights: torch.Tensor | None = None
