@@ -334,21 +334,28 @@ def test_the_ui_lands_on_the_runs_with_their_metrics_and_plots(local_store: tupl
         ui.wait(timeout=60)
 
 
+GPU_CLUSTER = """
+import os, time
+import ray
+from harness.executors import task_resources
+
+def visible_device():
+    time.sleep(2)  # the two tasks overlap, so each holds a GPU of its own
+    return os.environ["CUDA_VISIBLE_DEVICES"]
+
+ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, configure_logging=False)
+resources = task_resources(ray.cluster_resources(), 2)
+print(resources)
+print(sorted(ray.get([ray.remote(visible_device).options(**resources).remote() for _ in range(2)])))
+ray.shutdown()
+"""
+
+
 def test_ray_tasks_ask_for_a_gpu_each_when_the_cluster_has_gpus() -> None:
-    """A local cluster declaring 2 GPUs (Ray's resource API; no device needed): each shard's task holds one,
-    two run at once, and Ray tells each its own device through CUDA_VISIBLE_DEVICES. A CPU cluster: none."""
-    import ray
-
-    def visible_device() -> str:  # defined here: Ray's workers cannot import this test module
-        time.sleep(2)  # the two tasks overlap, so each holds a GPU of its own
-        return os.environ["CUDA_VISIBLE_DEVICES"]
-
+    """A local cluster declaring 2 GPUs (Ray's resource API; no device needed), in a process of its own: each
+    shard's task holds one, two run at once, and Ray tells each its own device through CUDA_VISIBLE_DEVICES.
+    A CPU cluster: none."""
     assert task_resources({"CPU": 16.0}, 2) == {"num_cpus": 8, "num_gpus": 0}
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, configure_logging=False)
-    try:
-        resources = task_resources(ray.cluster_resources(), 2)
-        assert resources == {"num_cpus": 1, "num_gpus": 1}
-        visible = ray.remote(visible_device).options(**resources)
-        assert sorted(ray.get([visible.remote() for _ in range(2)])) == ["0", "1"]
-    finally:
-        ray.shutdown()
+    done = subprocess.run([sys.executable, "-c", GPU_CLUSTER], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-2:] == ["{'num_cpus': 1, 'num_gpus': 1}", "['0', '1']"]
