@@ -424,7 +424,7 @@ def test_a_models_head_is_checked_once_and_again_when_its_parts_change() -> None
     """``LogitHead.of``: one probe forward per model, whatever its weights become in place; a new check when
     the output head module is replaced; and the cache never keeps a model alive."""
     model = tiny_llama().requires_grad_(False)
-    probe = torch.arange(3, 19)
+    probe = torch.arange(3, 19)[None]  # a (1, N) stream
     first = LogitHead.of(model, probe)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # a config quantizes in place

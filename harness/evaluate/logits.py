@@ -35,6 +35,7 @@ from harness.models.anatomy import LogitSplit, device_of, logit_split
 
 VOCAB_SLICE = 1024  # logit columns reduced together: a tile of ROWS_PER_PASS × 1024 fp32 is 8 MiB
 ROWS_PER_PASS = 2048  # scored positions per pass over the head; a pass reads its weight once (Gemma: 670 MB)
+PROBE_TOKENS = 16  # the head's check: one forward of this many tokens
 LOGIT_ROWS_BYTES = 64 << 20  # full-vocabulary fp32 rows held at once, where a caller needs whole rows
 
 
@@ -150,14 +151,15 @@ class LogitHead:
     """
 
     @classmethod
-    def of(cls, model: nn.Module, probe: torch.Tensor) -> LogitHead:
-        """``model``'s head, checked (one forward of ``probe``) the first time only: a model's configs share
-        it. Checked again when the model's decoder or output head were replaced since (adapters on the head);
-        weights changed in place (quantization, adapters inside the decoder) keep it valid."""
+    def of(cls, model: nn.Module, tokens: torch.Tensor) -> LogitHead:
+        """``model``'s head, checked (one forward of the stream ``tokens``' first ``PROBE_TOKENS``) the first
+        time only: a model's configs share it. Checked again when the model's decoder or output head were
+        replaced since (adapters on the head); weights changed in place (quantization, adapters inside the
+        decoder) keep it valid."""
         split = logit_split(model)
         found = _HEADS.get(model)
         if found is None or found.parts != _parts(split):  # modules compare by identity
-            found = _HEADS[model] = cls(model, split, probe)
+            found = _HEADS[model] = cls(model, split, tokens[0, :PROBE_TOKENS])
         return found
 
     def __init__(self, model: nn.Module, split: LogitSplit | None, probe: torch.Tensor) -> None:

@@ -256,8 +256,7 @@ def scored_rows(
     context manager inside a generator would leak to the caller).
     """
     batches = window_batches(tokens, protocol, bos_token_id=bos_token_id, batch_size=batch_size)
-    stream = tokens[0]
-    head = LogitHead.of(model, stream[: min(16, len(stream))])
+    head = LogitHead.of(model, tokens)
     return head, head.passes(batches, whole_rows=whole_rows, progress=progress, desc=desc)
 
 

@@ -164,7 +164,7 @@ def recovery_plots(
     unquantized row's after is the 16-bit LoRA target), and every config's training-loss curve."""
     if not runs.has("lora_ppl"):
         return []
-    labels = ["unquantized"] * len(runs.baseline) + [r.label for r in runs.quantized]
+    labels = runs.labels()
     points = []
     for label, series in zip(labels, (runs.per_token(r.run_id) for r in runs.all), strict=True):
         if series is None or "base_nll" not in series:

@@ -70,7 +70,7 @@ def datatypes_table(runs: ModelRuns, metric: str) -> Table:
     """QLoRA Table 2's shape: a row per config, the unquantized baseline on top as a reference."""
     keys = [k for k in (*DATATYPE_COLUMNS, "acc_avg") if runs.has(k)]
     columns = [runs.column(key, runs.all, skip=len(runs.baseline)) for key in keys]
-    labels = _labels(runs)
+    labels = [[label] for label in runs.labels()]
     against = ["KLD and top-1 against the unquantized model"] if runs.has("kld_mean") else []
     caption = f"Data types on {runs.setting()}. " + _notes(runs, columns, against)
     return Table("datatypes", caption, ["Config"], labels, columns, reference_rows=len(runs.baseline))
@@ -98,7 +98,7 @@ def tasks_table(runs: ModelRuns, metric: str) -> Table | None:
         if column.errors is not None:
             column.tied = _within_errors(column.values, column.errors, column.metric.better, skip)
         columns.append(column)
-    labels = _labels(runs)
+    labels = [[label] for label in runs.labels()]
     limits = [str(v) for v in dict.fromkeys(r.limit for r in runs.all) if v is not None]
     docs = f"the first {'/'.join(limits)} documents of each task" if limits else "every document of each task"
     primary = ", ".join(f"{t}: {PRIMARY.get(t, 'acc')}" for t in tasks)
@@ -331,7 +331,7 @@ def recovery_table(runs: ModelRuns, metric: str) -> Table | None:
             columns[k] = replace(
                 column, tied=unresolved_from_best(column.values, pairs, "higher", skip, differ)
             )
-    labels = _labels(runs)
+    labels = [[label] for label in runs.labels()]
     recipe = runs.quantized[0].lora
     extra = [
         "after LoRA: adapters of rank {} trained {} steps × {} rows of {} tokens on each config's base; the "
@@ -419,8 +419,3 @@ def _fields(runs: ModelRuns, spec: str) -> list[str]:
 
 def _is_task(key: str) -> bool:
     return key.startswith("acc_") and not key.endswith("_stderr")
-
-
-def _labels(runs: ModelRuns) -> list[list[str]]:
-    """The row labels of a table that lists the baseline above the quantized configs."""
-    return [["unquantized"]] * len(runs.baseline) + [[r.label] for r in runs.quantized]

@@ -34,6 +34,10 @@ class ModelRuns:
         """The baseline (if any) above the quantized configs, as the tables list them."""
         return [*self.baseline, *self.quantized]
 
+    def labels(self) -> list[str]:
+        """The row names of ``all``: "unquantized" for the baseline, each config's label."""
+        return ["unquantized"] * len(self.baseline) + [r.label for r in self.quantized]
+
     def metric(self, key: str, rows: Rows | None = None, scale: float | None = None) -> list[float]:
         """A metric's values in display units (``scale`` defaults to the metric's own); NaN where missing."""
         rows = self.quantized if rows is None else rows

@@ -44,9 +44,8 @@ class PrefixCache:
             bos_token_id=reference.bos_token_id,
             batch_size=reference.batch_size,
         )
-        stream = reference.tokens[0]
         with torch.inference_mode():
-            self.head = LogitHead.of(model, stream[: min(16, len(stream))])
+            self.head = LogitHead.of(model, reference.tokens)
         if self.head.split is None:
             raise SensitivityError(f"{session.loaded.name}: prefix caching needs a decoder and output head")
         decoder = self.head.split
