@@ -21,7 +21,6 @@ from typing import Protocol
 import numba
 import torch
 
-from harness import memory
 from harness.data import TokenizedCorpus
 from harness.experiments import RunConfig
 from harness.runner import Outcome, Target, run_config
@@ -176,7 +175,6 @@ def _ray_shard(context: SweepContext, shard: Shard, outcomes: object) -> None:
     """A Ray task: ``run_shard`` with the task id as part of the owner, and outcomes sent to the driver."""
     import ray
 
-    memory.bound_heap()
     task = ray.get_runtime_context().get_task_id() or ""
 
     def alive(owner: Owner) -> bool:

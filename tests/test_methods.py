@@ -14,6 +14,7 @@ from harness.experiments import ExperimentError, load_experiment
 from harness.methods import LayerQuantized, awq, gptq, hqq
 from harness.methods.sequential import SequentialInputs
 from harness.models import blocks, discover_layers, held_out
+from harness.quant import quantize as quantize_module
 from harness.quant.double_quant import DoubleQuantConfig
 from harness.quant.quantize import QuantConfig, assemble, block_grid, dequantize, quantize
 
@@ -82,6 +83,28 @@ def test_gptq_equals_algorithm_1_written_from_the_paper(group: int) -> None:
     assert float((ours - theirs).abs().max()) < 1e-4  # the same codes; fp32 against fp64 arithmetic
     ours_error, theirs_error = _output_error(weight, ours, x), _output_error(weight, theirs, x)
     assert ours_error == pytest.approx(theirs_error, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "block", "act_order", "lazy_block"),
+    [
+        ("nf4", 64, False, 128),
+        ("int4_asym", 64, False, 128),  # affine constants
+        ("nf4", 32, False, 48),  # blocks straddling lazy batches
+        ("fp4", 64, True, 128),  # static grids, columns out of order
+        ("int4", "tensor", False, 100),
+    ],
+)
+def test_gptq_fused_kernel_is_the_torch_loop_bit_for_bit(
+    fmt: str, block: object, act_order: bool, lazy_block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weight, x = _layer(rows=48, width=192)  # rows a multiple of 16: torch's addr_ fuses every update then
+    config, hessian = QuantConfig(fmt, block), 2 * x.T @ x / len(x)  # type: ignore[arg-type]
+    fused = gptq.quantize_layer(weight, hessian, config, act_order=act_order, lazy_block=lazy_block)
+    monkeypatch.setattr(quantize_module, "_CPU_KERNELS_ENABLED", False)
+    loop = gptq.quantize_layer(weight, hessian, config, act_order=act_order, lazy_block=lazy_block)
+    assert torch.equal(fused.qt.codes, loop.qt.codes)
+    assert torch.equal(fused.weight(), loop.weight())
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "99aae8220b8ee3d09229b5afadeda84a3af7f41c36341cd8c2811de624bf5ef9",
+    "4": "6bb7d3a5e686167a96d16916c46dd3921fb07b7de2bb15a7d3478b3e02c17eae",
 }
 
 

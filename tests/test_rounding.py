@@ -146,6 +146,12 @@ def test_kernel_matches_torch_path_for_every_rule(name: str, block_size: int | N
             quantize_module._CPU_KERNELS_ENABLED = True
         assert torch.equal(fast.codes, slow.codes), rounding
     assert torch.equal(tie_mask(x, QuantConfig(name, block_size)), mask[:-5])  # the ties are really there
+    counted = tie_fraction(x, QuantConfig(name, block_size))  # the fused count
+    quantize_module._CPU_KERNELS_ENABLED = False
+    try:
+        assert counted == tie_fraction(x, QuantConfig(name, block_size)) == int(mask[:-5].sum()) / len(x)
+    finally:
+        quantize_module._CPU_KERNELS_ENABLED = True
 
 
 @pytest.mark.parametrize("name", FOUR_BIT + TORCH_PATH_ONLY)

@@ -241,7 +241,7 @@ def apply(
                     module.register_forward_hook(partial(_cast_output, dtype=weight.dtype)),
                 ]
             del layer, approx
-            memory.release_freed()
+            memory.release_freed()  # the temporaries' pages, before the next layer's land between survivors
             memory.page_out(weight)
     except BaseException:
         restore(pristine)

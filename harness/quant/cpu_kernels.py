@@ -12,7 +12,10 @@ import math
 
 import numpy as np
 import torch
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
 
 from harness.quant.codebook import Codebook
 
@@ -70,6 +73,22 @@ def _quantize_pack4(
 
 
 @njit(parallel=True, cache=True)
+def _count_ties4(x, block_size, scale, lut_tie, shift, base, low, high):
+    n = x.shape[0]
+    n_full = n - n % block_size
+    ties = 0
+    for block in prange(scale.shape[0]):
+        s = max(scale[block], np.float32(1e-38))
+        inv = np.float32(1.0) / s
+        for e in range(block * block_size, min((block + 1) * block_size, n)):
+            v = x[e] / s if e >= n_full else x[e] * inv  # quantize's arithmetic, to the bit
+            v = min(max(v, low), high)
+            if v == lut_tie[np.int64(math.floor(v * shift)) - base]:
+                ties += 1
+    return ties
+
+
+@njit(parallel=True, cache=True)
 def _unpack4_scale(packed, n, block_size, levels, scale):
     out = np.empty(n, dtype=np.float32)
     for chunk in prange((scale.shape[0] + 1) // 2):
@@ -112,6 +131,100 @@ def quantize_pack4(flat: torch.Tensor, block_size: int, scale: torch.Tensor, boo
         pad_code,
     )
     return torch.from_numpy(packed)
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """a·b + c rounded once (LLVM's fma), as torch's ``addr_`` computes its rank-1 update."""
+    signature = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        kind = args[0].type
+        fma = builder.module.declare_intrinsic("llvm.fma", [kind], ir.FunctionType(kind, [kind] * 3))
+        return builder.call(fma, args)
+
+    return signature, codegen
+
+
+@njit(parallel=True, cache=True)
+def _round_columns(
+    chunk, errors, codes, u, first, stop, column_group, inverse, scale, minimum, levels,
+    lut_count, thresholds, code_of_sorted, shift, base, low, high,
+):  # fmt: skip
+    rows, batch = chunk.shape
+    affine = minimum.shape[1] > 0
+    for r in prange(rows):  # rows never meet: each is rounded and updated on its own
+        for i in range(first, stop):
+            g = column_group[i]
+            v = chunk[r, i]
+            source = v - minimum[g, r] if affine else v
+            scaled = source * inverse[g, r]
+            code = _code(scaled, low, high, shift, base, lut_count, thresholds, code_of_sorted)
+            value = levels[code] * scale[g, r]
+            if affine:
+                value = value + minimum[g, r]
+            error = (v - value) / u[i, i]
+            codes[i, r] = code
+            errors[i, r] = error
+            for j in range(i, batch):
+                chunk[r, j] = _fma(-u[i, j], error, chunk[r, j])
+
+
+def round_columns(
+    chunk: torch.Tensor,
+    errors: torch.Tensor,
+    codes: torch.Tensor,
+    u: torch.Tensor,
+    columns: range,
+    column_group: torch.Tensor,
+    grids: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    book: Codebook,
+) -> None:
+    """GPTQ's inner loop over ``columns`` of a lazy batch, in place: each column of ``chunk`` (rows × batch,
+    fp32) rounded onto its block's grid (``grids``: inverse, scale and affine minimum, groups × rows, picked
+    by ``column_group`` per column), its error over ``u``'s diagonal stored in ``errors`` and its code in
+    ``codes`` (batch × rows), and the error fed to the batch's later columns through ``u`` (batch × batch).
+    The rounding is ``BlockGrid.round``'s, to the bit."""
+    assert book.lut_count is not None and book.lut_threshold is not None
+    inverse, scale, minimum = grids
+    _round_columns(
+        chunk.numpy(),
+        errors.numpy(),
+        codes.numpy(),
+        u.contiguous().numpy(),
+        columns.start,
+        columns.stop,
+        column_group.numpy(),
+        inverse.contiguous().numpy(),
+        scale.contiguous().numpy(),
+        (minimum if minimum is not None else scale.new_zeros(scale.shape[0], 0)).contiguous().numpy(),
+        book.levels.numpy(),
+        book.lut_count.numpy(),
+        book.lut_threshold.numpy(),
+        book.code_of_sorted.numpy(),
+        np.float32(book.lut_shift),
+        book.lut_base,
+        np.float32(book.low),
+        np.float32(book.high),
+    )
+
+
+def count_ties4(flat: torch.Tensor, block_size: int, scale: torch.Tensor, book: Codebook) -> int:
+    """How many elements of a flat fp32 CPU tensor scale (as ``quantize_pack4`` scales them) to exactly a
+    midpoint of two distinct levels: ``book.on_midpoint`` counted in one pass, without the scaled copy."""
+    assert book.lut_tie is not None
+    return int(
+        _count_ties4(
+            flat.contiguous().numpy(),
+            block_size,
+            scale.contiguous().numpy(),
+            book.lut_tie.numpy(),
+            np.float32(book.lut_shift),
+            book.lut_base,
+            np.float32(book.low),
+            np.float32(book.high),
+        )
+    )
 
 
 def unpack4_scale(

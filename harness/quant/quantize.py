@@ -274,21 +274,37 @@ def tie_mask(weight: torch.Tensor, config: QuantConfig | str, *, name: str = "te
     """Per element of the flattened ``weight``, whether its scaled value is exactly the midpoint of two
     distinct levels: a tie, which ``rounding`` alone decides. Weights already on a grid (GGUF) can have many.
     The scaling is quantize's own, so the values tested are bit-identical to those the level search sees."""
-    config = QuantConfig(config) if isinstance(config, str) else config
-    _check_input(weight, name)
-    flat = weight.detach().reshape(-1).float()
-    if flat.numel() == 0:
-        return torch.zeros(0, dtype=torch.bool, device=flat.device)
-    block_size = config.resolve_block_size(tuple(weight.shape))
-    book = codebook(config.fmt.levels, flat.device)
-    *_, source, divisor = _apply_scale_rule(flat, config, block_size, weight, name)
+    book, block_size, source, divisor = _tie_scaling(weight, config, name)
     return book.on_midpoint(scale_blocks(source, block_size, divisor, book.low, book.high))
 
 
 def tie_fraction(weight: torch.Tensor, config: QuantConfig | str, *, name: str = "tensor") -> float:
-    """The share of ``weight``'s elements that are ties for ``config`` (see ``tie_mask``); 0 when empty."""
-    mask = tie_mask(weight, config, name=name)
-    return int(mask.sum()) / mask.numel() if mask.numel() else 0.0
+    """The share of ``weight``'s elements that are ties for ``config`` (see ``tie_mask``); 0 when empty.
+    On the CPU counted by a fused kernel, without the mask."""
+    book, block_size, source, divisor = _tie_scaling(weight, config, name)
+    if source.numel() == 0:
+        return 0.0
+    if source.device.type == "cpu" and book.lut_tie is not None and _CPU_KERNELS_ENABLED:
+        ties = cpu_kernels.count_ties4(source, block_size, divisor, book)
+    else:
+        ties = int(book.on_midpoint(scale_blocks(source, block_size, divisor, book.low, book.high)).sum())
+    return ties / source.numel()
+
+
+def _tie_scaling(
+    weight: torch.Tensor, config: QuantConfig | str, name: str
+) -> tuple[Codebook, int, torch.Tensor, torch.Tensor]:
+    """What ties are found in: the codebook, block size, input and per-block divisor of quantize's scaling
+    (an empty input and divisor for an empty weight)."""
+    config = QuantConfig(config) if isinstance(config, str) else config
+    _check_input(weight, name)
+    flat = weight.detach().reshape(-1).float()
+    book = codebook(config.fmt.levels, flat.device)
+    if flat.numel() == 0:
+        return book, 1, flat, flat
+    block_size = config.resolve_block_size(tuple(weight.shape))
+    *_, source, divisor = _apply_scale_rule(flat, config, block_size, weight, name)
+    return book, block_size, source, divisor
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
