@@ -95,7 +95,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "6bb7d3a5e686167a96d16916c46dd3921fb07b7de2bb15a7d3478b3e02c17eae",
+    "4": "e4ba2a58b98ceb9c9498a16fab37af1501100a4f5d2a4a21aa02da8ad4036071",
 }
 
 

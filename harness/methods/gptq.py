@@ -17,8 +17,15 @@ from __future__ import annotations
 import torch
 
 from harness.methods import LayerQuantized, Method, register_method
-from harness.quant import cpu_kernels, quantize
-from harness.quant.quantize import BlockGrid, QuantConfig, QuantizationError, assemble, block_grid
+from harness.quant import cpu_kernels
+from harness.quant.quantize import (
+    BlockGrid,
+    QuantConfig,
+    QuantizationError,
+    assemble,
+    block_grid,
+    fused_on_cpu,
+)
 
 
 def quantize_layer(
@@ -100,7 +107,7 @@ def _round_columns(
     picked = [grids[g] for g in used]
     assert all(grid is not None for grid in picked)
     book = picked[0].book  # type: ignore[union-attr]
-    if chunk.device.type == "cpu" and book.lut_count is not None and quantize._CPU_KERNELS_ENABLED:
+    if fused_on_cpu(chunk, book):
         local = torch.tensor([used.index(g) if g in used else 0 for g in group_of])
         stacked = [torch.stack([getattr(grid, key) for grid in picked]) for key in ("inverse", "scale")]
         minimum = None if picked[0].minimum is None else torch.stack([grid.minimum for grid in picked])

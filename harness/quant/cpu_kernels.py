@@ -23,9 +23,15 @@ from harness.quant.codebook import Codebook
 
 
 @njit(cache=True, inline="always")
-def _code(v, low, high, shift, base, lut_count, thresholds, code_of_sorted):
+def _bin(v, low, high, shift, base):
+    """``v`` clamped to the codebook's range, and its lookup-table bin."""
     v = min(max(v, low), high)
-    k = np.int64(math.floor(v * shift)) - base
+    return v, np.int64(math.floor(v * shift)) - base
+
+
+@njit(cache=True, inline="always")
+def _code(v, low, high, shift, base, lut_count, thresholds, code_of_sorted):
+    v, k = _bin(v, low, high, shift, base)
     return code_of_sorted[lut_count[k] + (1 if v > thresholds[k] else 0)]
 
 
@@ -81,9 +87,9 @@ def _count_ties4(x, block_size, scale, lut_tie, shift, base, low, high):
         s = max(scale[block], np.float32(1e-38))
         inv = np.float32(1.0) / s
         for e in range(block * block_size, min((block + 1) * block_size, n)):
-            v = x[e] / s if e >= n_full else x[e] * inv  # quantize's arithmetic, to the bit
-            v = min(max(v, low), high)
-            if v == lut_tie[np.int64(math.floor(v * shift)) - base]:
+            scaled = x[e] / s if e >= n_full else x[e] * inv  # quantize's arithmetic, to the bit
+            v, k = _bin(scaled, low, high, shift, base)
+            if v == lut_tie[k]:
                 ties += 1
     return ties
 

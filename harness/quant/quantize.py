@@ -284,7 +284,7 @@ def tie_fraction(weight: torch.Tensor, config: QuantConfig | str, *, name: str =
     book, block_size, source, divisor = _tie_scaling(weight, config, name)
     if source.numel() == 0:
         return 0.0
-    if source.device.type == "cpu" and book.lut_tie is not None and _CPU_KERNELS_ENABLED:
+    if fused_on_cpu(source, book):
         ties = cpu_kernels.count_ties4(source, block_size, divisor, book)
     else:
         ties = int(book.on_midpoint(scale_blocks(source, block_size, divisor, book.low, book.high)).sum())
@@ -378,8 +378,14 @@ def _apply_scale_rule(
     return scales, minimums, tensor_scale, source, divisor
 
 
+def fused_on_cpu(t: torch.Tensor, book: Codebook) -> bool:
+    """Whether the fused CPU kernels (``cpu_kernels``) take ``t``: a CPU tensor, a codebook with a lookup
+    table, and the kernels not switched off (tests compare them with the torch path that way)."""
+    return t.device.type == "cpu" and book.lut_count is not None and _CPU_KERNELS_ENABLED
+
+
 def _use_cpu_kernel(t: torch.Tensor, bits: int, book: Codebook) -> bool:
-    return t.device.type == "cpu" and bits == 4 and book.lut_count is not None and _CPU_KERNELS_ENABLED
+    return bits == 4 and fused_on_cpu(t, book)
 
 
 def _empty(
