@@ -9,11 +9,14 @@ starts; the schema (``experiments``) has already checked keys, types, formats, p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from torch import nn
 
 from harness import assets
 from harness.data import CORPORA, DataError, TokenizedCorpus, tokenize_corpus
-from harness.devices import DeviceError, resolve_device
+from harness.devices import DeviceError, DeviceMap, resolve_device
 from harness.evaluate.windows import PerplexityProtocol
 from harness.experiments import Experiment, ExperimentError
 from harness.experiments.schema import RecoverySettings
@@ -61,7 +64,9 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
     settings = experiment.template
     problems: list[str] = []
     try:
-        resolve_device(settings.device)
+        device = resolve_device(settings.device)
+        if settings.device_map is not None:
+            settings.device_map.check(device)
     except DeviceError as exc:
         problems.append(str(exc))
     costs: dict[str, PassCost] = {}
@@ -96,6 +101,8 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
         except ModelError as exc:
             problems.append(f"layers: {model}: {exc}")
             layers = []
+        if settings.device_map is not None:
+            problems += _map_problems(model, outline.module, settings.device_map)
         if settings.recovery is not None:
             problems += _recovery_problems(model, outline, settings.recovery, [info.name for info in layers])
         corpus = CORPORA.get(settings.data.corpus)
@@ -109,6 +116,25 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
     if problems:
         raise PreflightError("\n".join(f"{experiment.path}: {p}" for p in dict.fromkeys(problems)))
     return Checked(costs, declared, corpora, unchecked)
+
+
+def _map_problems(model: str, module: nn.Module, device_map: DeviceMap) -> list[str]:
+    """An explicit map's module names exist, and every parameter falls under one of them."""
+    if not isinstance(device_map.modules, Mapping):
+        return []
+    names = dict(module.named_modules())
+    unknown = [name for name in device_map.modules if name not in names]
+    if unknown:
+        return [f"device_map: {', '.join(map(repr, unknown))} names no module of {model}"]
+    homeless = [
+        name
+        for name, _ in module.named_parameters()
+        if not any(not key or name.startswith(f"{key}.") for key in device_map.modules)
+    ]
+    if homeless:
+        shown = ", ".join(homeless[:3]) + (f" and {len(homeless) - 3} more" if len(homeless) > 3 else "")
+        return [f"device_map places no device for {shown} of {model}; map '' to cover the rest"]
+    return []
 
 
 def _recovery_problems(

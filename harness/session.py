@@ -30,6 +30,7 @@ from harness.models import (
     first_nonfinite_module,
     load_model,
     load_tokenizer,
+    placement,
     snapshot,
 )
 from harness.quant.quantize import COMPUTE_DTYPES
@@ -69,7 +70,7 @@ class ModelSession:
         if not config.eval.tasks:  # let go before the weights load, so that the peak holds one, not both
             tokenizer = None
             release_freed()
-        loaded = load_model(config.model, dtype, config.device)
+        loaded = load_model(config.model, dtype, config.device, config.device_map)
         layers = discover_layers(loaded, list(config.include) or None, list(config.exclude) or None)
         calibration = (
             capture_inputs(loaded.model, layers, splits.calibration, seed=config.seed)
@@ -91,6 +92,7 @@ class ModelSession:
             "n_docs_eval": splits.n_docs_eval,
             "declared_dtype": declared.dtype,
             "declared_dtype_rule": declared.rule,
+            "placement": placement(loaded.model),
             **gemm.methods(),
         }
         if training is not None:
@@ -152,7 +154,7 @@ def _base_reference(
     reference_dtype = str(config.eval.reference_dtype)
     base = loaded
     if reference_dtype != config.model_dtype:  # KLD against the base in another dtype, as asked
-        base = load_model(config.model, COMPUTE_DTYPES[reference_dtype], config.device)
+        base = load_model(config.model, COMPUTE_DTYPES[reference_dtype], config.device, config.device_map)
 
     def build(rows: int) -> BaseReference:
         return BaseReference.build(

@@ -3,6 +3,8 @@ CUDA kernels, and the CPU-only fused kernels never reached. Skipped where torch 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_llama, weight
@@ -110,3 +112,40 @@ def test_a_tiny_models_ppl_and_kld_on_cuda_agree_with_the_cpu() -> None:
             ppl, divergence = evaluate_against(model, reference, progress=False)
         found[device] = (ppl.ppl, divergence.kld_mean)
     assert found["cuda"] == pytest.approx(found["cpu"], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("modules", "gpus"),
+    [
+        ({"model.embed_tokens": 0, "model.layers.0": 0, "": "cpu"}, 1),  # block 1 and the head offloaded
+        ({"model.embed_tokens": 0, "model.layers.0": 0, "": 1}, 2),  # split over two GPUs
+    ],
+)
+def test_a_model_spread_by_a_device_map_gives_one_gpus_numbers(
+    modules: dict[str, int | str], gpus: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PPL and mean KLD of a quantized tiny model placed by a device map equal those on one GPU."""
+    from conftest import save_with_tokenizer
+
+    from harness.devices import DeviceMap
+    from harness.evaluate.divergence import evaluate_against
+    from harness.evaluate.reference import BaseReference
+    from harness.evaluate.windows import PerplexityProtocol
+    from harness.models import discover_layers, load_model, quantized, snapshot
+
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} CUDA devices")
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    directory = save_with_tokenizer(tiny_llama(), tmp_path / "tiny")
+    tokens = torch.randint(3, 256, (1, 1024), generator=torch.Generator().manual_seed(0))
+    protocol = PerplexityProtocol("disjoint", 128)
+    found = []
+    for device_map in (None, DeviceMap(modules)):
+        model = load_model(str(directory), torch.float32, "cuda", device_map).model
+        reference = BaseReference.build(
+            model, tokens, protocol, None, "tiny", text_bytes=4096, text_words=512, progress=False
+        )
+        with quantized(snapshot(model, discover_layers(model)), QuantConfig("nf4", 64)):
+            ppl, divergence = evaluate_against(model, reference, progress=False)
+        found.append((ppl.ppl, divergence.kld_mean))
+    assert found[1] == pytest.approx(found[0], rel=1e-6)

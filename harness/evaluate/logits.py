@@ -245,8 +245,9 @@ class LogitHead:
             yield from column_tiles(rows.logits)
             return
         assert self.split is not None
-        head, softcap, hidden = self.split.head, self.split.softcap, rows.hidden
+        head, softcap = self.split.head, self.split.softcap
         assert isinstance(head, nn.Linear)
+        hidden = rows.hidden.to(head.weight.device)  # under a device map, the head's may be another GPU
         buffer = torch.empty(len(hidden) * VOCAB_SLICE, dtype=head.weight.dtype, device=hidden.device)
         for lo in range(0, head.out_features, VOCAB_SLICE):
             weight = head.weight[lo : lo + VOCAB_SLICE]
@@ -290,5 +291,11 @@ def _parts(split: LogitSplit | None) -> tuple[object, ...]:
 
 
 def _plain_linear(head: nn.Module) -> bool:
-    """A Linear whose forward is its weight alone: no hooks (a quantized head's dtype casts) to honour."""
-    return type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+    """A Linear whose forward is its weight alone: no hooks (a quantized head's dtype casts) to honour, and
+    its weight in it, not offloaded by a device map (a map's hook that only moves inputs is honoured by the
+    tiles, which move the hidden states to the weight)."""
+    return (
+        type(head) is nn.Linear
+        and not (head._forward_hooks or head._forward_pre_hooks)
+        and not head.weight.is_meta
+    )

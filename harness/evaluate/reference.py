@@ -40,6 +40,7 @@ from harness.evaluate.windows import (
     starts_with_bos,
     summarize,
 )
+from harness.models import offload
 
 FORMAT = 5  # bump when the cache layout or its meaning changes
 STORAGE_DTYPES = ("float16", "float32")
@@ -87,7 +88,7 @@ def model_fingerprint(model: nn.Module) -> str:
     """A cheap hash of every parameter's name, shape, dtype and ~1k evenly spaced values: guards the cache
     against being built from, or hit by, a different (e.g. already quantized) set of weights."""
     digest = hashlib.sha256()
-    for name, param in model.named_parameters():
+    for name, param in offload.named_parameters(model):
         flat = param.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy()
         digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from harness import NUMERICS_VERSION, methods
-from harness.devices import device_type, resolve_device
+from harness.devices import DeviceMap, device_type, resolve_device
 from harness.experiments.schema import (
     Choice,
     DataSettings,
@@ -46,6 +46,7 @@ class RunConfig:
     constant_dtype: str = "float32"
     model_dtype: str = "auto"  # the dtype the model is loaded and run in; ``resolved`` turns auto into one
     device: str = "auto"  # where the model runs (harness.devices); ``resolved`` decides auto
+    device_map: DeviceMap | None = None  # the model's modules over several devices (a tag, not in the hash)
     compute_dtype: str | None = None  # of the dequantized matmuls; None: the model dtype
     rounding: str = "ties_down"  # the tie rule between two levels; bitsandbytes' by default
     method: str = "rtn"  # which codes and constants the layers take (harness.methods)
@@ -67,13 +68,17 @@ class RunConfig:
         """This config with its dtypes concrete: ``auto`` becomes ``declared`` (the checkpoint's dtype), the
         compute dtype defaults to the model dtype and the reference dtype ``model`` to it too. Two spellings
         of one measurement (``auto`` and the declared dtype spelled out) become one config with one hash.
-        The device is decided and checked here: DeviceError for one this machine lacks."""
+        The device is decided and checked here, with the device map: DeviceError for one this machine
+        lacks."""
         model_dtype = declared if self.model_dtype == "auto" else self.model_dtype
         reference = self.eval.reference_dtype
+        device = resolve_device(self.device)
+        if self.device_map is not None:
+            self.device_map.check(device)
         return replace(
             self,
             model_dtype=model_dtype,
-            device=resolve_device(self.device),
+            device=device,
             compute_dtype=self.compute_dtype or model_dtype,
             eval=self.eval.model_copy(
                 update={"reference_dtype": model_dtype if reference == "model" else reference}

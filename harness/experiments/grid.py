@@ -10,6 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from harness.devices import DeviceMap
 from harness.experiments.config import DEFAULT_BLOCK_SIZE, LayerOverride, RunConfig, axis_value
 from harness.experiments.schema import (
     AXES,
@@ -142,6 +143,7 @@ def expand(spec: ExperimentFile, path: Path) -> Experiment:
         eval=evaluation,
         model_dtype=spec.model_dtype,
         device=spec.device,
+        device_map=None if spec.device_map is None else DeviceMap(spec.device_map, spec.max_memory),
         seed=spec.seed,
         method_settings=spec.methods,
         overrides=overrides,

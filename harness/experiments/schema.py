@@ -6,7 +6,7 @@ lm-eval, dtypes from ``quant.quantize``. ``loader`` turns a validation error int
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -17,10 +17,11 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    model_validator,
 )
 
 from harness.data import CORPORA, CORPUS_PREFIXES
-from harness.devices import DEVICE_NAMES
+from harness.devices import DEVICE_NAMES, MAP_STRATEGIES
 from harness.errors import HarnessError
 from harness.evaluate.windows import PROTOCOLS
 from harness.methods import METHODS
@@ -117,6 +118,24 @@ PositiveInt = Annotated[StrictInt, Field(ge=1)]
 DeviceName = Annotated[
     StrictStr, Field(pattern=f"^({DEVICE_NAMES.pattern})$", description="auto, cpu, cuda or cuda:N")
 ]
+MapTarget = StrictInt | Literal["cpu", "disk"]  # a GPU index, the host or the disk
+
+
+def _memory_size(value: int | str) -> int | str:
+    from accelerate.utils import convert_file_size_to_int
+
+    if isinstance(value, str):
+        try:
+            convert_file_size_to_int(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a size; write bytes or a size with a unit such as 20GiB"
+            ) from None
+    return value
+
+
+MemorySize = Annotated[Annotated[StrictInt, Field(ge=0)] | StrictStr, AfterValidator(_memory_size)]
+DeviceMapValue = Annotated[StrictStr, _one_of(MAP_STRATEGIES)] | dict[StrictStr, MapTarget]
 
 
 # ---- the file's schema -------------------------------------------------------------------------------------
@@ -282,6 +301,13 @@ class ExperimentFile(_Strict):
     model: StrictStr | list[StrictStr] = Field(description="a model name or a list of them")
     model_dtype: ModelDtype = "auto"  # `grid` or `fixed` may set it too, and win
     device: DeviceName = "auto"  # where the model runs: CUDA when torch sees a device, else the CPU
+    device_map: DeviceMapValue | None = Field(  # accelerate's placement over GPUs, host and disk
+        None,
+        description=f"{', '.join(MAP_STRATEGIES)} or a mapping {{module name: GPU index, 'cpu' or 'disk'}}",
+    )
+    max_memory: dict[MapTarget, MemorySize] | None = Field(  # per device, with device_map
+        None, description="a mapping {GPU index, 'cpu' or 'disk': bytes or a size such as 20GiB}"
+    )
     layers: LayerSelection = LayerSelection()
     data: DataSettings = DataSettings()
     eval: EvalSettings = EvalSettings()
@@ -295,3 +321,11 @@ class ExperimentFile(_Strict):
     methods: MethodSettings = MethodSettings()
     recovery: RecoverySettings | None = None
     seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _memory_with_map(self) -> ExperimentFile:
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("max_memory caps the devices of a device_map; set device_map (e.g. auto) too")
+        if self.recovery is not None and self.device_map is not None:
+            raise ValueError("recovery trains on one device; leave device_map out")
+        return self

@@ -1,23 +1,21 @@
 """Models: where they come from, the Linear layers a quantization touches, and where a model can be cut.
 
 This package is the only part of the harness that knows transformers' model classes and structure; the rest
-receives what it needs from here (``sources`` loads, ``layers`` quantizes and restores, ``anatomy`` splits).
+receives what it needs from here (``sources`` loads, ``layers`` quantizes and restores, ``capture`` records
+layers' inputs, ``anatomy`` splits, ``offload`` reads and overlays what a device map offloaded).
 """
 
 from harness.models.anatomy import Blocks, LogitSplit, blocks, logit_split
+from harness.models.capture import CAPTURE_ROWS, capture_inputs, first_nonfinite_module, held_out
 from harness.models.layers import (
-    CAPTURE_ROWS,
     ApplyResult,
     LayerInfo,
     LayerQuantizer,
     LayerResult,
     Pristine,
     apply,
-    capture_inputs,
     discover_layers,
-    first_nonfinite_module,
     format_layers,
-    held_out,
     layer_plan,
     layer_table,
     quantized,
@@ -25,6 +23,7 @@ from harness.models.layers import (
     rtn,
     snapshot,
 )
+from harness.models.offload import placement
 from harness.models.sources import (
     DeclaredDtype,
     LoadedModel,
@@ -60,6 +59,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "logit_split",
+    "placement",
     "quantized",
     "restore",
     "rtn",

@@ -39,11 +39,16 @@ class LogitSplit:
 
 
 def device_of(model: nn.Module) -> torch.device:
-    """Where a model's (first) parameters live: where its inputs go."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    """Where a model's inputs go: where its first parameters live, or, when a device map placed the model,
+    where its first module runs (its weights may wait on the host or the disk, as empty ``meta`` tensors)."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            device = hook.execution_device
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+        for param in module.parameters(recurse=False):
+            return param.device
+    return torch.device("cpu")
 
 
 def logit_split(model: nn.Module) -> LogitSplit | None:
@@ -122,6 +127,7 @@ class Blocks:
             return args, {**kwargs, "hidden_states": hidden()}
 
         skipped = list(self.layers)[:first]
+        wrapped = [block.__dict__.get("forward") for block in skipped]  # a device map's hook wraps forward
         for block in skipped:
             block.forward = _pass_through  # an instance attribute: the class's forward is untouched
         handle = self.layers[first].register_forward_pre_hook(substitute, with_kwargs=True)
@@ -129,8 +135,11 @@ class Blocks:
             yield
         finally:
             handle.remove()
-            for block in skipped:
-                del block.forward
+            for block, forward in zip(skipped, wrapped, strict=True):
+                if forward is None:
+                    del block.forward
+                else:
+                    block.forward = forward
 
 
 def blocks(model: nn.Module) -> Blocks:

@@ -27,11 +27,10 @@ from harness.metrics import (
     stored_bytes,
     weight_statistics,
 )
-from harness.models.anatomy import body, device_of
+from harness.models import offload
 from harness.models.sources import LoadedModel, ModelError, source_bits
 from harness.quant.quantize import QuantConfig, tie_fraction
 
-CAPTURE_ROWS = 256  # held-out calibration positions each layer's output error is measured on
 # A method's choice for one layer: (layer name, pristine weight, its quantization) → what it stores.
 LayerQuantizer = Callable[[str, torch.Tensor, QuantConfig], LayerQuantized]
 
@@ -84,20 +83,32 @@ class Pristine:
     """The original weight and bias Parameters of the chosen layers, held by reference (no copy).
 
     While a quantization is applied these objects are detached from the model, so nothing can touch them, and
-    ``restore`` puts the very same objects back: bit-identical, same dtypes, ties to other modules intact.
+    ``restore`` puts the very same objects back: bit-identical, same dtypes, ties to other modules intact. A
+    layer offloaded by a device map keeps its tensors in its hook's map (``maps``), which a quantization
+    overlays and ``restore`` uncovers; its Parameters are empty.
     """
 
     layers: list[LayerInfo]
     modules: dict[str, nn.Linear]
     weights: dict[str, nn.Parameter]
     biases: dict[str, nn.Parameter | None]
+    maps: dict[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)  # offloaded layers' stores
     handles: list[RemovableHandle] = field(default_factory=list)
     statistics: dict[str, dict[str, float]] = field(default_factory=dict)  # weight_statistics, once a layer
+
+    def weight(self, name: str) -> torch.Tensor:
+        """A layer's pristine weight, wherever it is stored."""
+        return (self.maps[name]["weight"] if name in self.maps else self.weights[name]).detach()
+
+    def bias(self, name: str) -> torch.Tensor | None:
+        if self.biases[name] is None:
+            return None
+        return (self.maps[name]["bias"] if name in self.maps else self.biases[name]).detach()
 
     def weight_statistics(self, name: str) -> dict[str, float]:
         """The pristine weight's distribution statistics: the same for every config, so computed once."""
         if name not in self.statistics:
-            self.statistics[name] = weight_statistics(self.weights[name].detach())
+            self.statistics[name] = weight_statistics(self.weight(name))
         return self.statistics[name]
 
 
@@ -160,11 +171,13 @@ def format_layers(
 def snapshot(model: nn.Module, layers: list[LayerInfo]) -> Pristine:
     """Remember the chosen layers' Parameters; take it once, from the unquantized model."""
     modules = {info.name: model.get_submodule(info.name) for info in layers}
+    maps = {name: found for name, m in modules.items() if (found := offload.offload_map(m)) is not None}
     return Pristine(
         layers=list(layers),
         modules=modules,
         weights={name: m.weight for name, m in modules.items()},
         biases={name: m.bias for name, m in modules.items()},
+        maps=maps,
     )
 
 
@@ -210,9 +223,9 @@ def apply(
                 continue
             layer_config = chosen[info.name]
             module = pristine.modules[info.name]
-            weight, bias = pristine.weights[info.name], pristine.biases[info.name]
-            layer = quantizer(info.name, weight.detach(), layer_config)
-            reference = weight.detach().float()
+            weight, bias = pristine.weight(info.name), pristine.bias(info.name)
+            layer = quantizer(info.name, weight, layer_config)
+            reference = weight.float()
             approx = layer.weight()
             x = inputs.get(info.name) if inputs else None
             results.append(
@@ -228,13 +241,16 @@ def apply(
                     act_weighted_err=(
                         activation_weighted_error(reference, approx, x) if x is not None else math.nan
                     ),
-                    tie_fraction=tie_fraction(weight.detach(), layer_config, name=info.name),
+                    tie_fraction=tie_fraction(weight, layer_config, name=info.name),
                     warning=source_bits(info.source_precision) <= layer_config.fmt.bits,
                 )
             )
-            module.weight = nn.Parameter(approx.to(compute_dtype), requires_grad=False)
-            if bias is not None:
-                module.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+            _install(
+                module,
+                {"weight": approx.to(compute_dtype)}
+                | ({} if bias is None else {"bias": bias.to(compute_dtype)}),
+                offloaded=info.name in pristine.maps,
+            )
             if compute_dtype != weight.dtype:
                 pristine.handles += [
                     module.register_forward_pre_hook(partial(_cast_inputs, dtype=compute_dtype)),
@@ -258,8 +274,18 @@ def restore(pristine: Pristine) -> None:
         handle.remove()
     pristine.handles.clear()
     for name, module in pristine.modules.items():
+        offload.restore_map(module)
         module.weight = pristine.weights[name]
         module.bias = pristine.biases[name]
+
+
+def _install(module: nn.Linear, tensors: dict[str, torch.Tensor], offloaded: bool) -> None:
+    """What a quantized layer computes with: its Parameters, or what its offload hook loads."""
+    if offloaded:
+        offload.substitute(module, tensors)
+        return
+    for name, tensor in tensors.items():
+        setattr(module, name, nn.Parameter(tensor, requires_grad=False))
 
 
 @contextlib.contextmanager
@@ -316,92 +342,6 @@ def _tie_warnings(results: list[LayerResult], config: QuantConfig) -> list[str]:
         "some weights lie exactly on a rounding boundary of this format (share per layer: tie_fraction); "
         f"the tie rule (rounding: {config.rounding}) decides them"
     ]
-
-
-# --------------------------------------------------------------------------------------- input capture
-
-
-@torch.inference_mode()
-def first_nonfinite_module(model: nn.Module, input_ids: torch.Tensor) -> str | None:
-    """The first module, in the order the forward pass runs them, whose output holds a NaN or an infinity
-    (forward hooks on every module; one pass over ``input_ids``); None if every output is finite."""
-    found: list[str] = []
-
-    def hook(name: str, module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor):
-            tensors = [output]
-        else:  # a tuple of outputs, or a ModelOutput (a mapping)
-            tensors = list(output.values() if isinstance(output, Mapping) else output or ())
-        if not found and any(
-            isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
-            for t in tensors
-        ):
-            found.append(name)
-
-    handles = [m.register_forward_hook(partial(hook, name)) for name, m in model.named_modules() if name]
-    try:
-        model(input_ids.to(device_of(model)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found[0] if found else None
-
-
-@torch.inference_mode()
-def capture_inputs(
-    model: nn.Module,
-    layers: list[LayerInfo],
-    input_ids: torch.Tensor,
-    positions: slice = slice(0, CAPTURE_ROWS),
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Inputs of each chosen Linear on the unquantized model at the same token positions for every layer:
-    ``positions`` of a seeded permutation of ``input_ids``' (n_seq, seq_len); the first ``CAPTURE_ROWS`` are
-    the held-out rows (``held_out``) each layer's output error is measured on. In the model's dtype (the error
-    metrics widen them exactly). Layers fed the same tensor (q/k/v, gate/up) share one copy. Sequences run one
-    at a time so that memory stays at one sequence's activations plus the kept rows."""
-    n_seq, seq_len = input_ids.shape
-    rows = _permutation(n_seq * seq_len, seed)[positions].sort().values
-    kept: dict[str, list[torch.Tensor]] = {info.name: [] for info in layers}
-    current = rows[:0]
-    last: list[torch.Tensor] = []  # the latest input and its kept rows: siblings are called one after another
-
-    def keep(name: str, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0]
-        if not last or last[0] is not x:
-            last[:] = [x, x.reshape(-1, x.shape[-1])[current]]
-        kept[name].append(last[1])
-
-    runner = body(model, [info.name for info in layers])
-    handles = [
-        model.get_submodule(info.name).register_forward_pre_hook(partial(keep, info.name)) for info in layers
-    ]
-    try:
-        for i in range(n_seq):
-            current = rows[(rows >= i * seq_len) & (rows < (i + 1) * seq_len)] - i * seq_len
-            if current.numel():
-                runner(input_ids=input_ids[i : i + 1].to(device_of(model)))
-    finally:
-        last.clear()
-        for handle in handles:
-            handle.remove()
-    joined: dict[tuple[int, ...], torch.Tensor] = {}
-    for xs in kept.values():
-        key = tuple(id(x) for x in xs)
-        joined.setdefault(key, torch.cat(xs))
-    return {name: joined[tuple(id(x) for x in xs)] for name, xs in kept.items()}
-
-
-def held_out(input_ids: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A (n_seq, seq_len) mask of the positions ``capture_inputs`` takes by default: those a method that fits
-    on calibration tokens leaves out, so that the output error is measured on positions it never saw."""
-    mask = torch.zeros(input_ids.numel(), dtype=torch.bool)
-    mask[_permutation(input_ids.numel(), seed)[:CAPTURE_ROWS]] = True
-    return mask.view(input_ids.shape)
-
-
-def _permutation(n: int, seed: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------------------------ tables

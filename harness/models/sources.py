@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import re
+import shutil
+import tempfile
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -26,6 +29,7 @@ from torch import nn
 
 from harness import assets, gemm
 from harness.cache import building, cache_dir
+from harness.devices import DeviceMap
 from harness.errors import HarnessError
 from harness.models import gguf_header
 from harness.progress import quiet_peer_logs, ticking
@@ -100,16 +104,19 @@ def _gguf_dtype(path: Path) -> DeclaredDtype:
     )
 
 
-def load_model(spec: str, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
+def load_model(
+    spec: str, dtype: torch.dtype | None = None, device: str = "cpu", device_map: DeviceMap | None = None
+) -> LoadedModel:
     """Load an asset name, a local HF directory, a .gguf file or a Hugging Face id (in that order), straight
-    into ``dtype`` (default: the checkpoint's own, ``declared_dtype``) on ``device``. A 16-bit model on a CPU
-    without native 16-bit GEMMs has its products widened to fp32 from then on (``harness.gemm``)."""
+    into ``dtype`` (default: the checkpoint's own, ``declared_dtype``) on ``device``, or spread by
+    ``device_map`` (``device`` its kind). A 16-bit model on a CPU without native 16-bit GEMMs has its products
+    widened to fp32 from then on (``harness.gemm``)."""
     dtype = dtype or _declared(spec)
     gemm.use_for(dtype)
     location = _location(spec)
     assert location is not None  # fetched: _location fetches an asset
     is_gguf = isinstance(location, Path) and location.suffix == ".gguf"
-    loaded = _load_pretrained(_loadable(location, dtype), dtype, device)
+    loaded = _load_pretrained(_loadable(location, dtype), dtype, device, device_map)
     if spec in assets.ASSETS:
         return _renamed(loaded, name=spec, source=spec)
     if is_gguf:
@@ -294,15 +301,30 @@ def _renamed(loaded: LoadedModel, *, name: str, source: str) -> LoadedModel:
     return LoadedModel(name, loaded.model, loaded.is_causal_lm, source, loaded.source_precision)
 
 
-def _load_pretrained(location: Path | str, dtype: torch.dtype, device: str) -> LoadedModel:
+def _load_pretrained(
+    location: Path | str, dtype: torch.dtype, device: str, device_map: DeviceMap | None
+) -> LoadedModel:
     """A transformers checkpoint: a causal LM when its architecture is one, else the bare encoder; loaded
-    onto a CUDA device directly (transformers' ``device_map``), not through the CPU."""
+    onto a CUDA device directly (transformers' ``device_map``), not through the CPU. Under a device map the
+    modules it sends to disk are written to a folder of the cache that lives as long as the model."""
     local = isinstance(location, Path)
     config = _config(location)
     is_causal = _is_causal_lm(config)
     auto = transformers.AutoModelForCausalLM if is_causal else transformers.AutoModel
-    placed = {} if device == "cpu" else {"device_map": device}
-    model = auto.from_pretrained(str(location), dtype=dtype, **placed).eval()
+    if device_map is None:
+        model = auto.from_pretrained(
+            str(location), dtype=dtype, **({} if device == "cpu" else {"device_map": device})
+        )
+    else:
+        (cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=cache_dir() / "offload"))
+        try:
+            model = auto.from_pretrained(str(location), dtype=dtype, **device_map.placement(device, folder))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ModelError(f"device_map: {_first_line(exc)}") from None
+        weakref.finalize(model, shutil.rmtree, folder, True)
+    model.eval()
     weights_dir = Path(transformers.utils.cached_file(str(location), "config.json")).parent
     stored = _safetensors_dtypes(weights_dir)
     if (cached := weights_dir / PRECISION_FILE).is_file():  # a converted GGUF: the safetensors no longer know

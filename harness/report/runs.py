@@ -89,6 +89,11 @@ class ModelRuns:
         parts.append(f"{value('eval_tokens')} tokens")
         if value("device") != "cpu":  # say where the runs ran, unless all on the CPU
             parts.append(f"run on {value('device')}")
+        mapped = [
+            r.params.get("placement", "?") for r in self.all if r.params.get("device_map", "none") != "none"
+        ]
+        if mapped:
+            parts.append(f"placed by a device map ({'; '.join(dict.fromkeys(mapped))})")
         ties = [v for v in self.metric("tie_fraction", self.all, 1.0) if math.isfinite(v)]
         if ties and max(ties) > 0:  # the tie rule decides those weights: say which rule
             parts.append(f"ties rounded {value('rounding')} (up to {max(ties):.2%} of weights on a tie)")

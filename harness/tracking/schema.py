@@ -89,6 +89,7 @@ def config_params(config: RunConfig) -> dict[str, Any]:
         "constant_dtype": config.constant_dtype,
         "model_dtype": config.model_dtype,
         "device": config.device,
+        "device_map": "none" if config.device_map is None else config.device_map.text,
         "compute_dtype": config.compute_dtype,
         "rounding": config.rounding,
         "method": config.method,

@@ -173,7 +173,8 @@ class Tracker:
     def artifact_location(self, name: str) -> str | None:
         if not self.uri.startswith("sqlite:///"):
             return None  # the server decides
-        return (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
+        database = Path(self.uri.removeprefix("sqlite:///")).absolute()  # sqlite:///s.db is relative
+        return (database.parent / "mlartifacts" / name).as_uri()
 
     def attach(self, run_id: str) -> Run:
         """A handle on an existing run, e.g. a sweep's parent run in a worker process."""
