@@ -259,7 +259,7 @@ def _evaluate(session: ModelSession, config: RunConfig) -> Evaluated:
                 progress=False,
             )
 
-        ppl, metrics["eval_windows_per_forward"] = halving(scored, config.eval.batch_size, "evaluation")
+        ppl, metrics["eval_windows_per_forward"] = halving(scored, session.rows, "evaluation")
         per_token = {"nll": ppl.nll}
         metrics |= token_statistics(ppl.nll)
     else:

@@ -69,3 +69,24 @@ def halving(run: Callable[[int], T], rows: int, what: str) -> tuple[T, int]:
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise OutOfMemory(f"{what}: out of memory at one window per forward ({reason})") from None
             rows //= 2
+
+
+DEVICE_MEMORY_SHARE = 0.8  # of a CUDA device's free memory that the windows of one forward may take
+
+
+def rows_that_fit(device: torch.device, requested: int, most: int, probe: Callable[[], object]) -> int:
+    """Windows per forward pass: ``requested`` on the CPU (the host's memory is not known to be free); on a
+    CUDA device as many as ``DEVICE_MEMORY_SHARE`` of its free memory holds (``torch.cuda.mem_get_info``),
+    at the peak that ``probe``, a pass of one window, allocated, and at most ``most`` (every window)."""
+    if device.type != "cuda":
+        return requested
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        probe()
+    per_window = max(1, torch.cuda.max_memory_allocated(device) - before)
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(most, int(DEVICE_MEMORY_SHARE * free) // per_window))

@@ -17,15 +17,16 @@ from harness.cache import cache_dir
 from harness.data import TokenizedCorpus, TrainingSplit, tokenize_corpus
 from harness.devices import device_type
 from harness.evaluate.reference import BaseReference, ReferenceStorage
-from harness.evaluate.windows import NonFiniteError, PerplexityProtocol
+from harness.evaluate.windows import NonFiniteError, PerplexityProtocol, make_windows
 from harness.experiments import RunConfig
-from harness.memory import halving, release_freed
+from harness.memory import halving, release_freed, rows_that_fit
 from harness.models import (
     CAPTURE_ROWS,
     LoadedModel,
     Pristine,
     capture_inputs,
     declared_dtype,
+    device_of,
     discover_layers,
     first_nonfinite_module,
     load_model,
@@ -49,6 +50,7 @@ class ModelSession:
     calibration_ids: torch.Tensor  # the calibration sequences (n_seq, seq_len)
     evaluation: torch.Tensor  # the evaluation token stream (1, N)
     protocol: PerplexityProtocol
+    rows: int  # windows per forward pass: eval.batch_size on the CPU, what fits on a CUDA device
     reference: BaseReference | None  # None when the experiment turns KLD off
     params: dict[str, Any]  # facts of the session, logged as params of every run
     training: TrainingSplit | None = None  # the LoRA recovery's training rows, when the configs train
@@ -78,7 +80,14 @@ class ModelSession:
             else {}
         )
         protocol = PerplexityProtocol(config.eval.protocol, config.eval.context_length, config.eval.stride)
-        reference = _base_reference(config, loaded, corpus, protocol) if config.eval.kld else None
+        window = splits.evaluation[:, : protocol.context_length].to(device_of(loaded.model))
+        rows = rows_that_fit(
+            device_of(loaded.model),
+            config.eval.batch_size,
+            len(make_windows(protocol, splits.evaluation.shape[1])),
+            lambda: loaded.model(input_ids=window, use_cache=False),
+        )
+        reference = _base_reference(config, loaded, corpus, protocol, rows) if config.eval.kld else None
         declared = declared_dtype(config.model)
         assert declared is not None
         params = {
@@ -93,6 +102,7 @@ class ModelSession:
             "declared_dtype": declared.dtype,
             "declared_dtype_rule": declared.rule,
             "placement": placement(loaded.model),
+            "windows_per_forward": rows,
             **gemm.methods(),
         }
         if training is not None:
@@ -107,6 +117,7 @@ class ModelSession:
             splits.calibration,
             splits.evaluation,
             protocol,
+            rows,
             reference,
             params,
             training,
@@ -147,10 +158,10 @@ def located(model: torch.nn.Module, tokens: torch.Tensor, protocol: PerplexityPr
 
 
 def _base_reference(
-    config: RunConfig, loaded: LoadedModel, corpus: TokenizedCorpus, protocol: PerplexityProtocol
+    config: RunConfig, loaded: LoadedModel, corpus: TokenizedCorpus, protocol: PerplexityProtocol, rows: int
 ) -> BaseReference:
     """The unquantized model's reference on the evaluation tokens (cached on disk), in the reference dtype
-    the config asks for; with fewer windows per forward where a pass runs out of memory."""
+    the config asks for; ``rows`` windows per forward, fewer where a pass runs out of memory."""
     reference_dtype = str(config.eval.reference_dtype)
     base = loaded
     if reference_dtype != config.model_dtype:  # KLD against the base in another dtype, as asked
@@ -172,7 +183,7 @@ def _base_reference(
         )
 
     with located(base.model, corpus.splits.evaluation, protocol):
-        return halving(build, config.eval.batch_size, "the base reference")[0]
+        return halving(build, rows, "the base reference")[0]
 
 
 def _on(device: str) -> str:

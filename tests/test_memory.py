@@ -1,5 +1,5 @@
 """glibc's heap: freed blocks between live ones are kept until ``release_freed`` returns them; a pass that
-runs out of memory is retried with half the windows per forward."""
+runs out of memory is retried with half the windows per forward; how many windows a forward takes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from harness.memory import OutOfMemory, halving
+from harness.memory import OutOfMemory, halving, rows_that_fit
 
 # A freed 8 MiB block raises glibc's threshold to 8 MiB; then 2 MiB blocks, each followed by a small one that
 # stays alive, are freed: heap holes between survivors, which glibc keeps unless asked to return them.
@@ -65,3 +65,29 @@ def test_out_of_memory_at_one_row_is_one_line() -> None:
     assert str(caught.value) == (
         "the base reference: out of memory at one window per forward (cannot allocate 2 GiB)"
     )
+
+
+def test_rows_per_forward_are_the_setting_on_the_cpu_and_what_fits_on_a_cuda_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the CPU the configured windows, the probe not run; on CUDA (its memory calls stood in for here)
+    80 % of the free memory over one window's peak, between one and every window."""
+    probed = []
+    assert rows_that_fit(torch.device("cpu"), 4, 32, lambda: probed.append(1)) == 4 and not probed
+    gib = 2**30
+    state = {"allocated": 1 * gib, "peak": 1 * gib, "free": 10 * gib}
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: state["peak"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (state["free"], 80 * gib))
+
+    def probe() -> None:  # one window's pass peaks 0.5 GiB above what was allocated
+        probed.append(torch.is_inference_mode_enabled())
+        state["peak"] = state["allocated"] + gib // 2
+
+    cuda = torch.device("cuda", 0)
+    assert rows_that_fit(cuda, 4, 64, probe) == 16 and probed == [True]  # 0.8 × 10 GiB / 0.5 GiB
+    assert rows_that_fit(cuda, 4, 5, probe) == 5
+    state["free"] = gib // 4
+    assert rows_that_fit(cuda, 4, 64, probe) == 1

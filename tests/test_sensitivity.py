@@ -135,7 +135,7 @@ def _tiny_session() -> ModelSession:
     }
     ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(2))
     return ModelSession(
-        loaded, None, TINY_BOS, snapshot(model, layers), calibration, ids, tokens, protocol, reference, {}
+        loaded, None, TINY_BOS, snapshot(model, layers), calibration, ids, tokens, protocol, 2, reference, {}
     )
 
 

@@ -5,7 +5,7 @@ receives what it needs from here (``sources`` loads, ``layers`` quantizes and re
 layers' inputs, ``anatomy`` splits, ``offload`` reads and overlays what a device map offloaded).
 """
 
-from harness.models.anatomy import Blocks, LogitSplit, blocks, logit_split
+from harness.models.anatomy import Blocks, LogitSplit, blocks, device_of, logit_split
 from harness.models.capture import CAPTURE_ROWS, capture_inputs, first_nonfinite_module, held_out
 from harness.models.layers import (
     ApplyResult,
@@ -50,6 +50,7 @@ __all__ = [
     "blocks",
     "capture_inputs",
     "declared_dtype",
+    "device_of",
     "discover_layers",
     "first_nonfinite_module",
     "format_layers",
