@@ -149,3 +149,21 @@ def test_a_model_spread_by_a_device_map_gives_one_gpus_numbers(
             ppl, divergence = evaluate_against(model, reference, progress=False)
         found.append((ppl.ppl, divergence.kld_mean))
     assert found[1] == pytest.approx(found[0], rel=1e-6)
+
+
+def test_a_quantized_gpu_model_holds_its_pristine_weights_in_host_memory() -> None:
+    """While a config is applied, the device holds the quantized copies and not the pristine weights, which
+    wait in host memory; restore brings them back, bit for bit."""
+    from harness.models import discover_layers, restore, snapshot
+    from harness.models.layers import apply
+
+    model = tiny_llama().to(torch.bfloat16).cuda()
+    before = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
+    pristine = snapshot(model, discover_layers(model))
+    allocated = torch.cuda.memory_allocated()
+    apply(pristine, QuantConfig("nf4", 64), torch.bfloat16)
+    assert all(pristine.weights[info.name].device.type == "cpu" for info in pristine.layers)
+    assert torch.cuda.memory_allocated() <= allocated + 64 * 1024  # the copies replaced the originals
+    restore(pristine)
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert all(torch.equal(before[name], p.detach().cpu()) for name, p in model.named_parameters())

@@ -93,6 +93,7 @@ class Pristine:
     weights: dict[str, nn.Parameter]
     biases: dict[str, nn.Parameter | None]
     maps: dict[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)  # offloaded layers' stores
+    homes: dict[str, torch.device] = field(default_factory=dict)  # GPU weights set aside in host memory
     handles: list[RemovableHandle] = field(default_factory=list)
     statistics: dict[str, dict[str, float]] = field(default_factory=dict)  # weight_statistics, once a layer
 
@@ -256,9 +257,9 @@ def apply(
                     module.register_forward_pre_hook(partial(_cast_inputs, dtype=compute_dtype)),
                     module.register_forward_hook(partial(_cast_output, dtype=weight.dtype)),
                 ]
-            del layer, approx
+            del layer, approx, weight, reference
             memory.release_freed()  # the temporaries' pages, before the next layer's land between survivors
-            memory.page_out(weight)
+            _set_aside(pristine, info.name)
     except BaseException:
         restore(pristine)
         raise
@@ -273,10 +274,25 @@ def restore(pristine: Pristine) -> None:
     for handle in pristine.handles:
         handle.remove()
     pristine.handles.clear()
+    for name, device in pristine.homes.items():
+        pristine.weights[name].data = pristine.weights[name].data.to(device)
+    pristine.homes.clear()
     for name, module in pristine.modules.items():
         offload.restore_map(module)
         module.weight = pristine.weights[name]
         module.bias = pristine.biases[name]
+
+
+def _set_aside(pristine: Pristine, name: str) -> None:
+    """A pristine weight out of the way while its quantized copy serves: its pages reclaimed on the host (a
+    memory-mapped file's are read back when next used), or moved from a GPU to host memory, so that the
+    device holds the model once and the quantized copies, not the model twice."""
+    weight = pristine.weights[name]
+    if weight.device.type in ("cpu", "meta"):
+        memory.page_out(weight)
+        return
+    pristine.homes[name] = weight.device
+    weight.data = weight.data.to("cpu")
 
 
 def _install(module: nn.Linear, tensors: dict[str, torch.Tensor], offloaded: bool) -> None:
