@@ -144,7 +144,9 @@ class RayExecutor:
                 configure_logging=False,
             )
         try:
-            resources = task_resources(ray.cluster_resources(), self.workers)
+            node_gpus = [node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]]
+            spread = any(config.device_map is not None for shard in shards for config in shard.configs)
+            resources = task_resources(ray.cluster_resources(), self.workers, node_gpus if spread else None)
             outcomes = Queue(actor_options={"num_cpus": 0})
             task = ray.remote(_ray_shard).options(**resources, max_retries=RAY_RETRIES)
             context = replace(context, threads=int(resources["num_cpus"]))
@@ -162,13 +164,17 @@ class RayExecutor:
                 ray.shutdown()
 
 
-def task_resources(cluster: dict[str, float], workers: int) -> dict[str, float]:
-    """What each shard's task asks of the cluster: ``cores // workers`` CPUs, and one GPU where the cluster
-    has GPUs (none on a CPU cluster, so that tasks are not held waiting for a device)."""
-    return {
-        "num_cpus": max(1, int(cluster.get("CPU", 1)) // workers),
-        "num_gpus": 1 if cluster.get("GPU", 0) >= 1 else 0,
-    }
+def task_resources(
+    cluster: dict[str, float], workers: int, node_gpus: list[float] | None = None
+) -> dict[str, int]:
+    """What each shard's task asks of the cluster: ``cores // workers`` CPUs, and where the cluster has GPUs
+    one of them, or with ``node_gpus`` (the GPUs of each node, for models spread by a device map) a whole
+    node's: as many as the GPU node with the fewest has, so that every GPU node can take a task. None on a
+    CPU cluster, so that tasks are not held waiting for a device."""
+    gpus = 0
+    if cluster.get("GPU", 0) >= 1:
+        gpus = int(min((g for g in node_gpus or () if g >= 1), default=1))
+    return {"num_cpus": max(1, int(cluster.get("CPU", 1)) // workers), "num_gpus": gpus}
 
 
 def _ray_shard(context: SweepContext, shard: Shard, outcomes: object) -> None:

@@ -356,6 +356,9 @@ def test_ray_tasks_ask_for_a_gpu_each_when_the_cluster_has_gpus() -> None:
     shard's task holds one, two run at once, and Ray tells each its own device through CUDA_VISIBLE_DEVICES.
     A CPU cluster: none."""
     assert task_resources({"CPU": 16.0}, 2) == {"num_cpus": 8, "num_gpus": 0}
+    assert task_resources({"CPU": 16.0}, 2, [0.0]) == {"num_cpus": 8, "num_gpus": 0}
+    spread = task_resources({"CPU": 64.0, "GPU": 12.0}, 4, [8.0, 4.0, 0.0])  # a device map: a node's GPUs
+    assert spread == {"num_cpus": 16, "num_gpus": 4}
     done = subprocess.run([sys.executable, "-c", GPU_CLUSTER], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-2:] == ["{'num_cpus': 1, 'num_gpus': 1}", "['0', '1']"]

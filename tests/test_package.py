@@ -88,3 +88,17 @@ def test_installed_package_sweeps_into_the_working_directory(installed: Path, tm
     assert (tmp_path / "results" / "smoke" / "datatypes.md").is_file()
     beside = {p.name for p in (installed / "harness").iterdir()}
     assert not beside & {"mlflow.db", "mlartifacts", "results"}  # nothing written beside the package
+
+
+def test_the_torch_pin_keeps_a_cuda_build_of_the_same_torch() -> None:
+    """``make install TORCH_INDEX=…/cu128`` (or a user's own venv) holds torch 2.13.0+cu128 before the package
+    installs: its pin must accept that build, so that installing the package never swaps it for the CPU
+    wheel, and must refuse another torch."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    [torch_pin] = [r for r in map(Requirement, project["dependencies"]) if r.name == "torch"]
+    assert all(torch_pin.specifier.contains(v) for v in ("2.13.0", "2.13.0+cu128", "2.13.0+cpu"))
+    assert not torch_pin.specifier.contains("2.12.0+cu128")
