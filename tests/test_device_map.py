@@ -31,9 +31,9 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_an_offloaded_model_quantizes_and_restores_every_weight_bit_for_bit(
     tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Three configs applied and restored on a model half on disk: its forward equals the plain model's
-    under each, and every stored weight is the checkpoint's afterwards; the fingerprint reads the offloaded
-    weights, so both models have one."""
+    """Three configs applied and restored on a model half on disk and on the plain one (its weights memory-
+    mapped from the checkpoint): the two forwards are equal under each, every weight of both is the
+    checkpoint's afterwards, and the fingerprint, which reads the offloaded weights, is the same."""
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
     plain = load_model(str(tiny_dir), torch.float32)
     spread = load_model(str(tiny_dir), torch.float32, "cpu", DeviceMap("auto", PARTLY_ON_DISK))
@@ -49,8 +49,9 @@ def test_an_offloaded_model_quantizes_and_restores_every_weight_bit_for_bit(
             with quantized(layers, QuantConfig(config, 64), compute):
                 logits.append(model(ids).logits)
         assert torch.equal(*logits)
-    plain_weights = dict(named_parameters(plain.model))
-    assert all(torch.equal(plain_weights[name], w) for name, w in named_parameters(spread.model))
+    checkpoint = dict(named_parameters(load_model(str(tiny_dir), torch.float32).model))
+    for model in (plain.model, spread.model):
+        assert all(torch.equal(checkpoint[name], w) for name, w in named_parameters(model))
     assert torch.equal(plain.model(ids).logits, spread.model(ids).logits)
     assert model_fingerprint(plain.model) == model_fingerprint(spread.model)
 
