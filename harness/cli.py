@@ -208,6 +208,8 @@ def _show(args: argparse.Namespace) -> int:
     print(f"{exp.name}: {exp.description}\nfile: {exp.path}\nmodels: {', '.join(exp.models)}")
     print(f"data: {exp.template.data}\neval: {exp.template.eval}")
     print(f"device: {exp.template.device}, here {resolve_device(exp.template.device)}")
+    if exp.template.device_map is not None:
+        print(f"device_map: {exp.template.device_map.text} (accelerate's placement, decided at load)")
     if exp.template.recovery is not None:
         recipe = exp.template.recovery
         print(f"recovery: LoRA {recipe}, trained on each config's base and on the unquantized model")

@@ -124,3 +124,12 @@ def test_a_device_map_that_cannot_work_is_refused_in_one_line(
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and said in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no store written
+
+
+def test_show_says_the_device_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tiny_experiment(tmp_path, "shown", "{format: [nf4]}")
+    assert main(["show", str(path), "--set", "device_map=auto", "--set", "max_memory={cpu: 1GiB}"]) == 0
+    assert "device_map: auto, max_memory {'cpu': '1GiB'} (accelerate's placement" in capsys.readouterr().out
