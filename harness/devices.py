@@ -65,12 +65,16 @@ class DeviceMap:
 
     def placement(self, device: str, offload_folder: Path) -> dict[str, Any]:
         """``from_pretrained``'s arguments. On the CPU the map holds only host and disk, whatever GPUs are
-        visible: max_memory then names the host alone (all of its free memory when not capped)."""
+        visible: max_memory then names the host alone (all of its free memory when not capped). On CUDA a
+        device max_memory leaves out keeps all of its free memory (accelerate would give it none)."""
         from accelerate.utils import get_max_memory
 
         memory = dict(self.max_memory or {})
+        free = get_max_memory()
         if device_type(device) == "cpu":
-            memory.setdefault("cpu", get_max_memory()["cpu"])
+            memory.setdefault("cpu", free["cpu"])
+        elif memory:
+            memory = free | memory
         return {
             "device_map": dict(self.modules) if isinstance(self.modules, Mapping) else self.modules,
             "max_memory": memory or None,

@@ -119,22 +119,38 @@ def check(experiment: Experiment, fetch: bool) -> Checked:
 
 
 def _map_problems(model: str, module: nn.Module, device_map: DeviceMap) -> list[str]:
-    """An explicit map's module names exist, and every parameter falls under one of them."""
+    """An explicit map names modules that exist, each parameter under one of them, and '' (the whole model)
+    only alone: beside other entries accelerate would place the whole model there."""
     if not isinstance(device_map.modules, Mapping):
         return []
+    keys = list(device_map.modules)
+    if "" in keys and len(keys) > 1:
+        return ["device_map: '' (the whole model) cannot sit beside other entries; name the other modules"]
     names = dict(module.named_modules())
-    unknown = [name for name in device_map.modules if name not in names]
+    unknown = [name for name in keys if name not in names]
     if unknown:
         return [f"device_map: {', '.join(map(repr, unknown))} names no module of {model}"]
-    homeless = [
-        name
-        for name, _ in module.named_parameters()
-        if not any(not key or name.startswith(f"{key}.") for key in device_map.modules)
-    ]
-    if homeless:
-        shown = ", ".join(homeless[:3]) + (f" and {len(homeless) - 3} more" if len(homeless) > 3 else "")
-        return [f"device_map places no device for {shown} of {model}; map '' to cover the rest"]
+    if missing := _uncovered(module, keys):
+        return [f"device_map places no device for {', '.join(missing)} of {model}; add them to the map"]
     return []
+
+
+def _uncovered(module: nn.Module, keys: list[str], prefix: str = "") -> list[str]:
+    """The largest submodules (or lone parameters) of ``module`` whose parameters no key covers."""
+
+    def covered(name: str) -> bool:
+        return any(not key or name == key or name.startswith(f"{key}.") for key in keys)
+
+    found = [f"{prefix}{name}" for name, _ in module.named_parameters()]
+    if all(covered(name) for name in found):
+        return []
+    if not any(covered(name) for name in found) and prefix:
+        return [prefix.rstrip(".")]
+    own = (f"{prefix}{name}" for name, _ in module.named_parameters(recurse=False))
+    missing = [name for name in own if not covered(name)]
+    for name, child in module.named_children():
+        missing += _uncovered(child, keys, f"{prefix}{name}.")
+    return missing
 
 
 def _recovery_problems(

@@ -114,24 +114,28 @@ def test_a_tiny_models_ppl_and_kld_on_cuda_agree_with_the_cpu() -> None:
     assert found["cuda"] == pytest.approx(found["cpu"], rel=1e-3)
 
 
+FIRST_HALF = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0}
+
+
 @pytest.mark.parametrize(
     ("modules", "gpus"),
     [
-        ({"model.embed_tokens": 0, "model.layers.0": 0, "": "cpu"}, 1),  # block 1 and the head offloaded
-        ({"model.embed_tokens": 0, "model.layers.0": 0, "": 1}, 2),  # split over two GPUs
+        ({**FIRST_HALF, "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cpu"}, 1),  # offloaded
+        ({**FIRST_HALF, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}, 2),  # over two GPUs
     ],
 )
 def test_a_model_spread_by_a_device_map_gives_one_gpus_numbers(
     modules: dict[str, int | str], gpus: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """PPL and mean KLD of a quantized tiny model placed by a device map equal those on one GPU."""
+    """PPL, mean KLD and the layers' output errors (inputs captured on the GPU, offloaded weights on the
+    host) of a quantized tiny model placed by a device map equal those on one GPU."""
     from conftest import save_with_tokenizer
 
     from harness.devices import DeviceMap
     from harness.evaluate.divergence import evaluate_against
     from harness.evaluate.reference import BaseReference
     from harness.evaluate.windows import PerplexityProtocol
-    from harness.models import discover_layers, load_model, quantized, snapshot
+    from harness.models import capture_inputs, discover_layers, load_model, quantized, snapshot
 
     if torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} CUDA devices")
@@ -145,9 +149,11 @@ def test_a_model_spread_by_a_device_map_gives_one_gpus_numbers(
         reference = BaseReference.build(
             model, tokens, protocol, None, "tiny", text_bytes=4096, text_words=512, progress=False
         )
-        with quantized(snapshot(model, discover_layers(model)), QuantConfig("nf4", 64)):
+        layers = discover_layers(model)
+        inputs = capture_inputs(model, layers, tokens[:, :256].view(2, 128))
+        with quantized(snapshot(model, layers), QuantConfig("nf4", 64), inputs=inputs) as applied:
             ppl, divergence = evaluate_against(model, reference, progress=False)
-        found.append((ppl.ppl, divergence.kld_mean))
+        found.append((ppl.ppl, divergence.kld_mean, *(r.output_rel_err for r in applied.layers)))
     assert found[1] == pytest.approx(found[0], rel=1e-6)
 
 
@@ -158,12 +164,16 @@ def test_a_quantized_gpu_model_holds_its_pristine_weights_in_host_memory() -> No
     from harness.models.layers import apply
 
     model = tiny_llama().to(torch.bfloat16).cuda()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in most small models
     before = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
-    pristine = snapshot(model, discover_layers(model))
+    pristine = snapshot(model, discover_layers(model, include=["*proj", "lm_head"]))
     allocated = torch.cuda.memory_allocated()
     apply(pristine, QuantConfig("nf4", 64), torch.bfloat16)
-    assert all(pristine.weights[info.name].device.type == "cpu" for info in pristine.layers)
-    assert torch.cuda.memory_allocated() <= allocated + 64 * 1024  # the copies replaced the originals
+    assert pristine.tied == {"lm_head"} and pristine.weights["lm_head"].device.type == "cuda"  # embedding
+    assert all(pristine.weights[name].device.type == "cpu" for name in pristine.weights if name != "lm_head")
+    head = model.lm_head.weight.nbytes  # the head's quantized copy is the only one beside its original
+    assert torch.cuda.memory_allocated() <= allocated + head + 64 * 1024
+    model(torch.randint(3, 256, (1, 16), device="cuda"))  # the embedding still on the device
     restore(pristine)
     assert all(p.device.type == "cuda" for p in model.parameters())
     assert all(torch.equal(before[name], p.detach().cpu()) for name, p in model.named_parameters())

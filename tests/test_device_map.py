@@ -4,6 +4,8 @@ wait in files and visit for each forward), which runs every hook path a GPU map 
 from __future__ import annotations
 
 import gc
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -102,10 +104,11 @@ def test_a_sweep_with_part_of_the_model_on_disk_gives_the_plain_sweeps_numbers(
             ["device_map=auto", "max_memory={cpu: 1x}"],
             "'1x' is not a size; write bytes or a size with a unit",
         ),
-        (["device_map={model.embed_tokens: 0, '': cpu}"], "places modules on 0, but the device is cpu"),
+        (["device_map=auto", "max_memory={0: 1GiB}"], "places modules on 0, but the device is cpu"),
         (["max_memory={cpu: 1GiB}"], "set device_map (e.g. auto) too"),
         (["device_map={model.layer.9: cpu}"], "names no module of"),
-        (["device_map={model.embed_tokens: cpu}"], "places no device for"),
+        (["device_map={model.embed_tokens: cpu}"], "no device for model.layers, model.norm, lm_head of"),
+        (["device_map={model.embed_tokens: cpu, '': disk}"], "'' (the whole model) cannot sit beside"),
     ],
 )
 def test_a_device_map_that_cannot_work_is_refused_in_one_line(
@@ -133,3 +136,21 @@ def test_show_says_the_device_map(
     path = tiny_experiment(tmp_path, "shown", "{format: [nf4]}")
     assert main(["show", str(path), "--set", "device_map=auto", "--set", "max_memory={cpu: 1GiB}"]) == 0
     assert "device_map: auto, max_memory {'cpu': '1GiB'} (accelerate's placement" in capsys.readouterr().out
+
+
+def test_offload_folders_of_dead_processes_are_removed(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A process killed with part of its model on disk leaves its folder; the next load on the host removes
+    it, and leaves alone those of live processes and of other hosts (a cache shared over a cluster)."""
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    root = tmp_path / "offload"
+    host = socket.gethostname()
+    kept = [root / f"{host}-{os.getpid()}-live", root / "another-host-1-theirs"]
+    dead = root / f"{host}-{2**22 + 7}-killed"  # above Linux's largest pid
+    for folder in (*kept, dead):
+        folder.mkdir(parents=True)
+    model = load_model(str(tiny_dir), torch.float32, "cpu", DeviceMap("auto", PARTLY_ON_DISK))
+    assert not dead.exists() and all(folder.exists() for folder in kept)
+    assert len(list(root.iterdir())) == 3  # this load's own
+    del model
+    gc.collect()
+    assert sorted(root.iterdir()) == sorted(kept)

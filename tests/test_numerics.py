@@ -97,7 +97,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "b8ffabc87b9f853a4121443567691b1edea022ff42930a3f822cb2eb152e70d0",
+    "4": "bd08537417e5565bb81ef5936e4d441a003542397770624fc590740db12ac30d",
 }
 
 

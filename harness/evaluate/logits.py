@@ -205,7 +205,7 @@ class LogitHead:
             for batch in batches:
                 ids, mask = batch.ids.to(device), batch.mask.to(device)
                 if self.split is not None:
-                    yield from self.rows_of(self.split.hidden_states(ids)[mask], batch.targets, whole_rows)
+                    yield from self.rows_of(self.split.scored(ids, mask), batch.targets, whole_rows)
                 else:
                     yield from self._model_rows(ids, mask, batch.targets)
                 bar.update(batch.n_tokens)

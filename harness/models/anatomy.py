@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.models.offload import execution_device
+
 
 @dataclass(frozen=True)
 class LogitSplit:
@@ -30,6 +32,12 @@ class LogitSplit:
         out = self.decoder(input_ids=ids, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
+    def scored(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The last hidden states (C, H) at the positions ``mask`` (B, L) marks, on the device they end on
+        (the last GPU of a model spread over several)."""
+        hidden = self.hidden_states(ids)
+        return hidden[mask.to(hidden.device)]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of hidden states, in the head's dtype, soft-capped as the model's forward does it."""
         logits = self.head(hidden)
@@ -44,8 +52,7 @@ def device_of(model: nn.Module) -> torch.device:
     for module in model.modules():
         hook = getattr(module, "_hf_hook", None)
         if getattr(hook, "execution_device", None) is not None:
-            device = hook.execution_device
-            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+            return execution_device(module)
         for param in module.parameters(recurse=False):
             return param.device
     return torch.device("cpu")

@@ -94,17 +94,22 @@ class Pristine:
     biases: dict[str, nn.Parameter | None]
     maps: dict[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)  # offloaded layers' stores
     homes: dict[str, torch.device] = field(default_factory=dict)  # GPU weights set aside in host memory
+    tied: set[str] = field(default_factory=set)  # layers whose weight is another module's too
     handles: list[RemovableHandle] = field(default_factory=list)
     statistics: dict[str, dict[str, float]] = field(default_factory=dict)  # weight_statistics, once a layer
 
     def weight(self, name: str) -> torch.Tensor:
-        """A layer's pristine weight, wherever it is stored."""
-        return (self.maps[name]["weight"] if name in self.maps else self.weights[name]).detach()
+        """A layer's pristine weight where the layer computes (an offloaded one read from its store)."""
+        return self._stored(name, "weight", self.weights[name])
 
     def bias(self, name: str) -> torch.Tensor | None:
-        if self.biases[name] is None:
-            return None
-        return (self.maps[name]["bias"] if name in self.maps else self.biases[name]).detach()
+        bias = self.biases[name]
+        return None if bias is None else self._stored(name, "bias", bias)
+
+    def _stored(self, name: str, key: str, parameter: nn.Parameter) -> torch.Tensor:
+        if name not in self.maps:
+            return parameter.detach()
+        return self.maps[name][key].detach().to(offload.execution_device(self.modules[name]))
 
     def weight_statistics(self, name: str) -> dict[str, float]:
         """The pristine weight's distribution statistics: the same for every config, so computed once."""
@@ -173,12 +178,16 @@ def snapshot(model: nn.Module, layers: list[LayerInfo]) -> Pristine:
     """Remember the chosen layers' Parameters; take it once, from the unquantized model."""
     modules = {info.name: model.get_submodule(info.name) for info in layers}
     maps = {name: found for name, m in modules.items() if (found := offload.offload_map(m)) is not None}
+    holders: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        holders[id(parameter)] = holders.get(id(parameter), 0) + 1
     return Pristine(
         layers=list(layers),
         modules=modules,
         weights={name: m.weight for name, m in modules.items()},
         biases={name: m.bias for name, m in modules.items()},
         maps=maps,
+        tied={name for name, m in modules.items() if holders[id(m.weight)] > 1},
     )
 
 
@@ -274,13 +283,12 @@ def restore(pristine: Pristine) -> None:
     for handle in pristine.handles:
         handle.remove()
     pristine.handles.clear()
-    for name, device in pristine.homes.items():
-        pristine.weights[name].data = pristine.weights[name].data.to(device)
-    pristine.homes.clear()
     for name, module in pristine.modules.items():
         offload.restore_map(module)
-        module.weight = pristine.weights[name]
+        module.weight = pristine.weights[name]  # the quantized copy goes before the pristine weight returns
         module.bias = pristine.biases[name]
+        if (home := pristine.homes.pop(name, None)) is not None:
+            module.weight.data = module.weight.data.to(home)
 
 
 def _set_aside(pristine: Pristine, name: str) -> None:
@@ -290,15 +298,16 @@ def _set_aside(pristine: Pristine, name: str) -> None:
     weight = pristine.weights[name]
     if weight.device.type in ("cpu", "meta"):
         memory.page_out(weight)
-        return
-    pristine.homes[name] = weight.device
-    weight.data = weight.data.to("cpu")
+    elif name not in pristine.tied:  # a tied weight serves another module too (an embedding): it stays
+        pristine.homes[name] = weight.device
+        weight.data = weight.data.to("cpu")
 
 
 def _install(module: nn.Linear, tensors: dict[str, torch.Tensor], offloaded: bool) -> None:
-    """What a quantized layer computes with: its Parameters, or what its offload hook loads."""
+    """What a quantized layer computes with: its Parameters, or what its offload hook loads (kept in host
+    memory, as the offloaded weights are)."""
     if offloaded:
-        offload.substitute(module, tensors)
+        offload.substitute(module, {name: tensor.to("cpu") for name, tensor in tensors.items()})
         return
     for name, tensor in tensors.items():
         setattr(module, name, nn.Parameter(tensor, requires_grad=False))

@@ -19,6 +19,12 @@ def offload_map(module: nn.Module) -> Mapping[str, torch.Tensor] | None:
     return hook.weights_map if getattr(hook, "offload", False) else None
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """Where an offloaded module's weights are loaded to for its forward (a GPU index means that GPU)."""
+    device = module._hf_hook.execution_device
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+
+
 def stored(module: nn.Module, name: str) -> torch.Tensor:
     """A module's own tensor ``name`` (``weight``), read from its offload map when it is offloaded."""
     weights = offload_map(module)

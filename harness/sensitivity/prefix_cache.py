@@ -98,11 +98,11 @@ class PrefixCache:
         for rows, batch in zip(self.rows, self.batches, strict=True):
             ids, mask = batch.ids.to(self.device), batch.mask.to(self.device)
             if first_block is None:
-                picked = split.hidden_states(ids)[mask]
+                picked = split.scored(ids, mask)
             else:
                 entering = self.states[first_block, rows, : batch.ids.shape[1]].to(self.device)
                 with self.structure.starting_at(first_block, lambda: entering):  # noqa: B023 (used at once)
-                    picked = split.hidden_states(ids)[mask]
+                    picked = split.scored(ids, mask)
             yield from self.head.rows_of(picked, batch.targets, whole_rows(self.reference))
 
     def evaluate(self, first_block: int | None) -> dict[str, np.ndarray]:
