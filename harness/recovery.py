@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from harness.cache import building
 from harness.errors import HarnessError
@@ -168,7 +169,7 @@ def _train(model: nn.Module, rows: torch.Tensor, settings: RecoverySettings) -> 
     losses, step_s = [], []
     start = time.perf_counter()
     model.train()
-    for step in range(settings.steps):
+    for step in tqdm(range(settings.steps), desc="LoRA training", unit="step", leave=False):
         began = time.perf_counter()
         total = 0.0
         batch = rows[step * settings.batch : (step + 1) * settings.batch].to(device_of(model))
