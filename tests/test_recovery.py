@@ -185,6 +185,18 @@ def test_a_sweep_logs_before_and_after_and_a_failed_training_leaves_no_finished_
         done.loc["baseline-fp32-lora", "metrics.lora_ppl"]
         == done.loc["int4-b64-fp32-lora", "metrics.lora16_ppl"]
     )
+    from harness.report import compare
+
+    lines = compare("recovery", "nf4-b64-fp32-lora", "int4-b64-fp32-lora", uri).splitlines()
+    for name, metric in [
+        ("recovered vs base (%)", "recovery_vs_base"),
+        ("recovered vs lora16 (%)", "recovery_vs_lora16"),
+    ]:
+        line = next(line for line in lines if line.startswith(name))
+        logged = done[f"metrics.{metric}"]
+        expected = 100 * (logged["nf4-b64-fp32-lora"] - logged["int4-b64-fp32-lora"])
+        assert float(line[len(name) :].split()[0]) == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    assert any(line.startswith("PPL after LoRA") for line in lines)
 
 
 @pytest.mark.parametrize(

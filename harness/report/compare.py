@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
+
 from harness.report.export import run_tokens
 from harness.report.runs import select_runs
 from harness.report.table import ReportError
-from harness.stats import METHOD, paired_difference, ppl_difference
+from harness.stats import METHOD, Difference, paired_difference, ppl_difference, recovery_difference
 from harness.tracking import (
     TOKENS_ARTIFACT,
     Tracker,
@@ -16,7 +20,9 @@ from harness.tracking import (
 
 def compare(experiment: str, first: str, second: str, tracking_uri: str | None = None) -> str:
     """The paired difference ``first − second`` of two configs (by label) from their per-token results:
-    mean NLL, PPL, mean KLD and top-1 agreement, each with its SE, 95 % interval and whether it is resolved.
+    mean NLL, PPL, mean KLD and top-1 agreement, and after LoRA recovery the PPL after LoRA and the share of
+    the gap each recovers (against the unquantized model and the 16-bit LoRA target), each with its SE, 95 %
+    interval and whether it is resolved.
     No model runs: everything comes from the runs' ``tokens.npz`` artifacts."""
     tracker = Tracker.of(tracking_uri)
     rows = {}
@@ -42,15 +48,38 @@ def compare(experiment: str, first: str, second: str, tracking_uri: str | None =
         raise ReportError(f"{first!r} and {second!r} were not evaluated on the same tokens")
     lines = [
         f"{first} − {second} on {model_a}, {len(a['nll']):,} scored tokens, paired ({METHOD}):",
-        f"{'':<16}{'difference':>12}{'SE':>11}{'95% interval':>26}  resolved",
+        f"{'':<24}{'difference':>12}{'SE':>11}{'95% interval':>26}  resolved",
     ]
-    measures = [("mean NLL (nats)", "nll", 1.0), ("PPL", "nll", 1.0)]
-    measures += [("mean KLD (nats)", "kld", 1.0), ("top-1 (%)", "top1_match", 100.0)]
-    for name, key, scale in measures:
-        if key not in a or key not in b:
+    for name, needed, scale, differ in MEASURES:
+        if not all(key in a and key in b for key in needed):
             continue
-        d = ppl_difference(a[key], b[key]) if name == "PPL" else paired_difference(a[key], b[key])
+        d = differ(a, b)
         shown = f"[{d.ci_low * scale:+.4g}, {d.ci_high * scale:+.4g}]"
         verdict = "yes" if d.resolved else "no"
-        lines.append(f"{name:<16}{d.mean * scale:>+12.4g}{d.se * scale:>11.3g}{shown:>26}  {verdict}")
+        lines.append(f"{name:<24}{d.mean * scale:>+12.4g}{d.se * scale:>11.3g}{shown:>26}  {verdict}")
     return "\n".join(lines)
+
+
+Tokens = dict[str, np.ndarray]
+
+
+def _recovered(reference: str) -> Callable[[Tokens, Tokens], Difference]:
+    """The difference of two configs' LoRA recoveries against one reference series (the same in both)."""
+
+    def differ(a: Tokens, b: Tokens) -> Difference:
+        before_after = [np.stack([tokens["nll"], tokens["lora_nll"]]) for tokens in (a, b)]
+        return recovery_difference(*before_after, reference=a[reference])
+
+    return differ
+
+
+# (name, the per-token series it needs, display scale, paired difference a − b)
+MEASURES: list[tuple[str, tuple[str, ...], float, Callable[[Tokens, Tokens], Difference]]] = [
+    ("mean NLL (nats)", ("nll",), 1.0, lambda a, b: paired_difference(a["nll"], b["nll"])),
+    ("PPL", ("nll",), 1.0, lambda a, b: ppl_difference(a["nll"], b["nll"])),
+    ("mean KLD (nats)", ("kld",), 1.0, lambda a, b: paired_difference(a["kld"], b["kld"])),
+    ("top-1 (%)", ("top1_match",), 100.0, lambda a, b: paired_difference(a["top1_match"], b["top1_match"])),
+    ("PPL after LoRA", ("lora_nll",), 1.0, lambda a, b: ppl_difference(a["lora_nll"], b["lora_nll"])),
+    ("recovered vs base (%)", ("lora_nll", "base_nll"), 100.0, _recovered("base_nll")),
+    ("recovered vs lora16 (%)", ("lora_nll", "lora16_nll"), 100.0, _recovered("lora16_nll")),
+]
