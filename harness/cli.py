@@ -161,6 +161,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="the experiment both configs belong to")
     p.add_argument("first", help="config label, e.g. nf4-b64 (see `harness tables` or the UI)")
     p.add_argument("second", help="config label to subtract, e.g. nf4-b256, or baseline")
+    p.add_argument("--model", help="the model, where the experiment ran the configs on several")
     _store(p)
 
 
@@ -376,7 +377,7 @@ def _tables(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from harness.report import compare
 
-    print(compare(args.experiment, args.first, args.second, args.tracking_uri))
+    print(compare(args.experiment, args.first, args.second, args.tracking_uri, args.model))
     return 0
 
 

@@ -372,3 +372,7 @@ def test_compare_pairs_two_configs_on_their_tokens(store: str, capsys: pytest.Ca
     child = children(runs(store)).set_index("tags.mlflow.runName")["metrics.kld_mean"]
     assert difference == pytest.approx(child["nf4-b64"] - child["int4-b64"], abs=1e-4)
     assert se > 0 and kld.split()[-1] in ("yes", "no")
+    args = ["compare", "smoke", "nf4-b64", "int4-b64", "--tracking-uri", store, "--model"]
+    assert main([*args, "smollm2-135m"]) == 0 and capsys.readouterr().out.splitlines() == lines
+    assert main([*args, "gemma-3-270m"]) == 2  # not run on that model
+    assert "no FINISHED config 'nf4-b64'" in capsys.readouterr().err

@@ -18,15 +18,19 @@ from harness.tracking import (
 # ---- pairwise comparison ---------------------------------------------------------------------------------
 
 
-def compare(experiment: str, first: str, second: str, tracking_uri: str | None = None) -> str:
+def compare(
+    experiment: str, first: str, second: str, tracking_uri: str | None = None, model: str | None = None
+) -> str:
     """The paired difference ``first − second`` of two configs (by label) from their per-token results:
     mean NLL, PPL, mean KLD and top-1 agreement, and after LoRA recovery the PPL after LoRA and the share of
     the gap each recovers (against the unquantized model and the 16-bit LoRA target), each with its SE, 95 %
-    interval and whether it is resolved.
+    interval and whether it is resolved; ``model`` picks one where the experiment ran several.
     No model runs: everything comes from the runs' ``tokens.npz`` artifacts."""
     tracker = Tracker.of(tracking_uri)
     rows = {}
     for runs in select_runs(tracker.records(experiment), experiment, tracker.uri):
+        if model is not None and runs.model != model:
+            continue
         for r in runs.all:
             rows.setdefault("baseline" if r.is_baseline else r.label, []).append((runs.model, r))
     found = []
@@ -35,9 +39,7 @@ def compare(experiment: str, first: str, second: str, tracking_uri: str | None =
             raise ReportError(f"no FINISHED config {label!r} in {experiment!r}; configs: {', '.join(rows)}")
         if len(rows[label]) > 1:
             models = ", ".join(model for model, _ in rows[label])
-            raise ReportError(
-                f"{label!r} was run on several models ({models}); compare within one experiment"
-            )
+            raise ReportError(f"{label!r} was run on several models ({models}); choose one with --model")
         _, row = rows[label][0]
         tokens = run_tokens(tracker, row.run_id)
         if tokens is None:
