@@ -59,7 +59,8 @@ class SweepSummary:
     held: list[str] = field(default_factory=list)  # running in another sweep, or claimed by it first
     wall_s: float = 0.0
     eval_s: float = 0.0  # forward passes of the evaluation, with their ppl/KLD reductions and lm-eval
-    floor_s: float = 0.0  # the FLOP floor of the finished configs' evaluation passes
+    floor_s: float = 0.0  # the FLOP floor of the finished configs' evaluation passes and LoRA trainings
+    trainings: int = 0  # LoRA trainings among them (each evaluated again after)
     rates: dict[str, float] = field(default_factory=dict)  # dtype → torch.mm FLOP/s measured after the sweep
 
     def describe(self) -> str:
@@ -71,10 +72,16 @@ class SweepSummary:
         ]
         if self.floor_s:
             rates = ", ".join(f"{DTYPE_LABELS[d]} {r / 1e9:.0f}" for d, r in self.rates.items())
+            trained = (
+                f" and {self.trainings} LoRA trainings (6 × parameters × tokens each; a cached 16-bit target"
+                " counted as trained)"
+                if self.trainings
+                else ""
+            )
             lines.append(
                 f"wall time {self.wall_s:.0f} s = {self.wall_s / self.floor_s:.2f} × the FLOP floor of its "
-                f"{len(self.finished)} evaluation passes ({self.floor_s:.0f} s at the torch.mm rate of their "
-                f"GEMM shapes measured now, GFLOP/s: {rates})"
+                f"{len(self.finished) + self.trainings} evaluation passes{trained} ({self.floor_s:.0f} s at "
+                f"the torch.mm rate of their GEMM shapes measured now, GFLOP/s: {rates})"
             )
         if self.reaped:
             lines.append(f"marked {len(self.reaped)} stale RUNNING run(s) FAILED (their process had died)")
@@ -174,8 +181,8 @@ def _declared(model: str, options: SweepOptions) -> DeclaredDtype:
 
 
 def _floor(summary: SweepSummary, finished: Sequence[RunConfig], costs: Mapping[str, PassCost]) -> None:
-    """The FLOP floor of the finished configs' passes, at torch.mm rates measured now (the machine's speed
-    drifts: a floor measured in the same run makes the multiple comparable across days)."""
+    """The FLOP floor of the finished configs' passes and LoRA trainings, at torch.mm rates measured now (the
+    machine's speed drifts: a floor measured in the same run makes the multiple comparable across days)."""
     rates: dict[tuple[str, str], float] = {}
     for config in finished:
         key = (config.model, str(config.model_dtype))
@@ -183,7 +190,12 @@ def _floor(summary: SweepSummary, finished: Sequence[RunConfig], costs: Mapping[
             measured = gemm_rates(costs[config.model], COMPUTE_DTYPES[key[1]], device=config.device)
             rates[key] = max(measured.values())
             summary.rates[key[1]] = rates[key]
-        summary.floor_s += costs[config.model].flops / rates[key]
+        cost = costs[config.model]
+        summary.floor_s += cost.flops / rates[key]
+        if (recipe := config.recovery) is not None:  # trained, then evaluated again
+            trained = recipe.steps * recipe.batch * recipe.sequence_length
+            summary.floor_s += (6 * cost.n_params * trained + cost.flops) / rates[key]
+            summary.trainings += 1
 
 
 # A sweep's wall time over the FLOP floor of its passes at the bf16 torch.mm rate of their GEMM shapes: the

@@ -258,3 +258,23 @@ def test_recovery_smoke_on_the_real_model(tmp_path: Path) -> None:
     assert np.isfinite(row["metrics.recovery_vs_base"]) and row["metrics.lora_kld_mean"] > 0
     assert 0 <= row["metrics.lora_acc_piqa"] <= 1 and row["metrics.lora_acc_piqa_stderr"] > 0
     assert row["metrics.lora_params"] == runs.loc["baseline-lora", "metrics.lora_params"] > 0
+
+
+def test_a_recovery_sweeps_floor_counts_its_trainings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's floor multiple: each recovery config adds its training (6 × parameters × tokens) and the
+    evaluation after it, at the torch.mm rate measured after the sweep."""
+    from dataclasses import replace
+
+    from harness import sweep
+    from harness.floor import PassCost
+
+    monkeypatch.setattr(sweep, "gemm_rates", lambda cost, dtype, device: {"mm": 1e12})
+    config = load_experiment("recovery-smoke").configs[0].resolved("bfloat16")
+    recipe = config.recovery
+    assert recipe is not None
+    summary = sweep.SweepSummary("recovery-smoke", "sqlite:///s.db", finished=["a", "b"], wall_s=100.0)
+    cost = PassCost(10**8, 2e12, 1e12, {"mm": (1, 1, 1)})
+    sweep._floor(summary, [config, replace(config, recovery=None)], {config.model: cost})
+    trained = 6 * 10**8 * recipe.steps * recipe.batch * recipe.sequence_length
+    assert summary.trainings == 1 and summary.floor_s == pytest.approx((3 * 3e12 + trained) / 1e12)
+    assert "of its 3 evaluation passes and 1 LoRA trainings (6 × parameters × tokens" in summary.describe()
