@@ -4,7 +4,11 @@ against the devices torch sees. ``auto`` is CUDA when there is a device, else th
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import socket
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +16,9 @@ from typing import Any
 
 import torch
 
+from harness.cache import cache_dir
 from harness.errors import HarnessError
+from harness.liveness import pid_alive
 
 DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -86,3 +92,16 @@ class DeviceMap:
         """The map as asked, for a run's params."""
         modules = self.modules if isinstance(self.modules, str) else json.dumps(dict(self.modules))
         return modules if self.max_memory is None else f"{modules}, max_memory {dict(self.max_memory)}"
+
+
+def offload_folder() -> Path:
+    """A folder of the cache for the weights a device map sends to disk, named by host and process; those
+    of this host's processes that died before removing theirs (killed) are removed first."""
+    root = cache_dir() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for folder in root.glob(f"{host}-*"):
+        pid = folder.name.removeprefix(f"{host}-").partition("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{host}-{os.getpid()}-", dir=root))

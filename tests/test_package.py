@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parents[1]
 QUICK = [
@@ -74,6 +75,9 @@ def test_installed_package_lists_its_experiments(installed: Path, tmp_path: Path
 
 @pytest.mark.integration
 def test_installed_package_sweeps_into_the_working_directory(installed: Path, tmp_path: Path) -> None:
+    from harness.models import load_tokenizer
+
+    load_tokenizer("smollm2-135m", torch.bfloat16)  # converts the GGUF once per cache, before the sweep
     overrides = [arg for o in QUICK for arg in ("--set", o)]
     done = harness(installed, tmp_path, "sweep", "smoke", "--limit", "2", *overrides)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import re
 import shutil
-import socket
-import tempfile
 import weakref
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -31,9 +28,8 @@ from torch import nn
 
 from harness import assets, gemm
 from harness.cache import building, cache_dir
-from harness.devices import DeviceMap
+from harness.devices import DeviceMap, offload_folder
 from harness.errors import HarnessError
-from harness.liveness import pid_alive
 from harness.models import gguf_header
 from harness.progress import quiet_peer_logs, ticking
 from harness.quant.quantize import COMPUTE_DTYPES
@@ -319,7 +315,7 @@ def _load_pretrained(
             str(location), dtype=dtype, **({} if device == "cpu" else {"device_map": device})
         )
     else:
-        folder = _offload_folder()
+        folder = offload_folder()
         try:
             model = auto.from_pretrained(str(location), dtype=dtype, **device_map.placement(device, folder))
         except (ValueError, KeyError, RuntimeError) as exc:
@@ -334,19 +330,6 @@ def _load_pretrained(
     precision = _per_parameter(model, stored, default=str(getattr(config, "dtype", None) or torch.float32))
     name = location.name if local else str(location)
     return LoadedModel(name, model, is_causal, str(location), precision)
-
-
-def _offload_folder() -> Path:
-    """A folder of the cache for the weights a device map sends to disk, named by host and process; those
-    of this host's processes that died before removing theirs (killed) are removed first."""
-    root = cache_dir() / "offload"
-    root.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname()
-    for folder in root.glob(f"{host}-*"):
-        pid = folder.name.removeprefix(f"{host}-").partition("-")[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{host}-{os.getpid()}-", dir=root))
 
 
 def _is_causal_lm(config: transformers.PretrainedConfig) -> bool:
