@@ -97,7 +97,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "c99731b5867bb7df29da90f74b96691dc3b2713d0d1030ef6e33f582369cad6c",
+    "4": "25dfb9a232402d9d2f6f7b9fd4d27958044cbc7bcaeafdbad8b07ea6e5d900f1",
 }
 
 

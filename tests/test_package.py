@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).parents[1]
 QUICK = [
@@ -75,19 +73,11 @@ def test_installed_package_lists_its_experiments(installed: Path, tmp_path: Path
 
 @pytest.mark.integration
 def test_installed_package_sweeps_into_the_working_directory(installed: Path, tmp_path: Path) -> None:
-    from harness.models import load_tokenizer
-
-    load_tokenizer("smollm2-135m", torch.bfloat16)  # converts the GGUF once per cache, before the sweep
     overrides = [arg for o in QUICK for arg in ("--set", o)]
     done = harness(installed, tmp_path, "sweep", "smoke", "--limit", "2", *overrides)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Failed to load" not in done.stderr and "_pytree" not in done.stderr  # the peers kept quiet
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlartifacts").is_dir()
-    with sqlite3.connect(tmp_path / "mlflow.db") as store:  # 3 configs in one process: the peak within
-        [(peak,)] = store.execute("SELECT value FROM metrics WHERE key = 'peak_rss_gb'").fetchall()
-        [(parameters,)] = set(store.execute("SELECT value FROM params WHERE key = 'params_total'"))
-    model_gb = 2 * int(parameters) / 1e9  # bf16
-    assert peak <= 1.2 * model_gb + 1.0, f"peak RSS {peak:.2f} GB for a {model_gb:.2f} GB model"
     tables = harness(installed, tmp_path, "tables", "smoke")
     assert tables.returncode == 0, tables.stderr[-2000:]
     assert (tmp_path / "results" / "smoke" / "datatypes.md").is_file()
