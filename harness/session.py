@@ -80,12 +80,14 @@ class ModelSession:
             else {}
         )
         protocol = PerplexityProtocol(config.eval.protocol, config.eval.context_length, config.eval.stride)
-        window = splits.evaluation[:, : protocol.context_length].to(device_of(loaded.model))
+        device = device_of(loaded.model)
         rows = rows_that_fit(
-            device_of(loaded.model),
+            device,
             config.eval.batch_size,
             len(make_windows(protocol, splits.evaluation.shape[1])),
-            lambda: loaded.model(input_ids=window, use_cache=False),
+            lambda: loaded.model(
+                input_ids=splits.evaluation[:, : protocol.context_length].to(device), use_cache=False
+            ),
         )
         reference = _base_reference(config, loaded, corpus, protocol, rows) if config.eval.kld else None
         declared = declared_dtype(config.model)

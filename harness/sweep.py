@@ -28,6 +28,7 @@ from tqdm import tqdm
 from harness.data import TokenizedCorpus
 from harness.executors import Executor, LocalExecutor, Shard, SweepContext
 from harness.experiments import DTYPE_LABELS, Experiment, RunConfig
+from harness.experiments.schema import RecoverySettings
 from harness.floor import PassCost, gemm_rates
 from harness.liveness import sigterm_as_interrupt
 from harness.methods import METHODS
@@ -192,10 +193,14 @@ def _floor(summary: SweepSummary, finished: Sequence[RunConfig], costs: Mapping[
             summary.rates[key[1]] = rates[key]
         cost = costs[config.model]
         summary.floor_s += cost.flops / rates[key]
-        if (recipe := config.recovery) is not None:  # trained, then evaluated again
-            trained = recipe.steps * recipe.batch * recipe.sequence_length
-            summary.floor_s += (6 * cost.n_params * trained + cost.flops) / rates[key]
+        if config.recovery is not None:  # trained, then evaluated again
+            summary.floor_s += (_training_flops(cost, config.recovery) + cost.flops) / rates[key]
             summary.trainings += 1
+
+
+def _training_flops(cost: PassCost, recipe: RecoverySettings) -> float:
+    """A LoRA training's FLOP floor: 6 × parameters × the tokens the recipe trains on."""
+    return 6 * cost.n_params * recipe.steps * recipe.batch * recipe.sequence_length
 
 
 # A sweep's wall time over the FLOP floor of its passes at the bf16 torch.mm rate of their GEMM shapes: the
@@ -238,8 +243,8 @@ def estimate(groups: Sequence[Shard], history: Sequence[RunRecord], costs: Mappi
             if fitted:
                 sources.add(f"{' and '.join(fitted)}'s fitting to calibration tokens not included")
             if (recipe := group.configs[0].recovery) is not None:  # the baseline trains the 16-bit target
-                trained = recipe.steps * recipe.batch * recipe.sequence_length
-                seconds += TRAINING_OVERHEAD * len(group.configs) * 6 * cost.n_params * trained / rates[dtype]
+                trainings = len(group.configs) * _training_flops(cost, recipe)
+                seconds += TRAINING_OVERHEAD * trainings / rates[dtype]
                 seconds += SWEEP_OVERHEAD * len(group.configs) * cost.flops / rates[dtype]  # evaluated again
                 sources.add(f"LoRA training at {TRAINING_OVERHEAD:g} × 6 × parameters × tokens at that rate")
     if not sources:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -178,9 +179,7 @@ def snapshot(model: nn.Module, layers: list[LayerInfo]) -> Pristine:
     """Remember the chosen layers' Parameters; take it once, from the unquantized model."""
     modules = {info.name: model.get_submodule(info.name) for info in layers}
     maps = {name: found for name, m in modules.items() if (found := offload.offload_map(m)) is not None}
-    holders: dict[int, int] = {}
-    for _, parameter in model.named_parameters(remove_duplicate=False):
-        holders[id(parameter)] = holders.get(id(parameter), 0) + 1
+    holders = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
     return Pristine(
         layers=list(layers),
         modules=modules,

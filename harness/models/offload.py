@@ -20,9 +20,8 @@ def offload_map(module: nn.Module) -> Mapping[str, torch.Tensor] | None:
 
 
 def execution_device(module: nn.Module) -> torch.device:
-    """Where an offloaded module's weights are loaded to for its forward (a GPU index means that GPU)."""
-    device = module._hf_hook.execution_device
-    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    """Where an offloaded module's weights are loaded to for its forward."""
+    return torch.device(_named(module._hf_hook.execution_device))
 
 
 def stored(module: nn.Module, name: str) -> torch.Tensor:
@@ -62,8 +61,8 @@ def substitute(module: nn.Module, values: Mapping[str, torch.Tensor]) -> None:
     """Have an offloaded module's hook load ``values`` instead of the stored tensors of those names, and give
     the module empty Parameters of the values' dtypes for them: accelerate casts what it loads to the dtype of
     the Parameter it fills. ``restore_map`` undoes the first; the caller puts its own Parameters back."""
-    hook = module._hf_hook
-    hook.weights_map = Substituted(_original(hook.weights_map), values)
+    restore_map(module)
+    module._hf_hook.weights_map = Substituted(module._hf_hook.weights_map, values)
     for name, value in values.items():
         setattr(module, name, nn.Parameter(torch.empty_like(value, device="meta"), requires_grad=False))
 
@@ -81,12 +80,12 @@ def placement(model: nn.Module) -> str:
     device_map = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
     counts: dict[str, int] = {}
     for target in device_map.values():
-        name = f"cuda:{target}" if isinstance(target, int) else str(target)
-        counts[name] = counts.get(name, 0) + 1
+        counts[_named(target)] = counts.get(_named(target), 0) + 1
     if len(counts) == 1:
         return next(iter(counts))
     return ", ".join(f"{name}: {count} modules" for name, count in counts.items())
 
 
-def _original(weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    return weights.base if isinstance(weights, Substituted) else weights
+def _named(target: int | str | torch.device) -> str:
+    """An accelerate device as torch names it: a GPU index is that CUDA device."""
+    return f"cuda:{target}" if isinstance(target, int) else str(target)
