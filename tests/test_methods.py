@@ -12,7 +12,7 @@ from conftest import stored_runs, tiny_experiment, tiny_llama
 
 from harness.experiments import ExperimentError, load_experiment
 from harness.methods import LayerQuantized, awq, gptq, hqq
-from harness.methods.sequential import SequentialInputs
+from harness.methods.sequential import SequentialInputs, gram
 from harness.models import blocks, discover_layers, held_out
 from harness.quant import quantize as quantize_module
 from harness.quant.double_quant import DoubleQuantConfig
@@ -189,7 +189,13 @@ def test_sequential_hessians_are_those_of_a_plain_forward_on_the_unquantized_mod
     ids = torch.randint(3, 256, (4, 128), generator=torch.Generator().manual_seed(5))  # 256 of 512 held out
     fit = ~held_out(ids)
     names = [info.name for info in discover_layers(model) if blocks(model).index(info.name) == 1]
+    last_ran: list[int] = []  # the block's last Linear: its input is collected, it need not run
+    handle = model.get_submodule(names[-1]).register_forward_hook(lambda *_: last_ran.append(1))
     found = SequentialInputs(model, ids, fit, chunk=2).hessians(1, names)
+    handle.remove()
+    assert not last_ran
+    siblings = [n for n in names if n.endswith(("q_proj", "k_proj", "v_proj"))]
+    assert len(siblings) == 3 and all(found[n] is found[siblings[0]] for n in siblings)  # factorised once
     captured: dict[str, torch.Tensor] = {}
     hooks = [
         model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: captured.setdefault(n, a[0]))
@@ -202,6 +208,25 @@ def test_sequential_hessians_are_those_of_a_plain_forward_on_the_unquantized_mod
     for name in names:
         rows = captured[name][fit]
         assert torch.allclose(found[name], 2 * rows.T @ rows / len(rows), rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.parametrize("shape", [(4000, 2048), (3968, 640), (1001, 300), (7, 256), (64, 1024)])
+def test_gram_from_upper_blocks_is_the_full_product_bit_for_bit(shape: tuple[int, int]) -> None:
+    rows = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).bfloat16().float()
+    assert torch.equal(gram(rows), rows.T @ rows)
+
+
+def test_siblings_sharing_one_factor_get_what_each_gets_from_the_hessian_alone() -> None:
+    """Layers fed the same input (q/k/v) share one factorisation: using it must not change it."""
+    weight, x = _layer()
+    siblings = [weight, _layer(rows=96, seed=1)[0], weight]
+    hessian = 2 * x.T @ x / len(x)
+    for act_order in (False, True):
+        factor = gptq.factorise(hessian, damp=0.01, act_order=act_order)
+        for config in (QuantConfig("nf4", 64), QuantConfig("int4_asym", 32)):
+            for w in siblings:
+                alone = gptq.quantize_layer(w, hessian, config, act_order=act_order).weight()
+                assert torch.equal(gptq.quantize_factored(w, factor, config).weight(), alone)
 
 
 @pytest.fixture(scope="module")

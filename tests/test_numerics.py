@@ -97,7 +97,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "abec41656b6b20c601bfdec051c3f4908780cc0ea0889059fc1125a3b8fe8fcb",
+    "4": "fd1769b688feb941f7ca2b42fcc422ae687095566ffe268616a405fa46754b35",
 }
 
 

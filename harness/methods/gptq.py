@@ -14,6 +14,8 @@ for the whole weight, fixed up front. Double quantization applies to the final c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from harness.methods import LayerQuantized, Method, register_method
@@ -28,6 +30,30 @@ from harness.quant.quantize import (
 )
 
 
+@dataclass(frozen=True)
+class Factor:
+    """What GPTQ takes from a Hessian, for every layer fed the same inputs: the column order (by decreasing
+    diag H under ``act_order``), the input channels never active (diag H = 0) and U, the upper Cholesky factor
+    of the dampened H⁻¹ in that order."""
+
+    act_order: bool
+    order: torch.Tensor
+    dead: torch.Tensor
+    u: torch.Tensor
+
+
+def factorise(hessian: torch.Tensor, *, damp: float = 0.01, act_order: bool = False) -> Factor:
+    """``hessian`` (in × in, 2XᵀX / N) dampened by ``damp`` × mean(diag H), ordered, and factorised."""
+    h = hessian.detach().float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(len(h))
+    h = h[order][:, order]
+    h.diagonal().add_(damp * h.diagonal().mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return Factor(act_order, order, dead, u)
+
+
 def quantize_layer(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -39,6 +65,14 @@ def quantize_layer(
     name: str = "tensor",
 ) -> LayerQuantized:
     """``weight`` (out × in) rounded column by column under ``hessian`` (in × in, 2XᵀX / N)."""
+    factor = factorise(hessian, damp=damp, act_order=act_order)
+    return quantize_factored(weight, factor, config, lazy_block=lazy_block, name=name)
+
+
+def quantize_factored(
+    weight: torch.Tensor, factor: Factor, config: QuantConfig, *, lazy_block: int = 128, name: str = "tensor"
+) -> LayerQuantized:
+    """``quantize_layer`` with the Hessian already factorised: layers fed the same inputs share one."""
     rows, width = weight.shape
     block = config.resolve_block_size(tuple(weight.shape))
     per_tensor = block == rows * width
@@ -46,15 +80,10 @@ def quantize_layer(
         raise QuantizationError(
             f"{name}: gptq needs blocks within a row; block {block} does not divide the input width {width}"
         )
+    act_order, order, u = factor.act_order, factor.order, factor.u
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(width)
-    w, h = w[:, order], h[order][:, order]
-    h.diagonal().add_(damp * h.diagonal().mean())
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w[:, factor.dead] = 0.0
+    w = w[:, order]
 
     groups = width // block if not per_tensor else 1
     grids: list[BlockGrid | None] = [None] * groups

@@ -2,9 +2,9 @@
 fed the hidden states that the blocks before it give as they are now, quantized once their turn has passed.
 
 The hidden states entering the current block are kept (a few MB: tokens × hidden size in the model's dtype),
-so each block runs twice in all: once to collect its Linears' input statistics, once, after its layers are
-quantized, to give the next block its input. Statistics leave out the held-out positions, whose inputs the
-per-layer output error is measured on.
+so each block runs twice in all: once, up to its last Linear's input, to collect its Linears' input
+statistics, once, after its layers are quantized, to give the next block its input. Statistics leave out the
+held-out positions, whose inputs the per-layer output error is measured on.
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ class SequentialInputs:
         def accumulate(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             if not last or last[0] is not x:  # identity, not id(): a freed input's id may come back
-                rows = x[mask[0]].float()
-                last[:] = [x, 2.0 * (rows.T @ rows)]
+                last[:] = [x, 2.0 * gram(x[mask[0]].float())]
             sums[name] = last[1]
+            if len(sums) == len(names):  # every input collected: the rest of the block is not needed
+                raise _Stop(x)
 
         with ExitStack() as stack:
             for name in names:
@@ -68,11 +69,17 @@ class SequentialInputs:
                 sums.clear()
                 self._run(block, i)
                 last.clear()
+                added: dict[int, torch.Tensor] = {}  # siblings' shared sum, added once
                 for name in names:
                     part = sums[name]
-                    totals[name] = part if name not in totals else totals[name] + part
+                    if id(part) not in added:
+                        added[id(part)] = part if name not in totals else totals[name] + part
+                    totals[name] = added[id(part)]
                 count += int(fit.sum())
-        return {name: total / max(count, 1) for name, total in totals.items()}
+        means: dict[int, torch.Tensor] = {}  # siblings keep sharing one tensor: GPTQ factorises it once
+        for total in totals.values():
+            means.setdefault(id(total), total / max(count, 1))
+        return {name: means[id(total)] for name, total in totals.items()}
 
     def _run(self, block: int, chunk: int) -> torch.Tensor:
         """The output of ``block`` for one chunk of sequences, the blocks before it skipped (their output is
@@ -92,6 +99,18 @@ class SequentialInputs:
             except _Stop as stop:
                 return stop.hidden
         raise RuntimeError(f"block {block} of {type(self.model).__name__} never ran")
+
+
+def gram(rows: torch.Tensor, width: int = 256) -> torch.Tensor:
+    """``rows.T @ rows`` from the GEMMs of its upper block-rows (``width`` columns each), mirrored below:
+    56 % of the full product's FLOPs at 2048 columns, and the same values bit for bit (each entry is the same
+    dot product, summed in the same order; tested)."""
+    size = rows.shape[1]
+    out = torch.empty(size, size, dtype=rows.dtype, device=rows.device)
+    for i in range(0, size, width):
+        out[i : i + width, i:] = rows[:, i : i + width].T @ rows[:, i:]
+        out[i + width :, i : i + width] = out[i : i + width, i + width :].T
+    return out
 
 
 def _stop(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -117,7 +136,7 @@ class SequentialGptq:
         self.inputs = SequentialInputs(model, ids, fit)
         self.names = names
         self.settings = settings
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, gptq.Factor] = {}
 
     @property
     def fit_tokens(self) -> int:
@@ -129,5 +148,14 @@ class SequentialGptq:
             if block is None:
                 raise QuantizationError(f"{name}: gptq quantizes the Linears inside the transformer blocks")
             members = [n for n in self.names if self.inputs.structure.index(n) == block]
-            self.pending.update(self.inputs.hessians(block, members))
-        return gptq.quantize_layer(weight, self.pending.pop(name), config, name=name, **self.settings)
+            factors: dict[int, gptq.Factor] = {}  # siblings (q/k/v, gate/up) share one Hessian
+            for member, hessian in self.inputs.hessians(block, members).items():
+                if id(hessian) not in factors:
+                    factors[id(hessian)] = gptq.factorise(
+                        hessian, damp=self.settings["damp"], act_order=self.settings["act_order"]
+                    )
+                self.pending[member] = factors[id(hessian)]
+        factor = self.pending.pop(name)
+        return gptq.quantize_factored(
+            weight, factor, config, lazy_block=self.settings["lazy_block"], name=name
+        )
