@@ -9,6 +9,9 @@ Linear, 4 rows of 128 tokens per step), with the base quantized to nf4 at block 
 - plain peft + transformers: ``get_peft_model`` on the same layers, one forward of the step's whole batch with
   ``labels``, ``backward``, ``AdamW.step``: what a researcher writes by hand.
 
+With ``--checkpointing`` both loops recompute each block's activations in the backward pass (the recipe's
+``checkpointing``; transformers' ``activation_checkpointing_enable`` in the plain loop).
+
 Each timing is the median step of ``--runs`` trainings of ``--steps`` steps (the first step of each is left
 out: it allocates). The floor is the step's FLOPs at this CPU's bf16 torch.mm rate: 6 × parameters × tokens
 (the usual rule, which counts weight gradients) and 4 × parameters × tokens (the base is frozen: no weight
@@ -16,7 +19,8 @@ gradients, only the activations' and the adapters'). Peak RSS is this process's 
 high-water mark reset when they start), against 2 × the model's bytes + AdamW's state (two float32 moments per
 adapter parameter) + 0.5 GB.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/recovery.py [--experiment recovery-smoke] [--steps 6] [--runs 3]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/recovery.py [--experiment recovery-smoke] [--steps 6] \
+        [--runs 3] [--checkpointing]
 
 Compare ratios taken in one run: the machine's speed varies from day to day.
 """
@@ -58,6 +62,8 @@ def _plain_peft(
     )
     torch.manual_seed(recipe.seed)
     peft_model = get_peft_model(model, config)
+    if recipe.checkpointing:
+        model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=recipe.lr)
     peft_model.train()
     times = []
@@ -69,6 +75,9 @@ def _plain_peft(
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     peft_model.eval()
+    if recipe.checkpointing:
+        model.activation_checkpointing_disable()
+        model.disable_input_require_grads()
     peft_model.unload()
     return times
 
@@ -80,8 +89,10 @@ def main() -> None:
     parser.add_argument("--experiment", default="recovery-smoke")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--checkpointing", action="store_true", help="both loops recompute activations")
     args = parser.parse_args()
-    experiment = load_experiment(args.experiment, [f"recovery.steps={args.steps}"])
+    overrides = [f"recovery.steps={args.steps}", f"recovery.checkpointing={str(args.checkpointing).lower()}"]
+    experiment = load_experiment(args.experiment, overrides)
     config = experiment.configs[0].resolved("bfloat16")
     recipe = config.recovery
     assert recipe is not None, f"{args.experiment} has no recovery section"
@@ -118,7 +129,8 @@ def main() -> None:
     per_forward = micro_batch(model, recipe)
     print(
         f"\n{config.model} in bf16, nf4 b64 base; rank {recipe.rank} on {len(names)} Linears; "
-        f"{recipe.batch} × {recipe.sequence_length} tokens per step; ours runs {per_forward} rows per forward"
+        f"{recipe.batch} × {recipe.sequence_length} tokens per step; ours runs {per_forward} rows per "
+        f"forward; activation checkpointing {'on' if recipe.checkpointing else 'off'} in both loops"
     )
     print("\n| loop | s/step | tokens/s | × 6N floor | × 4N floor |")
     print("|---|--:|--:|--:|--:|")

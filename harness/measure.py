@@ -123,7 +123,7 @@ def _lora16(session: ModelSession, config: RunConfig) -> tuple[Training, Evaluat
     model and recipe (cached beside the base reference, which it is measured against)."""
     assert config.recovery is not None and session.training is not None
     assert session.reference is not None and session.reference.path is not None  # prepare caches it
-    recipe = config.recovery.model_dump_json()
+    recipe = config.recovery.model_dump_json(exclude=config.recovery.UNHASHED)
     if recipe not in session.lora16:
         key = {
             "reference": session.reference.path.name,  # the model, tokens, protocol, threads and kernels

@@ -4,9 +4,9 @@ unquantized model for the 16-bit LoRA target), kept on for one evaluation, then 
 The base stays exactly as it was: only the adapters' parameters reach the optimizer, every base parameter is
 frozen for the training, and peft's ``unload`` puts the original modules back. Adapters are kept in float32
 (peft's default, ``autocast_adapter_dtype``) while the base runs in the model dtype; QLoRA's reference script
-casts them to bf16 instead. Each
-optimizer step accumulates the gradients of its ``batch`` rows over as few forwards as keep the logits (rows ×
-sequence length × vocabulary) within a budget; the training is one epoch, each row once, in order.
+casts them to bf16 instead. Each optimizer step accumulates the gradients of its ``batch`` rows over as few
+forwards as keep the logits (rows × sequence length × vocabulary) within a budget; the training is one epoch,
+each row once, in order. With ``checkpointing`` each block's activations are recomputed in the backward pass.
 """
 
 from __future__ import annotations
@@ -59,7 +59,11 @@ class Training:
 
 def target_layers(model: nn.Module, settings: RecoverySettings, quantized: list[str]) -> list[str]:
     """The Linear layers that take adapters: ``settings.target_modules`` globs, else the quantized layers.
-    RecoveryError for a glob that matches nothing or a rank above a layer's smaller side."""
+    RecoveryError for a glob that matches nothing, a rank above a layer's smaller side, or checkpointing on a
+    model that cannot recompute its activations."""
+    if settings.checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        kind = type(model).__name__
+        raise RecoveryError(f"recovery.checkpointing: {kind} cannot recompute its activations; turn it off")
     names = quantized
     if settings.target_modules:
         try:
@@ -117,8 +121,24 @@ def adapted(
 ) -> Iterator[Training]:
     """``model`` with LoRA adapters on ``names``, trained on ``rows`` (n, sequence_length) by
     ``settings``; the adapters are removed and every parameter's ``requires_grad`` restored on exit."""
-    with injected(model, names, settings) as wrapped:
+    with injected(model, names, settings) as wrapped, checkpointed(model, settings.checkpointing):
         yield _train(wrapped, rows, settings)
+
+
+@contextmanager
+def checkpointed(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """With ``enabled``, each block's activations are recomputed in the backward pass instead of kept
+    (transformers' activation checkpointing, non-reentrant). torch replays the RNG state for the recompute, so
+    the dropout masks, and every number, are those of a training without it."""
+    if not enabled:
+        yield
+        return
+    model.activation_checkpointing_enable()  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()  # type: ignore[operator]
+        model.disable_input_require_grads()  # type: ignore[operator]
 
 
 @contextmanager

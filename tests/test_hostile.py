@@ -301,6 +301,11 @@ def test_the_estimate_says_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) 
     assert (
         text.startswith(f"estimated {expected:.0f} s (") and "LoRA training at 2.9 × 6 × parameters" in text
     )
+    recomputing = recipe.model_copy(update={"checkpointing": True})
+    trained = [Shard("smollm2-135m", (replace(configs[0], recovery=recomputing),))]
+    text = estimate(trained, [], {"smollm2-135m": cost})
+    expected += (sweep.CHECKPOINTING_COST - 1) * training
+    assert text.startswith(f"estimated {expected:.0f} s (") and "LoRA training at 4.64 × 6 × param" in text
 
 
 def test_every_error_of_input_or_circumstance_is_a_harness_error() -> None:

@@ -97,7 +97,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "fd1769b688feb941f7ca2b42fcc422ae687095566ffe268616a405fa46754b35",
+    "4": "ec7669e95f00837eae1f555c542b7982c3da38e9dd375332699dae3f31900738",
 }
 
 

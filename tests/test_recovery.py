@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import save_with_tokenizer, stored_runs, tiny_experiment
+from conftest import save_with_tokenizer, stored_runs, tiny_experiment, tiny_llama
 
 from harness.data import token_splits, training_split
 from harness.experiments import ExperimentError, load_experiment
 from harness.experiments.schema import RecoverySettings
 from harness.measure import _checked_evaluation, measure
+from harness.models import discover_layers
 from harness.preflight import PreflightError, check
-from harness.recovery import adapted, injected
+from harness.recovery import RecoveryError, adapted, injected, target_layers
 from harness.session import ModelSession
 from harness.stats import recovery, recovery_difference
 
@@ -114,6 +115,32 @@ def test_the_same_seed_gives_bit_identical_recovery(session: tuple[ModelSession,
     assert first.curves == second.curves and len(first.curves["lora_train_loss"]) == 3
     for name in ("lora_nll", "lora_kld", "lora16_nll"):
         np.testing.assert_array_equal(first.per_token[name], second.per_token[name])
+
+
+def test_checkpointing_recomputes_each_block_and_changes_no_number_nor_the_hash(
+    session: tuple[ModelSession, list], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Activation checkpointing trades memory for time only: the dropout masks are replayed in the recompute,
+    so the losses, the adapters' evaluation and every metric equal a training that keeps its activations."""
+    prepared, configs = session
+    config = configs[1]
+    assert config.recovery is not None and config.recovery.dropout > 0  # the masks must be replayed
+    recomputing = replace(config, recovery=config.recovery.model_copy(update={"checkpointing": True}))
+    assert recomputing.hash == config.hash
+    calls: list[int] = []
+    checkpoint = transformers.modeling_utils.checkpoint
+    monkeypatch.setattr(
+        transformers.modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
+    )
+    kept, recomputed = measure(prepared, config), measure(prepared, recomputing)
+    assert calls  # the blocks ran through torch's checkpoint
+    same = {k for k in kept.metrics if not k.startswith("time_")}
+    assert {k: kept.metrics[k] for k in same} == {k: recomputed.metrics[k] for k in same}
+    assert kept.curves == recomputed.curves
+    np.testing.assert_array_equal(kept.per_token["lora_nll"], recomputed.per_token["lora_nll"])
+    model = prepared.loaded.model
+    assert not model._require_grads_hooks  # and no block is left checkpointing
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def test_recovery_fraction_is_the_share_of_the_gap_closed() -> None:
@@ -214,6 +241,17 @@ def test_a_recipe_the_model_cannot_take_is_one_line_before_any_work(
     with pytest.raises(ExperimentError) as caught:
         check(load_experiment(str(tiny), [override]), fetch=False)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_checkpointing_a_model_that_cannot_recompute_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = tiny_llama()
+    monkeypatch.setattr(type(model), "supports_gradient_checkpointing", False)
+    names = [info.name for info in discover_layers(model)]
+    assert target_layers(model, RecoverySettings(), names) == names
+    with pytest.raises(RecoveryError, match=r"^recovery.checkpointing: LlamaForCausalLM cannot recompute"):
+        target_layers(model, RecoverySettings(checkpointing=True), names)
 
 
 def test_recovery_on_an_encoder_only_model_is_refused_before_any_work(tiny: Path, tmp_path: Path) -> None:

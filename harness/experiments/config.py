@@ -216,7 +216,8 @@ def _beyond_the_first(config: RunConfig) -> dict[str, Any]:
     settings = config.method_settings.of(config.method)
     method = {} if config.method == "rtn" else {"method": config.method}
     method |= {"method_settings": settings} if method and settings else {}
-    recovery = {} if config.recovery is None else {"recovery": config.recovery.model_dump()}
+    recipe = config.recovery
+    recovery = {} if recipe is None else {"recovery": recipe.model_dump(exclude=recipe.UNHASHED)}
     kind = device_type(config.device)
     device = {} if kind == "cpu" else {"device": kind}
     return {**device, **mixed, **method, **recovery}

@@ -6,7 +6,7 @@ lm-eval, dtypes from ``quant.quantize``. ``loader`` turns a validation error int
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -211,6 +211,12 @@ class RecoverySettings(_Strict):
     batch: PositiveInt = 4  # sequences per optimizer step, one forward each (gradients accumulate)
     sequence_length: PositiveInt = 128
     seed: StrictInt = 0
+    # each block's activations recomputed in the backward pass instead of kept: less memory, more time
+    checkpointing: StrictBool = False
+
+    # settings that change only the training's memory and time, never a number: the config hash and the
+    # 16-bit target's cache key leave them out
+    UNHASHED: ClassVar[set[str]] = {"checkpointing"}
 
 
 class LayerSelection(_Strict):
