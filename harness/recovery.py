@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from harness.cache import building
 from harness.errors import HarnessError
@@ -117,7 +118,7 @@ def cached_target(
 
 @contextmanager
 def adapted(
-    model: nn.Module, names: list[str], rows: torch.Tensor, settings: RecoverySettings
+    model: PreTrainedModel, names: list[str], rows: torch.Tensor, settings: RecoverySettings
 ) -> Iterator[Training]:
     """``model`` with LoRA adapters on ``names``, trained on ``rows`` (n, sequence_length) by
     ``settings``; the adapters are removed and every parameter's ``requires_grad`` restored on exit."""
@@ -126,19 +127,20 @@ def adapted(
 
 
 @contextmanager
-def checkpointed(model: nn.Module, enabled: bool) -> Iterator[None]:
+def checkpointed(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
     """With ``enabled``, each block's activations are recomputed in the backward pass instead of kept
     (transformers' activation checkpointing, non-reentrant). torch replays the RNG state for the recompute, so
     the dropout masks, and every number, are those of a training without it."""
     if not enabled:
         yield
         return
-    model.activation_checkpointing_enable()  # type: ignore[operator]
+    model.activation_checkpointing_enable()
     try:
         yield
     finally:
-        model.activation_checkpointing_disable()  # type: ignore[operator]
-        model.disable_input_require_grads()  # type: ignore[operator]
+        model.activation_checkpointing_disable()
+        # enabling added this hook; transformers removes it by itself only under its own peft integration
+        model.disable_input_require_grads()
 
 
 @contextmanager

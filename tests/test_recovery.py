@@ -18,7 +18,7 @@ from harness.experiments.schema import RecoverySettings
 from harness.measure import _checked_evaluation, measure
 from harness.models import discover_layers
 from harness.preflight import PreflightError, check
-from harness.recovery import RecoveryError, adapted, injected, target_layers
+from harness.recovery import RecoveryError, adapted, checkpointed, injected, target_layers
 from harness.session import ModelSession
 from harness.stats import recovery, recovery_difference
 
@@ -121,7 +121,8 @@ def test_checkpointing_recomputes_each_block_and_changes_no_number_nor_the_hash(
     session: tuple[ModelSession, list], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Activation checkpointing trades memory for time only: the dropout masks are replayed in the recompute,
-    so the losses, the adapters' evaluation and every metric equal a training that keeps its activations."""
+    so the losses, the adapters' evaluation and every metric of the config equal a training that keeps its
+    activations (the 16-bit target's come from the first training, cached under the same key)."""
     prepared, configs = session
     config = configs[1]
     assert config.recovery is not None and config.recovery.dropout > 0  # the masks must be replayed
@@ -241,6 +242,14 @@ def test_a_recipe_the_model_cannot_take_is_one_line_before_any_work(
     with pytest.raises(ExperimentError) as caught:
         check(load_experiment(str(tiny), [override]), fetch=False)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_checkpointing_is_turned_off_again_when_the_training_fails() -> None:
+    model = tiny_llama()
+    with pytest.raises(KeyError), checkpointed(model, True):
+        assert model.is_activation_checkpointing and model._require_grads_hooks
+        raise KeyError("a failed step")
+    assert not model.is_activation_checkpointing and not model._require_grads_hooks
 
 
 def test_checkpointing_a_model_that_cannot_recompute_is_refused_in_one_line(

@@ -216,7 +216,7 @@ class RecoverySettings(_Strict):
 
     # settings that change only the training's memory and time, never a number: the config hash and the
     # 16-bit target's cache key leave them out
-    UNHASHED: ClassVar[set[str]] = {"checkpointing"}
+    UNHASHED: ClassVar[frozenset[str]] = frozenset({"checkpointing"})
 
 
 class LayerSelection(_Strict):

@@ -40,7 +40,8 @@ class SequentialInputs:
 
     def hessians(self, block: int, names: list[str]) -> dict[str, torch.Tensor]:
         """2XᵀX / N over the fit positions of the inputs of ``names`` (Linears of ``block``, with the blocks
-        before it as they are now); Linears fed the same tensor (q/k/v, gate/up) share one sum."""
+        before it as they are now, each called once in the block's forward); Linears fed the same tensor
+        (q/k/v, gate/up) share one sum."""
         if block < self.at:
             raise ValueError(f"block {block} was passed already (at {self.at}); blocks go in order")
         while self.at < block:
@@ -101,11 +102,14 @@ class SequentialInputs:
         raise RuntimeError(f"block {block} of {type(self.model).__name__} never ran")
 
 
-def gram(rows: torch.Tensor, width: int = 256) -> torch.Tensor:
-    """``rows.T @ rows`` from the GEMMs of its upper block-rows (``width`` columns each), mirrored below:
-    56 % of the full product's FLOPs at 2048 columns, and the same values bit for bit (each entry is the same
-    dot product, summed in the same order; tested)."""
-    size = rows.shape[1]
+GRAM_WIDTH = 256  # columns per block-row of a Hessian's product
+
+
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows.T @ rows`` from the GEMMs of its upper block-rows (``GRAM_WIDTH`` columns each), mirrored below:
+    56 % of the full product's FLOPs at 2048 columns. On the CPU's BLAS each entry is the same dot product
+    summed in the same order, so the values are the full product's bit for bit (tested)."""
+    size, width = rows.shape[1], GRAM_WIDTH
     out = torch.empty(size, size, dtype=rows.dtype, device=rows.device)
     for i in range(0, size, width):
         out[i : i + width, i:] = rows[:, i : i + width].T @ rows[:, i:]
