@@ -13,9 +13,7 @@ SHOWN = 20  # configs `harness show` lists without --all
 
 def main(argv: list[str] | None = None) -> int:
     from harness.errors import HarnessError
-    from harness.progress import quiet_peer_logs
 
-    quiet_peer_logs()
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:

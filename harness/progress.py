@@ -15,7 +15,7 @@ def quiet_peer_logs() -> None:
     """torchao, imported by transformers when it is installed, logs that its CUDA kernels do not load on a
     CPU, torch's ``_pytree`` that torchao registers its enums the deprecated way, and bitsandbytes (imported
     by peft) that it cannot fetch a CPU kernel it is not asked to run: harmless lines that a newcomer reads
-    as errors. Call it in every process that imports transformers."""
+    as errors. The package calls it when it is imported, before any of its modules imports transformers."""
     for noisy in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 

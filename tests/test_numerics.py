@@ -97,7 +97,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "f0bd1beb349e9e86f6af341548a824dff750851ef1f6f917dd3fd15e351cb7e8",
+    "4": "0d67d6655a7b70bb65551e8881af200937bc011efa9e9ba47c29aaafa7248c55",
 }
 
 

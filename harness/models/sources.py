@@ -31,7 +31,7 @@ from harness.cache import building, cache_dir
 from harness.devices import DeviceMap, offload_folder
 from harness.errors import HarnessError
 from harness.models import gguf_header
-from harness.progress import quiet_peer_logs, ticking
+from harness.progress import ticking
 from harness.quant.quantize import COMPUTE_DTYPES
 
 PRECISION_FILE = "source_precision.json"
@@ -409,7 +409,6 @@ def converted_dir(path: Path, dtype: torch.dtype) -> Path:
 def _convert_gguf(path: Path, dest: Path, dtype: torch.dtype) -> None:
     """Dequantize with transformers (in fp32, then one rounding to ``dtype``) and save model, tokenizer and,
     last, the source precisions."""
-    quiet_peer_logs()
     transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
