@@ -38,18 +38,19 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from harness.experiments import load_experiment
 from harness.experiments.schema import RecoverySettings
 from harness.floor import matmul_rate
 from harness.models import quantized
 from harness.quant.quantize import COMPUTE_DTYPES, QuantConfig
-from harness.recovery import adapted, micro_batch
+from harness.recovery import adapted, checkpointed, micro_batch
 from harness.session import ModelSession
 
 
 def _plain_peft(
-    model: torch.nn.Module, names: list[str], rows: torch.Tensor, recipe: RecoverySettings
+    model: PreTrainedModel, names: list[str], rows: torch.Tensor, recipe: RecoverySettings
 ) -> list[float]:
     """Seconds per step of a hand-written peft + transformers loop: one forward per step."""
     from peft import LoraConfig, get_peft_model
@@ -62,22 +63,18 @@ def _plain_peft(
     )
     torch.manual_seed(recipe.seed)
     peft_model = get_peft_model(model, config)
-    if recipe.checkpointing:
-        model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=recipe.lr)
     peft_model.train()
     times = []
-    for step in range(recipe.steps):
-        start = time.perf_counter()
-        part = rows[step * recipe.batch : (step + 1) * recipe.batch]
-        peft_model(input_ids=part, labels=part).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+    with checkpointed(model, recipe.checkpointing):  # transformers' own switch, on and off again
+        for step in range(recipe.steps):
+            start = time.perf_counter()
+            part = rows[step * recipe.batch : (step + 1) * recipe.batch]
+            peft_model(input_ids=part, labels=part).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
     peft_model.eval()
-    if recipe.checkpointing:
-        model.activation_checkpointing_disable()
-        model.disable_input_require_grads()
     peft_model.unload()
     return times
 

@@ -7,6 +7,7 @@ weight, and having the hook load another in its place for a while, go through th
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -78,9 +79,7 @@ def placement(model: nn.Module) -> str:
     """Where a model's modules are: the one device, or each device of its device map with its share of the
     top-level modules the map places (``cuda:0: 12 modules, disk: 9 modules``)."""
     device_map = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
-    counts: dict[str, int] = {}
-    for target in device_map.values():
-        counts[_named(target)] = counts.get(_named(target), 0) + 1
+    counts = Counter(_named(target) for target in device_map.values())
     if len(counts) == 1:
         return next(iter(counts))
     return ", ".join(f"{name}: {count} modules" for name, count in counts.items())
