@@ -31,7 +31,6 @@ from harness.experiments import DTYPE_LABELS, Experiment, RunConfig
 from harness.experiments.schema import RecoverySettings
 from harness.floor import PassCost, gemm_rates
 from harness.liveness import sigterm_as_interrupt
-from harness.methods import METHODS
 from harness.models.sources import DeclaredDtype, declared_dtype
 from harness.quant.quantize import COMPUTE_DTYPES
 from harness.runner import Outcome
@@ -217,39 +216,43 @@ CHECKPOINTING_COST = 1.6
 
 def estimate(groups: Sequence[Shard], history: Sequence[RunRecord], costs: Mapping[str, PassCost]) -> str:
     """The sweep's expected duration, in words that say where it comes from: the median time of this
-    experiment's earlier FINISHED runs of the same model and model dtype, else ``SWEEP_OVERHEAD`` × the FLOP
-    floor of its passes (one per config, and one more per model and dtype for the base reference) at this
-    CPU's torch.mm rate in the model dtype on the pass's GEMM shapes, measured once per dtype."""
-    times: dict[tuple[str, str], list[float]] = {}
+    experiment's earlier FINISHED runs of the same model, model dtype and method, else ``SWEEP_OVERHEAD`` ×
+    the FLOP floor of its passes (one per config, and one more per model and dtype for the base reference)
+    at this CPU's torch.mm rate in the model dtype on the pass's GEMM shapes, measured once per dtype. That
+    floor holds round to nearest; another method's quantization (tens of seconds a config:
+    ``benchmarks/methods.py``) is said to be left out."""
+    times: dict[tuple[str, str, str], list[float]] = {}
     for r in history:
         if r.status == "FINISHED" and math.isfinite(r.metric("time_total_s")):
-            times.setdefault((r.model, r.model_dtype), []).append(r.metric("time_total_s"))
+            times.setdefault((r.model, r.model_dtype, r.method), []).append(r.metric("time_total_s"))
     timed = {key: float(np.median(found)) for key, found in times.items()}
     seconds, sources, rates = 0.0, set(), {}
     for group in groups:
         dtype, device = str(group.configs[0].model_dtype), group.configs[0].device
-        if (group.model, dtype) in timed:
-            seconds += len(group.configs) * timed[group.model, dtype]
-            sources.add("the median time of this experiment's earlier runs")
-        elif group.model in costs:
+        untimed = [c for c in group.configs if (group.model, dtype, c.method) not in timed]
+        for config in group.configs:
+            if (key := (group.model, dtype, config.method)) in timed:
+                seconds += timed[key]
+                sources.add("the median time of this experiment's earlier runs")
+        if untimed and group.model in costs:
             cost = costs[group.model]
             if dtype not in rates:
                 rates[dtype] = max(gemm_rates(cost, COMPUTE_DTYPES[dtype], device=device).values())
-            seconds += SWEEP_OVERHEAD * (len(group.configs) + 1) * cost.flops / rates[dtype]
+            seconds += SWEEP_OVERHEAD * (len(untimed) + 1) * cost.flops / rates[dtype]
             sources.add(
                 f"{SWEEP_OVERHEAD:g} × the FLOP floor of each pass at the torch.mm rate on {device} in "
                 f"{dtype} ({rates[dtype] / 1e9:.0f} GFLOP/s)"
             )
             if group.configs[0].eval.tasks:
                 sources.add("zero-shot tasks not included")
-            fitted = sorted({c.method for c in group.configs if METHODS[c.method].calibrated})
+            fitted = sorted({c.method for c in untimed if c.method != "rtn"})
             if fitted:
-                sources.add(f"{' and '.join(fitted)}'s fitting to calibration tokens not included")
+                sources.add(f"{' and '.join(fitted)}'s quantization not included")
             if (recipe := group.configs[0].recovery) is not None:  # the baseline trains the 16-bit target
-                trainings = len(group.configs) * _training_flops(cost, recipe)
+                trainings = len(untimed) * _training_flops(cost, recipe)
                 recompute = CHECKPOINTING_COST if recipe.checkpointing else 1.0
                 seconds += TRAINING_OVERHEAD * recompute * trainings / rates[dtype]
-                seconds += SWEEP_OVERHEAD * len(group.configs) * cost.flops / rates[dtype]  # evaluated again
+                seconds += SWEEP_OVERHEAD * len(untimed) * cost.flops / rates[dtype]  # evaluated again
                 overhead = f"{TRAINING_OVERHEAD * recompute:g}"
                 sources.add(f"LoRA training at {overhead} × 6 × parameters × tokens at that rate")
     if not sources:

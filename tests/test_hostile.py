@@ -257,9 +257,10 @@ def test_a_reader_that_leaves_early_is_no_error(tmp_path: Path) -> None:
 
 
 def test_the_estimate_says_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Earlier runs of the model in the same model dtype when the store has them, else the FLOP floor at the
-    torch.mm rate of the pass's GEMM shapes in the model dtype (measured once), the base reference counted
-    once per model and dtype however many shards it has."""
+    """Earlier runs of the model in the same model dtype and method when the store has them, else the FLOP
+    floor at the torch.mm rate of the pass's GEMM shapes in the model dtype (measured once), the base
+    reference counted once per model and dtype however many shards it has; a method other than round to
+    nearest says its quantization is left out."""
     configs = [c.resolved("bfloat16") for c in load_experiment("smoke").configs]
     shards = [Shard("smollm2-135m", configs[:1]), Shard("smollm2-135m", configs[1:2])]
     logged = [("FINISHED", "bfloat16", 10.0), ("FINISHED", "bfloat16", 30.0), ("FAILED", "bfloat16", 1e3)]
@@ -290,9 +291,13 @@ def test_the_estimate_says_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) 
     assert text.startswith(f"estimated {expected:.0f} s (") and "bfloat16 (1000 GFLOP/s)" in text
     assert calls == [(torch.bfloat16, "cpu")]
     assert estimate(shards, [], {}) == "no estimate of its duration"
-    fitted = [Shard("smollm2-135m", (replace(configs[0], method="gptq"),))]
+    fitted = [Shard("smollm2-135m", tuple(replace(configs[1], method=m) for m in ("gptq", "hqq", "rtn")))]
     text = estimate(fitted, [], {"smollm2-135m": cost})
-    assert "gptq's fitting to calibration tokens not included" in text
+    assert "gptq and hqq's quantization not included" in text
+    # the earlier runs were round to nearest: they time the rtn config alone, the floor the other two
+    text = estimate(fitted, history, {"smollm2-135m": cost})
+    expected = 20 + sweep.SWEEP_OVERHEAD * 3 * 3e12 / 1e12
+    assert text.startswith(f"estimated {expected:.0f} s (") and "earlier runs; " in text
     recipe = RecoverySettings(steps=10, batch=2, sequence_length=50)  # 1,000 tokens per training
     trained = [Shard("smollm2-135m", (replace(configs[0], recovery=recipe),))]
     text = estimate(trained, [], {"smollm2-135m": cost})
