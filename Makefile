@@ -38,7 +38,7 @@ tables: $(BIN)/harness
 
 test: $(BIN)/harness
 	$(BIN)/harness fetch --for-experiment smoke
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 # The unit tests alone: tiny random models, no assets, servers or other processes.
 test-fast: $(BIN)/harness

@@ -8,11 +8,14 @@ For each model asset that is fetched (smollm2-135m, gemma-3-270m), loaded in eac
 - under each protocol, the top-k KLD base reference: build time, bytes per scored token, size, and what one
   ``evaluate_against`` pass (perplexity + KLD) costs over a perplexity-only pass; the self-check; an int4
   block-256 example (llamacpp);
-- bf16 against fp32: tokens/s of the same perplexity pass, each model loaded in its dtype.
+- bf16 against fp32: tokens/s of the same perplexity pass, each model loaded in its dtype;
+- with ``--profile``, where one disjoint perplexity pass spends its time in each dtype: torch's profiler,
+  the operators with the most time of their own, and the GEMMs' share against the floor of all the pass's
+  FLOPs.
 Medians of ``--runs`` runs; ratios are taken within one run of this script.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/eval.py [--models smollm2-135m] [--corpus wikipedia]
-        [--tokens 2048] [--runs 3]
+        [--tokens 2048] [--runs 3] [--profile]
 """
 
 from __future__ import annotations
@@ -142,6 +145,23 @@ def reference_and_floor(
     return ref
 
 
+def where_time_goes(
+    model: nn.Module, tokens: torch.Tensor, proto: PerplexityProtocol, kw: dict[str, Any], floor: float
+) -> None:
+    """The operators one perplexity pass spends the most time in (their own time, torch's profiler),
+    against ``floor``, the pass's FLOP floor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        perplexity(model, tokens, proto, batch_size=4, **kw)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops) / 1e6
+    print(f"profiled {proto.name} pass: {total:.2f} s = {total / floor:.2f}x its FLOP floor ({floor:.2f} s)")
+    for e in ops[:8]:
+        t = e.self_cpu_time_total / 1e6
+        print(f"  {e.key}: {t:.3f} s ({t / total:.0%}), {e.count} calls")
+
+
 def int4_example(loaded: LoadedModel, ref: BaseReference) -> None:
     """What int4 at block 256 on every block Linear does to perplexity, KLD and top-1."""
     layers = discover_layers(loaded)
@@ -157,7 +177,7 @@ def int4_example(loaded: LoadedModel, ref: BaseReference) -> None:
     )
 
 
-def bench_model(name: str, corpus: str, n_tokens: int, context: int, runs: int) -> None:
+def bench_model(name: str, corpus: str, n_tokens: int, context: int, runs: int, profiled: bool) -> None:
     models = {label: load_model(name, dtype) for label, dtype in DTYPES.items()}
     tokenizer = load_tokenizer(name)
     tokens = token_splits(
@@ -199,6 +219,9 @@ def bench_model(name: str, corpus: str, n_tokens: int, context: int, runs: int) 
             )
         for proto in protocols:
             print(floor_line(f"{label} ({proto.name})", pass_cost(model, proto, tokens.shape[1]), rates, {}))
+        if profiled:
+            floor = floor_seconds(pass_cost(model, protocols[0], tokens.shape[1]), rates)
+            where_time_goes(model, tokens, protocols[0], kw, floor)
         if label == "bf16":
             for proto in protocols:
                 with tempfile.TemporaryDirectory() as cache:
@@ -220,13 +243,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="where a pass spends its time, per dtype")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     for name in args.models:
         if not assets.is_fetched(name):
             print(f"\n## {name}: not fetched (harness fetch {name}); skipped")
             continue
-        bench_model(name, args.corpus, args.tokens, args.context, args.runs)
+        bench_model(name, args.corpus, args.tokens, args.context, args.runs, args.profile)
 
 
 if __name__ == "__main__":
