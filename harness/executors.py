@@ -21,6 +21,7 @@ from typing import Protocol
 import numba
 import torch
 
+from harness import memory
 from harness.data import TokenizedCorpus
 from harness.experiments import RunConfig
 from harness.runner import Outcome, Target, run_config
@@ -98,7 +99,7 @@ def run_shard(
         return prepared
 
     session = functools.cache(prepare)
-    for i, config in enumerate(shard.configs):
+    for i, config in enumerate(memory.collecting(shard.configs)):
         outcome = run_config(target, session, config)
         report(outcome)
         if outcome.base_failed:

@@ -1,4 +1,5 @@
-"""Resident memory on glibc: the heap pages a sweep no longer needs handed back, and passes that do not fit.
+"""Resident memory: the heap pages a sweep no longer needs handed back (glibc), the reference cycles of each
+config freed before the next, and passes that do not fit.
 
 glibc's malloc serves blocks below its mmap threshold (which rises up to 32 MiB as larger mapped blocks are
 freed) from its heap, and keeps the pages of freed blocks there for the next allocation. A pass's activations
@@ -15,7 +16,7 @@ import ctypes
 import gc
 import mmap
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import torch
@@ -34,6 +35,23 @@ def release_freed() -> None:
     model higher (1.7 GB instead of 1.3 GB)."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):  # glibc only
         _LIBC.malloc_trim(0)
+
+
+def collecting(items: Iterable[T]) -> Iterator[T]:
+    """``items``, with the reference cycles each leaves behind (a matplotlib figure is one, holding its
+    pixels) freed before the next. Python collects its oldest generation only once the objects waiting
+    there number a quarter of those living there; with the 0.8 million objects of a sweep's imports, a
+    config's cycles (12,000 objects on gemma-3-270m) waited there for twenty configs, and the default sweep's
+    resident memory crept 5 MB a config. The objects alive at the start are frozen out of the collector's
+    sight meanwhile, so each collection takes milliseconds, not half a second."""
+    gc.collect()
+    gc.freeze()
+    try:
+        for item in items:
+            yield item
+            gc.collect()
+    finally:
+        gc.unfreeze()
 
 
 def page_out(tensor: torch.Tensor) -> None:

@@ -1,15 +1,18 @@
-"""glibc's heap: freed blocks between live ones are kept until ``release_freed`` returns them; a pass that
-runs out of memory is retried with half the windows per forward; how many windows a forward takes."""
+"""glibc's heap: freed blocks between live ones are kept until ``release_freed`` returns them; a loop's
+reference cycles are freed after each item; a pass that runs out of memory is retried with half the windows
+per forward; how many windows a forward takes."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 
-from harness.memory import OutOfMemory, halving, rows_that_fit
+from harness.memory import OutOfMemory, collecting, halving, rows_that_fit
 
 # A freed 8 MiB block raises glibc's threshold to 8 MiB; then 2 MiB blocks, each followed by a small one that
 # stays alive, are freed: heap holes between survivors, which glibc keeps unless asked to return them.
@@ -41,6 +44,32 @@ def _retained_mib(mode: str) -> float:
 def test_release_freed_returns_the_holes_between_live_blocks() -> None:
     assert _retained_mib("release") < 30  # the 6.25 MiB of small survivors, and slack
     assert _retained_mib("keep") > 150  # of the 200 MiB freed
+
+
+class Node:
+    """An object in a reference cycle with itself: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_collecting_frees_each_items_cycles_before_the_next_and_freezes_nothing_for_good() -> None:
+    kept = Node()  # alive before the loop: frozen during it, collectable again after
+    cycles: list[weakref.ref[Node]] = []
+    for _ in collecting(range(3)):
+        assert gc.get_freeze_count() > 0
+        assert all(ref() is None for ref in cycles), "an earlier item's cycle outlived it"
+        cycles.append(weakref.ref(Node()))  # garbage at once, but a cycle: freed by a collection only
+        assert cycles[-1]() is not None
+    assert gc.get_freeze_count() == 0 and cycles[-1]() is None
+    loop = collecting(range(3))  # a loop left early unfreezes too
+    next(loop)
+    loop.close()
+    assert gc.get_freeze_count() == 0
+    ref = weakref.ref(kept)
+    del kept
+    gc.collect()
+    assert ref() is None
 
 
 @pytest.mark.parametrize("error", [MemoryError, torch.cuda.OutOfMemoryError])

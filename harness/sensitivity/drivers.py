@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
+from harness import memory
 from harness.experiments import Experiment, LayerOverride, RunConfig, SensitivitySettings
 from harness.models import LayerInfo, source_bits
 from harness.plots import allocation_pareto, save, sensitivity_heatmap
@@ -231,9 +232,8 @@ def _allocations(prober: Prober, budgets: list[float], target: Target) -> list[E
 
     evaluated: list[Evaluated] = []
     seen: dict[str, Evaluated] = {}
-    for method, budget, chosen, config in tqdm(
-        plans, desc=f"allocation runs {base.model}", unit="config", disable=not prober.progress
-    ):
+    bar = tqdm(plans, desc=f"allocation runs {base.model}", unit="config", disable=not prober.progress)
+    for method, budget, chosen, config in memory.collecting(bar):
         predicted = math.nan
         if chosen is not None:
             predicted = float(losses[np.arange(len(units)), chosen].sum())
