@@ -15,12 +15,12 @@ With ``--checkpointing`` both loops recompute each block's activations in the ba
 Each timing is the median step of ``--runs`` trainings of ``--steps`` steps (the first step of each is left
 out: it allocates). The floor is the step's FLOPs at this CPU's bf16 torch.mm rate: 6 × parameters × tokens
 (the usual rule, which counts weight gradients) and 4 × parameters × tokens (the base is frozen: no weight
-gradients, only the activations' and the adapters'). Peak RSS is this process's during the trainings (its
-high-water mark reset when they start), against 2 × the model's bytes + AdamW's state (two float32 moments per
-adapter parameter) + 0.5 GB.
+gradients, only the activations' and the adapters'). Peak RSS is this process's during each loop's trainings
+(its high-water mark restarted as each starts), against 2 × the model's bytes + AdamW's state (two float32
+moments per adapter parameter) + 0.5 GB.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/recovery.py [--experiment recovery-smoke] [--steps 6] \
-        [--runs 3] [--checkpointing]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/recovery.py [--experiment recovery-smoke] [--model M] \
+        [--steps 6] [--runs 3] [--checkpointing]
 
 Compare ratios taken in one run: the machine's speed varies from day to day.
 """
@@ -35,6 +35,8 @@ import argparse
 import re
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,13 +86,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--experiment", default="recovery-smoke")
+    parser.add_argument("--model", help="one of the experiment's models (default: its first)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true", help="both loops recompute activations")
     args = parser.parse_args()
     overrides = [f"recovery.steps={args.steps}", f"recovery.checkpointing={str(args.checkpointing).lower()}"]
     experiment = load_experiment(args.experiment, overrides)
-    config = experiment.configs[0].resolved("bfloat16")
+    configs = [c for c in experiment.configs if args.model in (None, c.model)]
+    if not configs:
+        raise SystemExit(f"{args.experiment} has no config on {args.model}")
+    config = configs[0].resolved("bfloat16")
     recipe = config.recovery
     assert recipe is not None, f"{args.experiment} has no recovery section"
     session = ModelSession.prepare(config)
@@ -110,14 +116,15 @@ def main() -> None:
     dtype = COMPUTE_DTYPES[str(config.compute_dtype)]
     ours: list[float] = []
     theirs: list[float] = []
+    peaks = {"ours": 0, "plain": 0}
     with quantized(session.pristine, quant, dtype, session.calibration, quiet=True):
         before = _rss("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
         for run in range(args.runs):
-            with adapted(model, names, rows, recipe) as training:
+            with _peak(peaks, "ours"), adapted(model, names, rows, recipe) as training:
                 pass
             ours += training.step_s[1:]
-            theirs += _plain_peft(model, names, rows, recipe)[1:]
+            with _peak(peaks, "plain"):
+                theirs += _plain_peft(model, names, rows, recipe)[1:]
             plain = sum(theirs[1 - args.steps :])
             print(f"run {run + 1}: ours {sum(ours[1 - args.steps :]):.1f} s, plain peft {plain:.1f} s")
         adapter_bytes = training.adapter_bytes
@@ -137,15 +144,24 @@ def main() -> None:
             f"{step * rate / (4 * parameters * tokens):.2f} |"
         )
     print(f"\nours / plain peft tokens/s: {theirs_step / ours_step:.2f} (goal ≥ 0.9)")
-    peak = _rss("VmHWM")
     model_bytes = sum(p.nbytes for p in model.parameters())
     budget = 2 * model_bytes + 2 * adapter_bytes + 0.5e9
     print(
-        f"RSS {before / 1e9:.2f} GB when training starts (model, pristine copies, base reference, session), "
-        f"peak {peak / 1e9:.2f} GB during the trainings (+{(peak - before) / 1e9:.2f} GB); budget 2 × model "
-        f"{2 * model_bytes / 1e9:.2f} GB + AdamW state {2 * adapter_bytes / 1e9:.3f} GB + 0.5 GB = "
+        f"RSS {before / 1e9:.2f} GB when training starts (model, pristine copies, base reference, session); "
+        f"peak during ours {peaks['ours'] / 1e9:.2f} GB (+{(peaks['ours'] - before) / 1e9:.2f} GB), during "
+        f"plain peft {peaks['plain'] / 1e9:.2f} GB (+{(peaks['plain'] - before) / 1e9:.2f} GB); budget 2 × "
+        f"model {2 * model_bytes / 1e9:.2f} GB + AdamW state {2 * adapter_bytes / 1e9:.3f} GB + 0.5 GB = "
         f"{budget / 1e9:.2f} GB"
     )
+
+
+@contextmanager
+def _peak(peaks: dict[str, int], loop: str) -> Iterator[None]:
+    """Record in ``peaks[loop]`` the largest RSS this process reaches inside (its high-water mark, VmHWM,
+    restarted on entry)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    yield
+    peaks[loop] = max(peaks[loop], _rss("VmHWM"))
 
 
 def _rss(field: str) -> int:

@@ -30,13 +30,16 @@ from transformers import PreTrainedModel
 
 from harness.cache import building
 from harness.errors import HarnessError
+from harness.evaluate.logits import LogitHead
 from harness.experiments.schema import RecoverySettings
 from harness.models import discover_layers
-from harness.models.anatomy import device_of
+from harness.models.anatomy import LogitSplit, device_of
 
 ADAPTER_DTYPE = torch.float32  # peft's autocast_adapter_dtype: a 16-bit base trains float32 adapters
 OPTIMIZER = "AdamW (torch), weight decay 0, linear warmup then constant"
-LOGIT_BUDGET = 2**25  # logits alive in one forward (about 0.4 GB with the loss' fp32 copy and its gradient)
+LOGIT_BUDGET = 2**25  # rows × length × vocabulary of one forward: which forwards a step's gradients sum over
+HEAD_CHUNK = 2**22  # logits alive at once in the loss (about 60 MB with their float32 copies and gradients)
+IGNORED = -100  # the label of a position with no next token (transformers' ignore_index)
 _TARGET = "target.json"  # a cached 16-bit LoRA target's marker, written last
 
 Evaluated = tuple[dict[str, float], dict[str, np.ndarray]]  # metrics, and the per-token series they come from
@@ -121,9 +124,16 @@ def adapted(
     model: PreTrainedModel, names: list[str], rows: torch.Tensor, settings: RecoverySettings
 ) -> Iterator[Training]:
     """``model`` with LoRA adapters on ``names``, trained on ``rows`` (n, sequence_length) by
-    ``settings``; the adapters are removed and every parameter's ``requires_grad`` restored on exit."""
+    ``settings``; the adapters are removed and every parameter's ``requires_grad`` restored on exit.
+    RecoveryError when the model's decoder and output head do not reproduce its forward (a model that scales
+    its logits after the head): the loss is computed from them."""
+    with torch.no_grad():  # checked on the model's forward the first time (an evaluation did it already)
+        split = LogitHead.of(model, rows).split
+    if split is None:
+        kind = type(model).__name__
+        raise RecoveryError(f"recovery: {kind}'s decoder and output head do not reproduce its forward")
     with injected(model, names, settings) as wrapped, checkpointed(model, settings.checkpointing):
-        yield _train(wrapped, rows, settings)
+        yield _train(wrapped, split, rows, settings)
 
 
 @contextmanager
@@ -178,7 +188,7 @@ def micro_batch(model: nn.Module, settings: RecoverySettings) -> int:
     return max(1, min(settings.batch, LOGIT_BUDGET // (settings.sequence_length * vocabulary)))
 
 
-def _train(model: nn.Module, rows: torch.Tensor, settings: RecoverySettings) -> Training:
+def _train(model: nn.Module, split: LogitSplit, rows: torch.Tensor, settings: RecoverySettings) -> Training:
     adapters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     assert adapters and all("lora_" in name for name, _ in adapters), "only adapters may train"
     parameters = [p for _, p in adapters]
@@ -196,9 +206,7 @@ def _train(model: nn.Module, rows: torch.Tensor, settings: RecoverySettings) -> 
         total = 0.0
         batch = rows[step * settings.batch : (step + 1) * settings.batch].to(device_of(model))
         for part in batch.split(micro):  # rows of equal length: the step's mean is Σ part means × share
-            loss = model(input_ids=part, labels=part).loss * (len(part) / settings.batch)
-            loss.backward()
-            total += loss.item()
+            total += _backward(split, part, len(part) / settings.batch)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -213,3 +221,28 @@ def _train(model: nn.Module, rows: torch.Tensor, settings: RecoverySettings) -> 
         settings.steps * settings.batch * rows.shape[1],
         time.perf_counter() - start,
     )
+
+
+def _backward(split: LogitSplit, rows: torch.Tensor, scale: float) -> float:
+    """Backpropagate ``scale`` × the causal-LM loss of ``rows`` (transformers' ``labels`` loss: the mean NLL
+    of each next token) and return its value, with the head's logits a ``HEAD_CHUNK`` at a time. The loss'
+    gradient reaches each chunk's log-softmax as transformers' mean reduction gives it, −scale / count at
+    each target, and the chunks' gradients reach the last hidden state together."""
+    hidden = split.hidden_states(rows)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    targets = nn.functional.pad(rows, (0, 1), value=IGNORED)[:, 1:].reshape(-1).to(flat.device)
+    scored = targets != IGNORED
+    per_target = torch.tensor(scale, dtype=torch.float32, device=flat.device) / scored.sum().to(torch.float32)
+    values = len(flat) * split.head.weight.shape[0]
+    chunks = max(1, min(len(flat) // 2, -(-values // HEAD_CHUNK)))  # never one row: a matmul of one row
+    picked, gradients = [], []  # takes another kernel, whose sums round differently
+    for states, target in zip(flat.detach().tensor_split(chunks), targets.tensor_split(chunks), strict=True):
+        states.requires_grad_()
+        logprobs = nn.functional.log_softmax(split.logits(states).float(), dim=-1)
+        nn.functional.nll_loss(logprobs, target, ignore_index=IGNORED, reduction="sum").backward(per_target)
+        picked.append(logprobs.detach().gather(1, target.clamp(min=0)[:, None]))
+        gradients.append(states.grad)
+    flat.backward(torch.cat(gradients))
+    # the mean over the same values in the same order as transformers' loss: the same cascaded sum
+    ignored = torch.where(scored, 0, IGNORED)
+    return (nn.functional.nll_loss(torch.cat(picked), ignored, ignore_index=IGNORED) * scale).item()

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, weight
+from conftest import losses_both_ways, tiny_llama, weight
 
+from harness import recovery
 from harness.quant import cpu_kernels
 from harness.quant import quantize as quantize_module
 from harness.quant.double_quant import DoubleQuantConfig
@@ -177,3 +178,14 @@ def test_a_quantized_gpu_model_holds_its_pristine_weights_in_host_memory() -> No
     restore(pristine)
     assert all(p.device.type == "cuda" for p in model.parameters())
     assert all(torch.equal(before[name], p.detach().cpu()) for name, p in model.named_parameters())
+
+
+def test_the_recovery_loss_a_chunk_at_a_time_is_transformers_loss_bit_for_bit_on_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As on the CPU: the head's logits a chunk of rows at a time change neither the loss nor a gradient."""
+    monkeypatch.setattr(recovery, "HEAD_CHUNK", 37 * 256)
+    (expected, expected_grads), (value, grads) = losses_both_ways(tiny_llama().to("cuda", torch.bfloat16))
+    assert value == expected
+    for name, grad in grads.items():
+        assert torch.equal(grad, expected_grads[name]), name

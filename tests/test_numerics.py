@@ -97,7 +97,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "96a0946608ed6b255a86df9e000f742c7e1dd1eda51ae64292ee6f61636676d0",
+    "4": "9acbc671e9fd78636eca8d91e3781f0f7044e5442b4ac9360acf7499686bd436",
 }
 
 

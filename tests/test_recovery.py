@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import save_with_tokenizer, stored_runs, tiny_experiment, tiny_llama
+from conftest import losses_both_ways, save_with_tokenizer, stored_runs, tiny_experiment, tiny_llama
 
+from harness import recovery as lora
 from harness.data import token_splits, training_split
 from harness.experiments import ExperimentError, load_experiment
 from harness.experiments.schema import RecoverySettings
@@ -142,6 +145,47 @@ def test_checkpointing_recomputes_each_block_and_changes_no_number_nor_the_hash(
     model = prepared.loaded.model
     assert not model._require_grads_hooks  # and no block is left checkpointing
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _tiny_gemma3(softcap: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, final_logit_softcapping=softcap,
+    )  # fmt: skip
+    return transformers.Gemma3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, partial(_tiny_gemma3, 3.0)], ids=["llama", "gemma3-softcapped"])
+def test_the_chunked_loss_is_transformers_loss_bit_for_bit(
+    make: Callable[[], torch.nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss a chunk of logits at a time (seven chunks here, of 36 or 37 tokens): its value and every
+    adapter's gradient equal those of transformers' own ``labels`` loss on the whole forward, in bf16 with
+    dropout (the same seed draws the same masks)."""
+    monkeypatch.setattr(lora, "HEAD_CHUNK", 37 * 256)
+    (expected, expected_grads), (value, grads) = losses_both_ways(make().to(torch.bfloat16))
+    assert value == expected and grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, expected_grads[name]), name
+
+
+def test_a_model_that_scales_its_logits_after_the_head_is_refused_in_one_line() -> None:
+    """Cohere and Granite scale the head's logits in their forward: the loss from decoder and head would not
+    be theirs, and the head's check on the model's own forward says so before any training."""
+    model = tiny_llama()
+    model.register_forward_hook(lambda module, args, out: replace(out, logits=out.logits * 0.5))
+    rows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    names = [info.name for info in discover_layers(model)]
+    recipe = RecoverySettings(rank=4, steps=1, batch=2)
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(RecoveryError) as caught,
+        adapted(model, names, rows, recipe),
+    ):
+        pass
+    message = "recovery: LlamaForCausalLM's decoder and output head do not reproduce its forward"
+    assert str(caught.value) == message
 
 
 def test_recovery_fraction_is_the_share_of_the_gap_closed() -> None:
