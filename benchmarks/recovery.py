@@ -45,6 +45,7 @@ from transformers import PreTrainedModel
 from harness.experiments import load_experiment
 from harness.experiments.schema import RecoverySettings
 from harness.floor import matmul_rate
+from harness.memory import release_freed
 from harness.models import quantized
 from harness.quant.quantize import COMPUTE_DTYPES, QuantConfig
 from harness.recovery import adapted, checkpointed, micro_batch
@@ -158,7 +159,9 @@ def main() -> None:
 @contextmanager
 def _peak(peaks: dict[str, int], loop: str) -> Iterator[None]:
     """Record in ``peaks[loop]`` the largest RSS this process reaches inside (its high-water mark, VmHWM,
-    restarted on entry)."""
+    restarted on entry, after the heap pages the loop before freed are handed back: otherwise a loop's peak
+    would count what glibc kept of the other's)."""
+    release_freed()
     Path("/proc/self/clear_refs").write_text("5")
     yield
     peaks[loop] = max(peaks[loop], _rss("VmHWM"))
