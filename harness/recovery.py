@@ -5,8 +5,17 @@ The base stays exactly as it was: only the adapters' parameters reach the optimi
 frozen for the training, and peft's ``unload`` puts the original modules back. Adapters are kept in float32
 (peft's default, ``autocast_adapter_dtype``) while the base runs in the model dtype; QLoRA's reference script
 casts them to bf16 instead. Each optimizer step accumulates the gradients of its ``batch`` rows over as few
-forwards as keep the logits (rows × sequence length × vocabulary) within a budget; the training is one epoch,
-each row once, in order. With ``checkpointing`` each block's activations are recomputed in the backward pass.
+forwards as a budget of rows × sequence length × vocabulary allows (it fixes which rows share a forward, and
+so the sums a step's gradients take); the training is one epoch, each row once, in order. With
+``checkpointing`` each block's activations are recomputed in the backward pass.
+
+The loss is transformers' causal-LM loss (the mean next-token NLL from float32 log-softmax), taken through the
+output head ``HEAD_CHUNK`` logits at a time: the logits, their float32 copy, log-softmax and gradients exist
+for one chunk of tokens, not for the whole forward (on Gemma 3 a row's 256 × 262,144 logits took 1 GB with
+them). Each chunk's rows are the same matmuls on fewer rows, so on the CPU the loss and every gradient are
+transformers' own bit for bit (``tests/test_recovery.py`` compares them; on CUDA a tiny Llama's in
+``tests/test_cuda.py``, where cuBLAS may pick another kernel for another row count). The output head takes no
+adapter, and a mixture of experts' router loss is not added: both are refused.
 """
 
 from __future__ import annotations
@@ -37,7 +46,9 @@ from harness.models.anatomy import LogitSplit, device_of
 
 ADAPTER_DTYPE = torch.float32  # peft's autocast_adapter_dtype: a 16-bit base trains float32 adapters
 OPTIMIZER = "AdamW (torch), weight decay 0, linear warmup then constant"
-LOGIT_BUDGET = 2**25  # rows × length × vocabulary of one forward: which forwards a step's gradients sum over
+# rows × length × vocabulary of one forward; the logits no longer live whole, but the budget stays: it fixes
+# which rows share a forward, and so every number of earlier trainings
+LOGIT_BUDGET = 2**25
 HEAD_CHUNK = 2**22  # logits alive at once in the loss (about 60 MB with their float32 copies and gradients)
 IGNORED = -100  # the label of a position with no next token (transformers' ignore_index)
 _TARGET = "target.json"  # a cached 16-bit LoRA target's marker, written last
@@ -63,10 +74,13 @@ class Training:
 
 def target_layers(model: nn.Module, settings: RecoverySettings, quantized: list[str]) -> list[str]:
     """The Linear layers that take adapters: ``settings.target_modules`` globs, else the quantized layers.
-    RecoveryError for a glob that matches nothing, a rank above a layer's smaller side, or checkpointing on a
-    model that cannot recompute its activations."""
+    RecoveryError for a glob that matches nothing, a rank above a layer's smaller side, an adapter on the
+    output head (the loss takes the head a chunk of tokens at a time), a mixture of experts that adds its
+    router's loss, or checkpointing on a model that cannot recompute its activations."""
+    kind = type(model).__name__
+    if getattr(model.config.get_text_config(), "output_router_logits", False):
+        raise RecoveryError(f"recovery: {kind} adds a router loss (output_router_logits), which is left out")
     if settings.checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
-        kind = type(model).__name__
         raise RecoveryError(f"recovery.checkpointing: {kind} cannot recompute its activations; turn it off")
     names = quantized
     if settings.target_modules:
@@ -78,7 +92,13 @@ def target_layers(model: nn.Module, settings: RecoverySettings, quantized: list[
                 "with `harness layers`"
             ) from None
     modules = dict(model.named_modules())
+    head = model.get_output_embeddings()
     for name in names:
+        if modules[name] is head:
+            raise RecoveryError(
+                f"recovery: {name} is the output head, which takes no adapter; list recovery.target_modules "
+                "without it"
+            )
         smaller = min(modules[name].in_features, modules[name].out_features)
         if settings.rank > smaller:
             raise RecoveryError(
@@ -128,12 +148,12 @@ def adapted(
     RecoveryError when the model's decoder and output head do not reproduce its forward (a model that scales
     its logits after the head): the loss is computed from them."""
     with torch.no_grad():  # checked on the model's forward the first time (an evaluation did it already)
-        split = LogitHead.of(model, rows).split
-    if split is None:
+        head = LogitHead.of(model, rows)
+    if (split := head.split) is None:
         kind = type(model).__name__
         raise RecoveryError(f"recovery: {kind}'s decoder and output head do not reproduce its forward")
     with injected(model, names, settings) as wrapped, checkpointed(model, settings.checkpointing):
-        yield _train(wrapped, split, rows, settings)
+        yield _train(wrapped, split, head.vocab, rows, settings)
 
 
 @contextmanager
@@ -188,7 +208,9 @@ def micro_batch(model: nn.Module, settings: RecoverySettings) -> int:
     return max(1, min(settings.batch, LOGIT_BUDGET // (settings.sequence_length * vocabulary)))
 
 
-def _train(model: nn.Module, split: LogitSplit, rows: torch.Tensor, settings: RecoverySettings) -> Training:
+def _train(
+    model: nn.Module, split: LogitSplit, vocab: int, rows: torch.Tensor, settings: RecoverySettings
+) -> Training:
     adapters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     assert adapters and all("lora_" in name for name, _ in adapters), "only adapters may train"
     parameters = [p for _, p in adapters]
@@ -206,7 +228,7 @@ def _train(model: nn.Module, split: LogitSplit, rows: torch.Tensor, settings: Re
         total = 0.0
         batch = rows[step * settings.batch : (step + 1) * settings.batch].to(device_of(model))
         for part in batch.split(micro):  # rows of equal length: the step's mean is Σ part means × share
-            total += _backward(split, part, len(part) / settings.batch)
+            total += _loss_backward(split, vocab, part, len(part) / settings.batch)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -223,7 +245,7 @@ def _train(model: nn.Module, split: LogitSplit, rows: torch.Tensor, settings: Re
     )
 
 
-def _backward(split: LogitSplit, rows: torch.Tensor, scale: float) -> float:
+def _loss_backward(split: LogitSplit, vocab: int, rows: torch.Tensor, scale: float) -> float:
     """Backpropagate ``scale`` × the causal-LM loss of ``rows`` (transformers' ``labels`` loss: the mean NLL
     of each next token) and return its value, with the head's logits a ``HEAD_CHUNK`` at a time. The loss'
     gradient reaches each chunk's log-softmax as transformers' mean reduction gives it, −scale / count at
@@ -233,9 +255,9 @@ def _backward(split: LogitSplit, rows: torch.Tensor, scale: float) -> float:
     targets = nn.functional.pad(rows, (0, 1), value=IGNORED)[:, 1:].reshape(-1).to(flat.device)
     scored = targets != IGNORED
     per_target = torch.tensor(scale, dtype=torch.float32, device=flat.device) / scored.sum().to(torch.float32)
-    values = len(flat) * split.head.weight.shape[0]
-    chunks = max(1, min(len(flat) // 2, -(-values // HEAD_CHUNK)))  # never one row: a matmul of one row
-    picked, gradients = [], []  # takes another kernel, whose sums round differently
+    # never a chunk of one row: a matmul of one row takes another kernel, whose sums round differently
+    chunks = max(1, min(len(flat) // 2, -(-len(flat) * vocab // HEAD_CHUNK)))
+    picked, gradients = [], []
     for states, target in zip(flat.detach().tensor_split(chunks), targets.tensor_split(chunks), strict=True):
         states.requires_grad_()
         logprobs = nn.functional.log_softmax(split.logits(states).float(), dim=-1)
@@ -244,5 +266,5 @@ def _backward(split: LogitSplit, rows: torch.Tensor, scale: float) -> float:
         gradients.append(states.grad)
     flat.backward(torch.cat(gradients))
     # the mean over the same values in the same order as transformers' loss: the same cascaded sum
-    ignored = torch.where(scored, 0, IGNORED)
-    return (nn.functional.nll_loss(torch.cat(picked), ignored, ignore_index=IGNORED) * scale).item()
+    picked_targets = torch.where(scored, 0, IGNORED)  # column 0 of ``picked``, or no target
+    return (nn.functional.nll_loss(torch.cat(picked), picked_targets, ignore_index=IGNORED) * scale).item()

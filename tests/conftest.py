@@ -137,7 +137,7 @@ def losses_both_ways(model: torch.nn.Module) -> list[tuple[float, dict[str, torc
             wrapped.train()
             torch.manual_seed(2)
             if chunked:
-                value = recovery._backward(split, rows, 0.5)
+                value = recovery._loss_backward(split, 256, rows, 0.5)
             else:
                 loss = wrapped(input_ids=rows, labels=rows).loss * 0.5
                 loss.backward()

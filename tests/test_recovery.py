@@ -164,10 +164,30 @@ def test_the_chunked_loss_is_transformers_loss_bit_for_bit(
     adapter's gradient equal those of transformers' own ``labels`` loss on the whole forward, in bf16 with
     dropout (the same seed draws the same masks)."""
     monkeypatch.setattr(lora, "HEAD_CHUNK", 37 * 256)
-    (expected, expected_grads), (value, grads) = losses_both_ways(make().to(torch.bfloat16))
+    model = make().to(torch.bfloat16)
+    rows_per_call: list[int] = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: rows_per_call.append(args[0].shape[:-1].numel())
+    )
+    (expected, expected_grads), (value, grads) = losses_both_ways(model)
+    assert rows_per_call == [256, 37, 37, 37, 37, 36, 36, 36]  # the whole forward's, then the chunks'
     assert value == expected and grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
         assert torch.equal(grad, expected_grads[name]), name
+
+
+def test_a_mixture_of_experts_that_adds_its_router_loss_is_refused_in_one_line() -> None:
+    config = transformers.MixtralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2, output_router_logits=True,
+    )  # fmt: skip
+    model = transformers.MixtralForCausalLM(config)
+    with pytest.raises(RecoveryError) as caught:
+        target_layers(model, RecoverySettings(), [info.name for info in discover_layers(model)])
+    assert (
+        str(caught.value)
+        == "recovery: MixtralForCausalLM adds a router loss (output_router_logits), which is left out"
+    )
 
 
 def test_a_model_that_scales_its_logits_after_the_head_is_refused_in_one_line() -> None:
@@ -277,6 +297,10 @@ def test_a_sweep_logs_before_and_after_and_a_failed_training_leaves_no_finished_
         ("recovery.steps=0", "recovery.steps: expected an integer >= 1, got 0"),
         ("recovery.rank=65", "recovery.rank 65 exceeds model.layers.0.self_attn.q_proj's smaller side (64)"),
         ("recovery.target_modules=['*.nowhere']", "recovery.target_modules ['*.nowhere'] matches no Linear"),
+        (
+            "recovery.target_modules=['lm_head']",
+            "recovery: lm_head is the output head, which takes no adapter",
+        ),
         ("eval.kld=false", "recovery: needs eval.kld: true"),
     ],
 )
