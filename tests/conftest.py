@@ -1,5 +1,5 @@
-"""Shared fixtures: weight-like tensors (Gaussian, heavy-tailed, odd shapes) in the dtypes QLoRA meets, and a
-tiny random Llama for the evaluation logic."""
+"""Shared fixtures: weight-like tensors (Gaussian, heavy-tailed, odd shapes) in the dtypes QLoRA meets, and
+tiny random Llama and Gemma 3 models for the evaluation logic."""
 
 from __future__ import annotations
 
@@ -65,6 +65,32 @@ def tiny_llama(seed: int = 0, vocab: int = 256) -> torch.nn.Module:
     return model
 
 
+def tiny_gemma3(**config: object) -> torch.nn.Module:
+    """A 2-layer random Gemma 3 (text only), with ``config`` over the tiny defaults."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    defaults: dict[str, object] = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+    )  # fmt: skip
+    return Gemma3ForCausalLM(Gemma3TextConfig(**(defaults | config))).eval()
+
+
+def scaled_llama() -> torch.nn.Module:
+    """``tiny_llama``'s architecture with a forward that halves the logits after the head (as Cohere and
+    Granite scale theirs): what its decoder and head compute is not what its forward returns."""
+    from transformers import LlamaForCausalLM
+
+    class ScaledLlama(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    return ScaledLlama(tiny_llama().config).eval()
+
+
 def save_with_tokenizer(model: torch.nn.Module, directory: Path, vocab: int = 256) -> Path:
     """``model`` saved as a transformers directory with a word-level tokenizer over the words t0..t{vocab-1}
     (so a corpus of such words tokenizes one token per word)."""
@@ -127,7 +153,8 @@ def losses_both_ways(model: torch.nn.Module) -> list[tuple[float, dict[str, torc
     from harness.models import discover_layers
     from harness.models.anatomy import device_of, logit_split
 
-    rows = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1)).to(device_of(model))
+    vocab = model.get_output_embeddings().out_features
+    rows = torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(1)).to(device_of(model))
     names = [info.name for info in discover_layers(model)]
     split = logit_split(model)
     assert split is not None
@@ -137,7 +164,7 @@ def losses_both_ways(model: torch.nn.Module) -> list[tuple[float, dict[str, torc
             wrapped.train()
             torch.manual_seed(2)
             if chunked:
-                value = recovery._loss_backward(split, 256, rows, 0.5)
+                value = recovery._loss_backward(split, vocab, rows, 0.5)
             else:
                 loss = wrapped(input_ids=rows, labels=rows).loss * 0.5
                 loss.backward()

@@ -10,22 +10,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-import transformers
-from conftest import save_with_tokenizer, stored_runs, tiny_llama, word_corpus
+from conftest import save_with_tokenizer, stored_runs, tiny_gemma3, tiny_llama, word_corpus
 
 from harness.data import text_counts, tokenize_corpus
 from harness.experiments import load_experiment
 from harness.models import declared_dtype, load_model
 from harness.sweep import SweepOptions, run_sweep
-
-
-def _tiny_gemma3() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.Gemma3TextConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=64,
-    )  # fmt: skip
-    return transformers.Gemma3ForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +25,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "bf16": save_with_tokenizer(tiny_llama().to(torch.bfloat16), root / "llama-bf16"),
         "fp32": save_with_tokenizer(tiny_llama(), root / "llama-fp32"),
-        "gemma3": save_with_tokenizer(_tiny_gemma3().to(torch.bfloat16), root / "gemma3-bf16"),
+        "gemma3": save_with_tokenizer(
+            tiny_gemma3(sliding_window=64).to(torch.bfloat16), root / "gemma3-bf16"
+        ),
         "corpus": word_corpus(root / "words.txt"),
     }
 

@@ -11,7 +11,7 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import scaled_llama, tiny_gemma3, tiny_llama
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from transformers import LlamaForCausalLM
 
@@ -240,22 +240,7 @@ def test_bos_replacement_changes_llamacpp_only_when_it_should(model: LlamaForCau
 
 def test_softcapped_head_split_matches_forward() -> None:
     """Gemma-style final logit softcapping is applied on the split path exactly as the forward does."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        final_logit_softcapping=3.0,
-        sliding_window=32,
-    )
-    gemma = Gemma3ForCausalLM(config).eval()
+    gemma = tiny_gemma3(final_logit_softcapping=3.0, sliding_window=32)
     tokens = stream(200, seed=5)
     result = perplexity(
         gemma, tokens, PerplexityProtocol("disjoint", 48), text_bytes=1, text_words=1, progress=False
@@ -264,18 +249,9 @@ def test_softcapped_head_split_matches_forward() -> None:
     assert result.nll_sum == pytest.approx(nll, rel=1e-4)
 
 
-class ScaledLlama(LlamaForCausalLM):
-    """A model whose forward does something its decoder + head do not (a logit scale)."""
-
-    def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        out = super().forward(*args, **kwargs)
-        out.logits = out.logits * 0.5
-        return out
-
-
 def test_fallback_when_split_does_not_reproduce_forward() -> None:
     torch.manual_seed(0)
-    scaled = ScaledLlama(tiny_llama().config).eval()
+    scaled = scaled_llama()
     tokens = stream(200, seed=6)
     with pytest.warns(UserWarning, match="full logits"):
         result = perplexity(

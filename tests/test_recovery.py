@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import losses_both_ways, save_with_tokenizer, stored_runs, tiny_experiment, tiny_llama
+from conftest import (
+    losses_both_ways,
+    save_with_tokenizer,
+    scaled_llama,
+    stored_runs,
+    tiny_experiment,
+    tiny_gemma3,
+    tiny_llama,
+)
 
 from harness import recovery as lora
 from harness.data import token_splits, training_split
@@ -147,16 +155,11 @@ def test_checkpointing_recomputes_each_block_and_changes_no_number_nor_the_hash(
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
-def _tiny_gemma3(softcap: float) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.Gemma3TextConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, final_logit_softcapping=softcap,
-    )  # fmt: skip
-    return transformers.Gemma3ForCausalLM(config)
-
-
-@pytest.mark.parametrize("make", [tiny_llama, partial(_tiny_gemma3, 3.0)], ids=["llama", "gemma3-softcapped"])
+@pytest.mark.parametrize(
+    "make",
+    [tiny_llama, partial(tiny_gemma3, final_logit_softcapping=3.0)],
+    ids=["llama", "gemma3-softcapped"],
+)
 def test_the_chunked_loss_is_transformers_loss_bit_for_bit(
     make: Callable[[], torch.nn.Module], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -193,8 +196,7 @@ def test_a_mixture_of_experts_that_adds_its_router_loss_is_refused_in_one_line()
 def test_a_model_that_scales_its_logits_after_the_head_is_refused_in_one_line() -> None:
     """Cohere and Granite scale the head's logits in their forward: the loss from decoder and head would not
     be theirs, and the head's check on the model's own forward says so before any training."""
-    model = tiny_llama()
-    model.register_forward_hook(lambda module, args, out: replace(out, logits=out.logits * 0.5))
+    model = scaled_llama()
     rows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
     names = [info.name for info in discover_layers(model)]
     recipe = RecoverySettings(rank=4, steps=1, batch=2)
@@ -204,7 +206,7 @@ def test_a_model_that_scales_its_logits_after_the_head_is_refused_in_one_line() 
         adapted(model, names, rows, recipe),
     ):
         pass
-    message = "recovery: LlamaForCausalLM's decoder and output head do not reproduce its forward"
+    message = "recovery: ScaledLlama's decoder and output head do not reproduce its forward"
     assert str(caught.value) == message
 
 
