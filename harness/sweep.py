@@ -229,11 +229,13 @@ def estimate(groups: Sequence[Shard], history: Sequence[RunRecord], costs: Mappi
     seconds, sources, rates = 0.0, set(), {}
     for group in groups:
         dtype, device = str(group.configs[0].model_dtype), group.configs[0].device
-        untimed = [c for c in group.configs if (group.model, dtype, c.method) not in timed]
+        untimed = []
         for config in group.configs:
             if (key := (group.model, dtype, config.method)) in timed:
                 seconds += timed[key]
                 sources.add("the median time of this experiment's earlier runs")
+            else:
+                untimed.append(config)
         if untimed and group.model in costs:
             cost = costs[group.model]
             if dtype not in rates:
