@@ -44,8 +44,6 @@ from harness.experiments.schema import RecoverySettings
 from harness.models import discover_layers
 from harness.models.anatomy import LogitSplit, device_of
 
-ADAPTER_DTYPE = torch.float32  # peft's autocast_adapter_dtype: a 16-bit base trains float32 adapters
-OPTIMIZER = "AdamW (torch), weight decay 0, linear warmup then constant"
 # rows × length × vocabulary of one forward; the logits no longer live whole, but the budget stays: it fixes
 # which rows share a forward, and so every number of earlier trainings
 LOGIT_BUDGET = 2**25
@@ -105,15 +103,6 @@ def target_layers(model: nn.Module, settings: RecoverySettings, quantized: list[
                 f"recovery.rank {settings.rank} exceeds {name}'s smaller side ({smaller}); lower the rank"
             )
     return names
-
-
-def recipe_params(recipe: RecoverySettings) -> dict[str, Any]:
-    """The recipe as flat run params, with what it leaves implicit (optimizer, adapter dtype) spelled out."""
-    return {f"lora_{name}": value for name, value in recipe.model_dump().items()} | {
-        "lora_target_modules": ",".join(recipe.target_modules) or "(the quantized layers)",
-        "lora_optimizer": OPTIMIZER,
-        "lora_adapter_dtype": str(ADAPTER_DTYPE).removeprefix("torch."),
-    }
 
 
 def cached_target(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -491,6 +493,45 @@ def test_a_truncated_conversion_is_rebuilt_with_the_same_weights(
     assert "has model.safetensors of" in warning and "building it again" in warning
     for name, tensor in smollm2.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[name], tensor), name
+
+
+MEMOIZED_GGUF = """
+import sys
+import gguf
+import numpy as np
+from harness.models.sources import _parse_gguf_once
+
+path = sys.argv[1]
+writer = gguf.GGUFWriter(path, "llama")
+writer.add_block_count(2)
+writer.add_tokenizer_model("gpt2")
+writer.add_token_list(["a", "b", "c"])
+writer.add_tensor("blk.0.attn_q.weight", np.arange(8, dtype=np.float32).reshape(2, 4))
+for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+    write()
+writer.close()
+plain = gguf.GGUFReader(path)
+names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+_parse_gguf_once()
+read = gguf.GGUFReader(path)
+assert gguf.GGUFReader(__import__("pathlib").Path(path)) is read and gguf.GGUFReader(path, "r") is read
+assert list(read.fields) == list(plain.fields)
+assert [f.contents() for f in read.fields.values()] == [f.contents() for f in plain.fields.values()]
+assert np.array_equal(read.tensors[0].data, plain.tensors[0].data)
+again = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+assert again is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) and again.mapping == names.mapping
+"""
+
+
+@pytest.mark.integration  # a process of its own: the memoization is for the conversion's process alone
+def test_the_conversion_reads_a_gguf_once_and_builds_its_name_map_once(tmp_path: Path) -> None:
+    """transformers opens a GGUF for the config, the weights and the tokenizer, and builds gguf's tensor-name
+    map at every module; in the conversion's process a path (str or Path) gives one reader, and an
+    architecture one map, with the contents the library's own give."""
+    done = subprocess.run(
+        [sys.executable, "-c", MEMOIZED_GGUF, str(tmp_path / "t.gguf")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.integration

@@ -97,7 +97,7 @@ NOT_NUMERICAL = [
 ]
 PINNED = {
     "3": "c5fe689f89d45ccfc348addeb1ef08cf082d4f34c62a29fa7f7b3ad53eaff391",
-    "4": "8b448f8f60e1f7f27972bb415145ca2c5bf050a8d1145731b2dfcda3d4e117d0",
+    "4": "e0c9fe9d650758824653164a3bffe3a8684b95e387fae7c1d5322bf8359ed82b",
 }
 
 

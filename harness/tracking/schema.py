@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import harness
 from harness import NUMERICS_VERSION
-from harness.recovery import recipe_params
 
 if TYPE_CHECKING:
     from harness.experiments import RunConfig
+    from harness.experiments.schema import RecoverySettings
 
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -39,6 +39,9 @@ LEDGER_TAG = "harness.ledger_run"  # on the claims experiment: the id of its led
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the UI opens the runs table, not the GenAI overview
+# what a LoRA recipe leaves implicit, as harness.recovery trains it
+LORA_OPTIMIZER = "AdamW (torch), weight decay 0, linear warmup then constant"
+LORA_ADAPTER_DTYPE = "float32"  # peft's autocast_adapter_dtype: a 16-bit base trains float32 adapters
 CLAIMS_SUFFIX = ".claims"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # a view of the runs table the UI restores from a URL
 VIEW_KEY = "harness-runs"
@@ -113,7 +116,16 @@ def config_params(config: RunConfig) -> dict[str, Any]:
         "limit": config.eval.limit,
         "seed": config.seed,
         "memory_convention": "quantized linears as stored; every other parameter at its loaded dtype",
-        **(recipe_params(config.recovery) if config.recovery is not None else {}),
+        **(_recipe_params(config.recovery) if config.recovery is not None else {}),
+    }
+
+
+def _recipe_params(recipe: RecoverySettings) -> dict[str, Any]:
+    """A LoRA recipe as flat run params, with what ``harness.recovery`` leaves implicit spelled out."""
+    return {f"lora_{name}": value for name, value in recipe.model_dump().items()} | {
+        "lora_target_modules": ",".join(recipe.target_modules) or "(the quantized layers)",
+        "lora_optimizer": LORA_OPTIMIZER,
+        "lora_adapter_dtype": LORA_ADAPTER_DTYPE,
     }
 
 

@@ -3,6 +3,7 @@ waiting for a server to answer."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -51,6 +52,8 @@ def ui_command(tracker: Tracker, host: str = "127.0.0.1", port: int = 5000) -> l
         host,
         "--port",
         str(port),
+        "--workers",
+        str(min(4, os.cpu_count() or 1)),
     ]
 
 
@@ -104,7 +107,8 @@ def is_server_process(cmdline: bytes) -> bool:
 
 
 def server_command(backend_store_uri: str, artifacts: Path, host: str, port: int) -> list[str]:
-    """An MLflow tracking server that also serves the artifacts, stored under ``artifacts``."""
+    """An MLflow tracking server that also serves the artifacts, stored under ``artifacts``, with a worker
+    process per core up to MLflow's default of 4 (each worker holds its own import of MLflow)."""
     return [
         sys.executable,
         "-m",
@@ -119,4 +123,6 @@ def server_command(backend_store_uri: str, artifacts: Path, host: str, port: int
         host,
         "--port",
         str(port),
+        "--workers",
+        str(min(4, os.cpu_count() or 1)),
     ]
