@@ -1,7 +1,8 @@
 """What a LoRA recovery step costs: ours against a plain peft + transformers loop, and against the FLOP floor.
 
 On the ``recovery-smoke`` experiment's model and recipe (smollm2-135m in bf16; rank 16 on every quantized
-Linear, 4 rows of 128 tokens per step), with the base quantized to nf4 at block 64 the way a sweep does it
+Linear, 4 rows of 128 tokens per step), or another experiment's (``--experiment``) and another model
+(``--model``, in place of the experiment's), with the base quantized to nf4 at block 64 the way a sweep does it
 (dequantized weights in place): tokens/s of
 
 - ours: ``harness.recovery.adapted`` (peft adapters, AdamW, rows accumulated over as few forwards as keep the
@@ -87,17 +88,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--experiment", default="recovery-smoke")
-    parser.add_argument("--model", help="one of the experiment's models (default: its first)")
+    parser.add_argument("--model", help="the model, in place of the experiment's (default: its first)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true", help="both loops recompute activations")
     args = parser.parse_args()
     overrides = [f"recovery.steps={args.steps}", f"recovery.checkpointing={str(args.checkpointing).lower()}"]
-    experiment = load_experiment(args.experiment, overrides)
-    configs = [c for c in experiment.configs if args.model in (None, c.model)]
-    if not configs:
-        raise SystemExit(f"{args.experiment} has no config on {args.model}")
-    config = configs[0].resolved("bfloat16")
+    experiment = load_experiment(args.experiment, overrides + ([f"model={args.model}"] if args.model else []))
+    config = experiment.configs[0].resolved("bfloat16")
     recipe = config.recovery
     assert recipe is not None, f"{args.experiment} has no recovery section"
     session = ModelSession.prepare(config)
