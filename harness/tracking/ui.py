@@ -13,6 +13,9 @@ from harness.liveness import sigterm_as_interrupt, stop_group
 from harness.tracking.schema import KIND_TAG, UI_CLICKS, UI_METRICS, VIEW_KEY, VIEW_TAG_PREFIX
 from harness.tracking.store import Tracker
 
+# worker processes of the UI and the server (each imports MLflow): one per core, at most MLflow's default 4
+WORKERS = min(4, os.cpu_count() or 1)
+
 
 def landing_view(tracker: Tracker, experiment_name: str, ui_uri: str) -> str:
     """The URL of the experiment's runs table with the sweeps expanded and the key metrics as columns.
@@ -53,7 +56,7 @@ def ui_command(tracker: Tracker, host: str = "127.0.0.1", port: int = 5000) -> l
         "--port",
         str(port),
         "--workers",
-        str(min(4, os.cpu_count() or 1)),
+        str(WORKERS),
     ]
 
 
@@ -107,8 +110,7 @@ def is_server_process(cmdline: bytes) -> bool:
 
 
 def server_command(backend_store_uri: str, artifacts: Path, host: str, port: int) -> list[str]:
-    """An MLflow tracking server that also serves the artifacts, stored under ``artifacts``, with a worker
-    process per core up to MLflow's default of 4 (each worker holds its own import of MLflow)."""
+    """An MLflow tracking server that also serves the artifacts, stored under ``artifacts``."""
     return [
         sys.executable,
         "-m",
@@ -124,5 +126,5 @@ def server_command(backend_store_uri: str, artifacts: Path, host: str, port: int
         "--port",
         str(port),
         "--workers",
-        str(min(4, os.cpu_count() or 1)),
+        str(WORKERS),
     ]
