@@ -2,8 +2,8 @@
 
 On the ``recovery-smoke`` experiment's model and recipe (smollm2-135m in bf16; rank 16 on every quantized
 Linear, 4 rows of 128 tokens per step), or another experiment's (``--experiment``) and another model
-(``--model``, in place of the experiment's), with the base quantized to nf4 at block 64 the way a sweep does it
-(dequantized weights in place): tokens/s of
+(``--model``, in place of the experiment's), with the base quantized to nf4 at block 64 the way a sweep does
+it (dequantized weights in place): tokens/s of
 
 - ours: ``harness.recovery.adapted`` (peft adapters, AdamW, rows accumulated over as few forwards as keep the
   logits within its budget);

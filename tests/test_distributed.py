@@ -277,7 +277,7 @@ def test_the_sweep_survives_a_server_restart(
     server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tiny_experiment(tmp_path, "restart", "[nf4, int4]", tokens=512)
-    # MLflow's client retries after 1, 2, 4, ... s, not its default 2, 4, 8, ...: it finds the server sooner
+    # MLflow's client waits 0, 2, 4, 8, ... s between retries, not its default 0, 4, 8, 16, ...
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     process = sweep_process(server.uri, path)
     deadline = time.monotonic() + 240

@@ -520,14 +520,19 @@ assert [f.contents() for f in read.fields.values()] == [f.contents() for f in pl
 assert np.array_equal(read.tensors[0].data, plain.tensors[0].data)
 again = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
 assert again is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) and again.mapping == names.mapping
+# transformers takes both from gguf's namespace at each call, so it sees the memoized ones
+from transformers import modeling_gguf_pytorch_utils as loader
+assert not hasattr(loader, "GGUFReader") and not hasattr(loader, "get_tensor_name_map")
 """
 
 
 @pytest.mark.integration  # a process of its own: the memoization is for the conversion's process alone
-def test_the_conversion_reads_a_gguf_once_and_builds_its_name_map_once(tmp_path: Path) -> None:
+def test_the_conversions_gguf_reader_is_one_per_path_and_its_name_map_one_per_architecture(
+    tmp_path: Path,
+) -> None:
     """transformers opens a GGUF for the config, the weights and the tokenizer, and builds gguf's tensor-name
     map at every module; in the conversion's process a path (str or Path) gives one reader, and an
-    architecture one map, with the contents the library's own give."""
+    architecture one map, with the contents the library's own give, where transformers looks them up."""
     done = subprocess.run(
         [sys.executable, "-c", MEMOIZED_GGUF, str(tmp_path / "t.gguf")], capture_output=True, text=True
     )
