@@ -229,14 +229,18 @@ def test_hash_covers_the_numerics_version(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.integration  # other processes or a peer's registry: seconds each
-def test_show_takes_a_name_or_a_path(tmp_path: Path) -> None:
+def test_show_takes_a_name_or_a_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness.cli import main
+
     path = write(tmp_path, BASE.replace("model: m", "model: smollm2-135m"), "mine")
+    monkeypatch.chdir(tmp_path)
     for spec in ("smoke", path):
-        out = subprocess.run(
-            [sys.executable, "-m", "harness.cli", "show", spec], capture_output=True, text=True, cwd=tmp_path
-        )
-        assert out.returncode == 0, out.stderr
-        assert "configs" in out.stdout
+        code = main(["show", spec])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert "configs" in out.out
 
 
 def test_working_directory_experiments_are_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

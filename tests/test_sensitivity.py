@@ -4,8 +4,6 @@ tiny random Llama, then `harness sensitivity` and `harness allocate` on the ship
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 from conftest import TINY_BOS, stored_runs, tiny_llama
 
 from harness import sensitivity
+from harness.cli import main
 from harness.evaluate.reference import BaseReference
 from harness.evaluate.windows import PerplexityProtocol
 from harness.experiments import ExperimentError, load_experiment
@@ -227,24 +226,24 @@ def test_the_greedy_matches_brute_force_on_random_menus() -> None:
 
 
 @pytest.mark.integration
-def test_sensitivity_and_allocate_commands_on_the_smoke_experiment(tmp_path: Path) -> None:
+def test_sensitivity_and_allocate_commands_on_the_smoke_experiment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The shipped commands, trimmed to two blocks of smollm2-135m to keep the suite short."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     trim = ["--set", "layers.include=['model.layers.0.*','model.layers.29.*']"]
+    monkeypatch.chdir(tmp_path)
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "harness.cli", *args, "--tracking-uri", uri, *trim]
-        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    def run(*args: str) -> int:
+        return main([*args, "--tracking-uri", uri, *trim])
 
-    done = run("sensitivity", "sensitivity-smoke")
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert run("sensitivity", "sensitivity-smoke") == 0, capsys.readouterr().err[-2000:]
     table = pd.read_csv(tmp_path / "results/sensitivity-smoke/sensitivity.csv")
     assert len(table) == 14 and set(table["unit"]) == set(table["unit"].unique())
     assert {"unit", "delta_kld", "delta_kld_se", *sensitivity.PROXIES} <= set(table.columns)
     assert (table["delta_kld"].diff().dropna() <= 0).all()  # ranked
     assert (table["delta_kld_se"] > 0).all()
-    done = run("allocate", "sensitivity-smoke", "--budget", "4.25")
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert run("allocate", "sensitivity-smoke", "--budget", "4.25") == 0, capsys.readouterr().err[-2000:]
 
     runs = stored_runs(uri, "sensitivity-smoke")
     allocation = runs[
