@@ -152,6 +152,7 @@ def losses_both_ways(model: torch.nn.Module) -> list[tuple[float, dict[str, torc
     from harness.experiments.schema import RecoverySettings
     from harness.models import discover_layers
     from harness.models.anatomy import device_of, logit_split
+    from harness.tracking.schema import LORA_ADAPTER_DTYPE
 
     vocab = model.get_output_embeddings().out_features
     rows = torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(1)).to(device_of(model))
@@ -171,5 +172,7 @@ def losses_both_ways(model: torch.nn.Module) -> list[tuple[float, dict[str, torc
                 value = loss.item()
             grads = {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None}
             assert len(grads) == 2 * len(names)  # A and B of every adapter
+            adapters = {p.dtype for n, p in wrapped.named_parameters() if "lora_" in n}
+            assert adapters == {getattr(torch, LORA_ADAPTER_DTYPE)}  # the dtype each run logs
         results.append((value, grads))
     return results
